@@ -1,0 +1,5 @@
+"""`python -m agent` is `meshlet`."""
+
+from agent.cli import main
+
+main()
