@@ -40,6 +40,14 @@ DEFAULT_AFFINITY_TIMEOUT = 10800
 #: Client scope of the default (producer) view.
 DEFAULT_SCOPE = ""
 
+#: Split slots the datapath holds per frontend: a Route rule with more backendRefs is rejected
+#: whole (UnsupportedValue) instead of being cut short.
+MAX_BACKEND_REFS = 16
+
+#: Our name for the `service.kubernetes.io/service-proxy-name` label: a Service labelled with any
+#: other proxy name belongs to that proxy and is never translated (SEMANTICS A1).
+SERVICE_PROXY_NAME = "meshlet"
+
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 
 

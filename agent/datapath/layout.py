@@ -1,0 +1,248 @@
+"""The maps' binary layout: one ctypes mirror per struct of bpf/meshlet.h, and the map specs.
+
+Role: the only Python home of the datapath's byte layout. plan.py builds entries with these
+classes, dump.py decodes with them, loader.py checks pinned maps against MAP_SPECS.
+Pure: no I/O, no bcc. Each class quotes the C struct it mirrors; tests check that
+- the sizes and field offsets equal what bcc compiled (tests/kernel/datapath), and
+- the constants below equal the #defines in bpf/meshlet.h (tests/unit/datapath).
+
+Invariant: any change here or in meshlet.h that alters a key or value bumps LAYOUT_VERSION, so
+the pins of an older layout (under v<old>/) are never read with the new one.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+from dataclasses import dataclass, fields
+
+from agent.model import Verdict
+
+#: Version of the map layout; pins live under <bpffs>/v<LAYOUT_VERSION>/maps.
+LAYOUT_VERSION = 1
+
+# --- constants of bpf/meshlet.h (checked against the header by a unit test) --------------------
+MAX_SLOTS = 16
+SOCK_XLATS = 8
+NAME_LEN = 96
+MAX_POD_DEPTH = 8
+
+VERDICT_FORWARD = 0
+VERDICT_REJECT = 1
+VERDICT_UNREACHABLE = 2
+assert (VERDICT_FORWARD, VERDICT_REJECT, VERDICT_UNREACHABLE) == (
+    Verdict.FORWARD, Verdict.REJECT, Verdict.UNREACHABLE), "model.Verdict values are the map's"
+
+FE_HAS_SCOPES = 1
+CLIENT_SKIP = 1
+
+#: Outcome counters: index in the `counters` array -> name (the C OUT_* defines).
+OUTCOMES = {0: "translated", 1: "rejected", 2: "unreachable", 3: "skipped", 4: "miss"}
+OUT_COUNT = 8
+
+#: Threshold scale of the weighted pick: the program draws r uniform in [0, THRESHOLD_SCALE).
+THRESHOLD_SCALE = 1 << 31
+
+#: Key protocol numbers (IPPROTO_*), as the hook context's `protocol` holds them.
+PROTO_NUMBERS = {"TCP": 6, "UDP": 17, "SCTP": 132}
+PROTO_NAMES = {v: k for k, v in PROTO_NUMBERS.items()}
+
+
+class FeKey(ct.Structure):
+    """struct fe_key {
+        __u8 addr[16];     // IPv4 stored as ::ffff:a.b.c.d
+        __u16 port;        // network order
+        __u8 proto;
+        __u8 pad;
+        __u32 scope;       // 0 = default view, else namespace scope id
+    };"""
+
+    _fields_ = [("addr", ct.c_uint8 * 16), ("port", ct.c_uint16), ("proto", ct.c_uint8),
+                ("pad", ct.c_uint8), ("scope", ct.c_uint32)]
+
+
+class FeSlot(ct.Structure):
+    """struct fe_slot { __u32 threshold; __u32 pad; __u64 group_id; };"""
+
+    _fields_ = [("threshold", ct.c_uint32), ("pad", ct.c_uint32), ("group_id", ct.c_uint64)]
+
+
+class FeValue(ct.Structure):
+    """struct fe_value {
+        __u8 verdict;
+        __u8 nslots;
+        __u16 flags;
+        __u32 pad;
+        __u64 route_id;
+        struct fe_slot slots[MAX_SLOTS];
+    };"""
+
+    _fields_ = [("verdict", ct.c_uint8), ("nslots", ct.c_uint8), ("flags", ct.c_uint16),
+                ("pad", ct.c_uint32), ("route_id", ct.c_uint64), ("slots", FeSlot * MAX_SLOTS)]
+
+
+class GroupValue(ct.Structure):
+    """struct group_value {
+        __u64 set_id;
+        __u32 count;
+        __u32 affinity_timeout_s;
+        __u8 verdict;
+        __u8 pad[7];
+    };"""
+
+    _fields_ = [("set_id", ct.c_uint64), ("count", ct.c_uint32), ("affinity_timeout_s", ct.c_uint32),
+                ("verdict", ct.c_uint8), ("pad", ct.c_uint8 * 7)]
+
+
+class EpKey(ct.Structure):
+    """struct ep_key { __u64 set_id; __u32 index; __u32 pad; };"""
+
+    _fields_ = [("set_id", ct.c_uint64), ("index", ct.c_uint32), ("pad", ct.c_uint32)]
+
+
+class EpValue(ct.Structure):
+    """struct ep_value { __u8 addr[16]; __u16 port; __u8 family; __u8 pad; };"""
+
+    _fields_ = [("addr", ct.c_uint8 * 16), ("port", ct.c_uint16), ("family", ct.c_uint8), ("pad", ct.c_uint8)]
+
+
+class MemberKey(ct.Structure):
+    """struct member_key { __u64 set_id; __u8 addr[16]; __u16 port; __u8 pad[6]; };"""
+
+    _fields_ = [("set_id", ct.c_uint64), ("addr", ct.c_uint8 * 16), ("port", ct.c_uint16),
+                ("pad", ct.c_uint8 * 6)]
+
+
+class AffinityKey(ct.Structure):
+    """struct affinity_key { __u64 netns_cookie; __u64 group_id; };"""
+
+    _fields_ = [("netns_cookie", ct.c_uint64), ("group_id", ct.c_uint64)]
+
+
+class AffinityValue(ct.Structure):
+    """struct affinity_value { __u8 addr[16]; __u16 port; __u8 pad[6]; __u64 last_used_ns; };"""
+
+    _fields_ = [("addr", ct.c_uint8 * 16), ("port", ct.c_uint16), ("pad", ct.c_uint8 * 6),
+                ("last_used_ns", ct.c_uint64)]
+
+
+class ClientValue(ct.Structure):
+    """struct client_value { __u32 scope; __u32 flags; };"""
+
+    _fields_ = [("scope", ct.c_uint32), ("flags", ct.c_uint32)]
+
+
+class NameValue(ct.Structure):
+    """struct name_value { char name[NAME_LEN]; };"""
+
+    _fields_ = [("name", ct.c_char * NAME_LEN)]
+
+
+class SockXlat(ct.Structure):
+    """struct sock_xlat {
+        __u8 frontend[16];
+        __u8 endpoint[16];
+        __u16 frontend_port;
+        __u16 endpoint_port;
+        __u8 used;
+        __u8 pad[3];
+    };"""
+
+    _fields_ = [("frontend", ct.c_uint8 * 16), ("endpoint", ct.c_uint8 * 16), ("frontend_port", ct.c_uint16),
+                ("endpoint_port", ct.c_uint16), ("used", ct.c_uint8), ("pad", ct.c_uint8 * 3)]
+
+
+class SockState(ct.Structure):
+    """struct sock_state { struct sock_xlat xlat[SOCK_XLATS]; __u32 next; __u32 pad; };"""
+
+    _fields_ = [("xlat", SockXlat * SOCK_XLATS), ("next", ct.c_uint32), ("pad", ct.c_uint32)]
+
+
+U64 = ct.c_uint64
+U32 = ct.c_uint32
+
+
+@dataclass(frozen=True)
+class MapSizes:
+    """max_entries of each sized map. Defaults fit 50k Services x 10 endpoints (dual-stack not
+    counted twice: a single-stack cluster of that size), plus one revision in flight.
+
+    Hash maps are created with BPF_F_NO_PREALLOC, so an unused entry costs no memory; only the
+    bucket array (16 bytes per power-of-two slot) is allocated up front. The LRU map is
+    preallocated. Changing a size needs `meshlet uninstall` first (pinned maps keep their size).
+    """
+
+    frontends: int = 131072
+    """Frontend entries: one per (ClusterIP/external IP, port, protocol) plus one per consumer
+    scope that has its own routes. 50k Services with ~2 frontends each, and headroom."""
+
+    groups: int = 131072
+    """Backend groups: one per (Service port, address family) in use as a backend."""
+
+    endpoints: int = 655360
+    """Endpoint entries over all current sets: 50k x 10 = 500k, plus room for new revisions
+    written before old ones are deleted."""
+
+    members: int = 131072
+    """Endpoint membership entries, only for groups with ClientIP affinity."""
+
+    affinity: int = 65536
+    """Remembered (client netns, group) affinity choices; least recently used are evicted."""
+
+    clients: int = 16384
+    """Pod cgroups on this node (kubelet's max pods is 110 by default, 250 at most)."""
+
+    names: int = 262144
+    """Human names of groups, routes and scopes, for `meshlet maps dump`."""
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"MapSizes.{f.name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    """What a pinned map must be: checked before adopting it (SEMANTICS D2)."""
+
+    name: str
+    type: int
+    key: type
+    value: type
+    flags: int
+    size_field: str | None  #: the MapSizes field giving max_entries, None for fixed sizes
+    fixed_max: int = 0
+
+    def max_entries(self, sizes: MapSizes) -> int:
+        return getattr(sizes, self.size_field) if self.size_field else self.fixed_max
+
+
+_HASH, _PERCPU_ARRAY, _LRU_HASH, _SK_STORAGE = 1, 6, 9, 24
+_NO_PREALLOC = 1
+
+#: Every map of bpf/sock.c, in the order the reconciler writes them.
+MAP_SPECS: dict[str, MapSpec] = {
+    s.name: s
+    for s in (
+        MapSpec("endpoints", _HASH, EpKey, EpValue, _NO_PREALLOC, "endpoints"),
+        MapSpec("members", _HASH, MemberKey, U32, _NO_PREALLOC, "members"),
+        MapSpec("groups", _HASH, U64, GroupValue, _NO_PREALLOC, "groups"),
+        MapSpec("clients", _HASH, U64, ClientValue, _NO_PREALLOC, "clients"),
+        MapSpec("names", _HASH, U64, NameValue, _NO_PREALLOC, "names"),
+        MapSpec("frontends", _HASH, FeKey, FeValue, _NO_PREALLOC, "frontends"),
+        MapSpec("affinity", _LRU_HASH, AffinityKey, AffinityValue, 0, "affinity"),
+        MapSpec("counters", _PERCPU_ARRAY, U32, ct.c_uint64, 0, None, OUT_COUNT),
+        MapSpec("sockets", _SK_STORAGE, ct.c_int32, SockState, _NO_PREALLOC, None, 0),
+    )
+}
+
+#: Maps whose content the agent owns (plans, writes, sweeps). The others belong to the programs.
+PLANNED_MAPS = ("endpoints", "members", "groups", "clients", "names", "frontends")
+
+
+def to_bytes(obj: ct._SimpleCData | ct.Structure) -> bytes:
+    return bytes(obj)
+
+
+def from_bytes(cls, raw: bytes):
+    return cls.from_buffer_copy(raw)

@@ -1,0 +1,146 @@
+"""The agent's HTTP listener: /healthz, /readyz, /metrics, /status/routes (a contract: DESIGN.md).
+
+Role: answer probes and scrapes from a small threaded server beside the sync loop. It reads only
+what others publish (health verdicts, the metrics registry, the route status board); it never
+touches the resolver or the datapath, so a slow scrape cannot delay a sync.
+
+- /healthz, /readyz: 200 or 503, with a small JSON body saying why (agent.runtime.health);
+- /metrics: Prometheus text exposition of the agent's own registry;
+- /status/routes: JSON list of `{kind, namespace, name, parents: [RouteParentStatus]}` (each
+  condition with `lastTransitionTime`), sorted by kind, namespace, name: the same conditions the
+  elected writer puts on the API objects.
+
+May touch: one listening TCP socket. Invariant: `lastTransitionTime` of a condition changes only
+when its status changes (SEMANTICS B14).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Mapping
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from agent.errors import UserError
+from agent.model import RouteId, RouteStatus
+from agent.runtime.health import Health
+from agent.runtime.logs import get_logger
+from agent.runtime.metrics import Metrics
+
+log = get_logger("http")
+
+
+def rfc3339(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+class RouteStatusBoard:
+    """The latest Route statuses, stamped with when each condition's status last changed."""
+
+    def __init__(self, clock: Callable[[], float] = time.time):
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._view: list[dict] = []
+        #: (route, parentRef, condition type) -> (status, lastTransitionTime)
+        self._transitions: dict[tuple, tuple[str, str]] = {}
+
+    def publish(self, statuses: Mapping[RouteId, RouteStatus]) -> None:
+        now = rfc3339(self._clock())
+        transitions: dict[tuple, tuple[str, str]] = {}
+        view = []
+        with self._lock:
+            for route_id in sorted(statuses):
+                status = statuses[route_id]
+                entry = status.as_json()
+                for parent, parent_json in zip(status.parents, entry["parents"]):
+                    for cond, cond_json in zip(parent.conditions, parent_json["conditions"]):
+                        key = (route_id, parent.parent_ref, cond.type)
+                        before = self._transitions.get(key)
+                        stamp = before[1] if before is not None and before[0] == cond.status else now
+                        transitions[key] = (cond.status, stamp)
+                        cond_json["lastTransitionTime"] = stamp
+                view.append(entry)
+            self._transitions = transitions
+            self._view = view
+
+    def as_json(self) -> list[dict]:
+        with self._lock:
+            return self._view
+
+
+class AgentHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], health: Health, metrics: Metrics, board: RouteStatusBoard):
+        import socket
+
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self.health = health
+        self.metrics = metrics
+        self.board = board
+        super().__init__(address, _Handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: AgentHTTPServer
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802 (the http.server API)
+        path = self.path.split("?", 1)[0]
+        if path == "/healthz":
+            self._verdict(self.server.health.healthz())
+        elif path == "/readyz":
+            self._verdict(self.server.health.readyz())
+        elif path == "/metrics":
+            self._send(200, CONTENT_TYPE_LATEST, generate_latest(self.server.metrics.registry))
+        elif path == "/status/routes":
+            self._json(200, self.server.board.as_json())
+        else:
+            self._json(404, {"error": f"no such endpoint {path}",
+                             "endpoints": ["/healthz", "/readyz", "/metrics", "/status/routes"]})
+
+    def _verdict(self, verdict) -> None:
+        self._json(200 if verdict.ok else 503, verdict.as_json())
+
+    def _json(self, code: int, body: object) -> None:
+        self._send(code, "application/json", (json.dumps(body, indent=1, sort_keys=True) + "\n").encode())
+
+    def _send(self, code: int, content_type: str, body: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format, *args) -> None:
+        pass  # probes every few seconds are not events worth a log line
+
+
+class Listener:
+    """The server in a daemon thread; `address` is the bound one (port 0 resolved)."""
+
+    def __init__(self, address: tuple[str, int], health: Health, metrics: Metrics, board: RouteStatusBoard):
+        try:
+            self.server = AgentHTTPServer(address, health, metrics, board)
+        except OSError as err:
+            host, port = address
+            shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            raise UserError(f"cannot listen on {shown}: {err.strerror}; hint: pass --listen with a free "
+                            "address and port (another meshlet running?)") from None
+        self.address = self.server.server_address[:2]
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name="http", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        host, port = self.address
+        log.info("http.listening", address=f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

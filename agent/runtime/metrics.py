@@ -1,0 +1,110 @@
+"""Prometheus metrics of the agent: one registry of our own, one prefix (`meshlet_`).
+
+Role: name every metric once, and give the loop small methods to record what happened. The
+exposition at /metrics is `prometheus_client.generate_latest(metrics.registry)`.
+May touch: only its registry (the process-wide default registry is left alone, so tests and
+embedders can make several agents in one process).
+
+Label rule (issue 3): label values come from small closed sets only — object kind, map name,
+outcome, sync mode, source name. Never a Service, an IP address or a pod.
+Histograms end in `_seconds`; counters are named without `_total` (the client adds it).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Iterable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+
+PREFIX = "meshlet"
+
+#: Buckets for a sync (tens of microseconds for a small delta, seconds for 50k Services) and for
+#: event-to-map latency (the contract is 1 s at p99, SEMANTICS B15).
+SYNC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30, 60)
+
+
+class DatapathOutcomes:
+    """A collector exposing the datapath's per-CPU outcome counters (summed over CPUs) as counters.
+
+    The loop stores a snapshot (it alone talks to the maps); a scrape only reads the snapshot.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._snapshot: dict[str, int] = {}
+
+    def update(self, counters: Mapping[str, int]) -> None:
+        with self._lock:
+            self._snapshot = dict(counters)
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        family = CounterMetricFamily(f"{PREFIX}_datapath_connections",
+                                     "New connections and UDP flows seen by the socket hooks, by outcome "
+                                     "(translated, rejected, unreachable, skipped, ...).", labels=["outcome"])
+        with self._lock:
+            for outcome, value in sorted(self._snapshot.items()):
+                family.add_metric([outcome], value)
+        yield family
+
+    def describe(self) -> Iterable[CounterMetricFamily]:
+        return [CounterMetricFamily(f"{PREFIX}_datapath_connections", "", labels=["outcome"])]
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.sync_duration = Histogram(f"{PREFIX}_sync_duration_seconds",
+                                       "Time to resolve and write one sync to the maps.",
+                                       ["mode"], buckets=SYNC_BUCKETS, registry=r)
+        self.event_to_map = Histogram(f"{PREFIX}_event_to_map_seconds",
+                                      "Time from the oldest change in a sync being seen to its write "
+                                      "completing.", buckets=LATENCY_BUCKETS, registry=r)
+        self.syncs = Counter(f"{PREFIX}_syncs", "Syncs attempted, by mode and outcome.",
+                             ["mode", "outcome"], registry=r)
+        self.objects = Gauge(f"{PREFIX}_objects", "Objects known to the agent, by kind.", ["kind"], registry=r)
+        self.sources_synced = Gauge(f"{PREFIX}_source_synced",
+                                    "1 once a source has finished its first list.", ["source"], registry=r)
+        self.frontends = Gauge(f"{PREFIX}_frontends_programmed",
+                               "Frontends (address, port, protocol, client scope) in the maps.", registry=r)
+        self.groups = Gauge(f"{PREFIX}_backend_groups_programmed",
+                            "Backend groups (one Service port, one address family) in the maps.", registry=r)
+        self.backends = Gauge(f"{PREFIX}_backends_programmed",
+                              "Endpoints in the maps, counted once per backend group.", registry=r)
+        self.map_ops = Counter(f"{PREFIX}_map_operations", "Map writes and deletes, by map and outcome.",
+                               ["map", "outcome"], registry=r)
+        self.map_fill = Gauge(f"{PREFIX}_map_fill_ratio", "Entries in a map divided by its capacity.",
+                              ["map"], registry=r)
+        self.write_failures = Counter(f"{PREFIX}_write_failures", "Syncs whose map write failed.", registry=r)
+        self.attached = Gauge(f"{PREFIX}_programs_attached", "1 once our programs are attached.", registry=r)
+        self.leader = Gauge(f"{PREFIX}_leader",
+                            "1 while this agent is the elected Route status writer.", registry=r)
+        self.datapath_outcomes = DatapathOutcomes()
+        r.register(self.datapath_outcomes)
+
+    def record_objects(self, counts: Mapping[str, int]) -> None:
+        for kind in set(counts) | {s.get("kind") for s in self._label_sets(self.objects)}:
+            if kind:
+                self.objects.labels(kind=kind).set(counts.get(kind, 0))
+
+    def record_programmed(self, frontends: int, groups: int, backends: int) -> None:
+        self.frontends.set(frontends)
+        self.groups.set(groups)
+        self.backends.set(backends)
+
+    def record_map_ops(self, ops: Mapping[tuple[str, str], int]) -> None:
+        """`ops`: (map name, outcome) -> count, as the reconciler reports them."""
+        for (map_name, outcome), count in ops.items():
+            if count:
+                self.map_ops.labels(map=map_name, outcome=outcome).inc(count)
+
+    def record_fill(self, fill: Mapping[str, float]) -> None:
+        for map_name, ratio in fill.items():
+            self.map_fill.labels(map=map_name).set(ratio)
+
+    @staticmethod
+    def _label_sets(metric) -> list[dict]:
+        return [sample.labels for family in metric.collect() for sample in family.samples]

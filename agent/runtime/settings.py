@@ -1,0 +1,121 @@
+"""Settings of `meshlet run`: one documented dataclass, and the defaults the CLI contract names.
+
+Role: turn flags and the environment into one frozen `Settings` value; every tunable of the runtime
+(intervals, thresholds) lives here with a docstring saying what it does and why its default.
+May touch: the environment ($NODE_NAME), the host name and /proc/mounts (to find cgroup2), nothing
+else. Invariant: a `Settings` value is complete and valid; bad input raises UserError with a hint.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.errors import UserError
+
+#: Defaults from the CLI contract (DESIGN.md, "The command line").
+DEFAULT_BPFFS = Path("/sys/fs/bpf/meshlet")
+DEFAULT_LISTEN = "127.0.0.1:9966"
+
+LOG_FORMATS = ("kv", "json")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything `meshlet run` needs to know; built once at start, never mutated."""
+
+    node_name: str
+    """This node's name: decides local endpoints, topology hints, and which Pods are ours."""
+
+    cgroup_root: Path
+    """The cgroup2 directory the programs attach to and below which pod cgroups are scanned."""
+
+    bpffs: Path
+    """The bpffs directory holding our pinned maps and program links (versioned below it)."""
+
+    listen: tuple[str, int]
+    """Address and port of the HTTP listener (/healthz /readyz /metrics /status/routes)."""
+
+    manifests: Path | None = None
+    """A directory of manifests to read instead of a cluster (the embedded default)."""
+
+    kubeconfig: Path | None = None
+    """A kubeconfig file; with neither this nor `manifests`, the in-cluster config is used."""
+
+    log_format: str = "kv"
+    """`kv` (key=value, one line per event) or `json` (one JSON object per line)."""
+
+    min_sync_interval: float = 0.08
+    """Seconds between the starts of two syncs: changes arriving meanwhile coalesce into one write.
+    Short enough to keep event-to-map latency well under 1 s (SEMANTICS B15)."""
+
+    full_resync_interval: float = 60.0
+    """Seconds between full reconciles when nothing fails: repairs maps changed behind our back."""
+
+    retry_initial: float = 0.2
+    """First wait after a failed write; doubles on each further failure."""
+
+    retry_max: float = 10.0
+    """Cap on the wait between retries of a failing write."""
+
+    stale_change_threshold: float = 30.0
+    """/healthz fails when a change seen after the first sync is still unapplied after this long."""
+
+    failing_writes_threshold: int = 5
+    """/healthz fails after this many consecutive failed writes (whatever their age)."""
+
+    manifests_poll_interval: float = 0.2
+    """Seconds between two stats of the manifests directory; a change is read within this plus
+    the read time, well under the 1 s the contract promises."""
+
+    cgroup_scan_interval: float = 0.25
+    """Seconds between two scans for pod cgroups (a new pod is noticed within 1 s, SEMANTICS C1)."""
+
+    stats_interval: float = 2.0
+    """Seconds between two reads of the datapath's counters and map fill for /metrics."""
+
+    leader_namespace: str = "kube-system"
+    """Namespace of the Lease that elects the one Route status writer (Kubernetes mode)."""
+
+    @property
+    def listen_text(self) -> str:
+        host, port = self.listen
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def default_node_name() -> str:
+    """$NODE_NAME (set by the DaemonSet from spec.nodeName), else this machine's host name."""
+    return os.environ.get("NODE_NAME") or socket.gethostname()
+
+
+def default_cgroup_root(mounts: str = "/proc/mounts") -> Path:
+    """The host's cgroup2 mount point, read from /proc/mounts (not always /sys/fs/cgroup:
+    hybrid hosts mount it at /sys/fs/cgroup/unified)."""
+    try:
+        with open(mounts) as f:
+            lines = f.read().splitlines()
+    except OSError as err:
+        raise UserError(f"cannot read {mounts} to find cgroup2 ({err.strerror}); pass --cgroup-root") from None
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 3 and fields[2] == "cgroup2":
+            return Path(fields[1])
+    raise UserError("no cgroup2 filesystem is mounted; mount one (mount -t cgroup2 none /sys/fs/cgroup) "
+                    "or pass --cgroup-root")
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """`ADDR:PORT` or `[V6ADDR]:PORT` -> (address, port); port 0 picks a free port."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise UserError(f"--listen {text!r} is not ADDR:PORT; e.g. --listen 127.0.0.1:9966")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise UserError(f"--listen {text!r}: {host!r} is not an IP address; e.g. --listen 127.0.0.1:9966") from None
+    return host, int(port)

@@ -1,0 +1,242 @@
+"""The datapath benchmark: every mode side by side, per number of Services N.
+
+For one N: build the Services, shuffle their order (kube-proxy emits Go-map order), set up every
+mode in its own namespaces and time its full apply; then, in `rounds` rounds, each mode in a fresh
+random order runs the same connection sequences (uniformly random Services; Services at the start,
+middle and end of the KUBE-SERVICES chain; UDP first datagrams; one established stream). Running
+the modes interleaved, round after round, spreads the machine's background noise evenly over them:
+the figures that matter are ratios between modes measured in the same run. Finally every mode
+applies the same endpoint changes (timed) and is checked to reach the new endpoint set.
+
+May touch: what topology.Lab and the modes make, and files in the work directory.
+
+Each connection's reply names the endpoint the server saw, so every record also says whether each
+mode reached only endpoints of the Service it aimed at ("wrong_endpoint" must be 0), and for the
+position targets how connections spread over the k endpoints (the smoke test checks balance).
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import loadgen, stats
+from bench.modes import MODE_CLASSES, ApplyTimeout, Mode
+from bench.synth import Service, make_services, with_endpoint_replaced
+from bench.topology import Lab
+
+POSITIONS = ("start", "middle", "end")
+
+
+@dataclass
+class DatapathPlan:
+    sizes: list[int]
+    modes: list[str]
+    k: int = 10
+    rounds: int = 3
+    crr_per_round: int = 3000
+    position_conns: int = 300  #: per position and round
+    udp_per_round: int = 500
+    stream_seconds: float = 1.0
+    changes: int = 5
+    warmup: int = 300
+    apply_timeout: float = 300.0
+    seed: int = 6
+    udp_every: int = 10
+    log: object = field(default=sys.stderr, repr=False)
+
+
+@dataclass
+class _ModeRun:
+    mode: Mode
+    record: dict
+    crr: list = field(default_factory=list)  #: (latency_ns) pooled over rounds
+    crr_elapsed_ns: int = 0
+    crr_count: int = 0
+    round_p50: list = field(default_factory=list)
+    positions: dict = field(default_factory=lambda: {p: [] for p in POSITIONS})
+    udp: list = field(default_factory=list)
+    stream: list = field(default_factory=list)
+    reached: dict = field(default_factory=dict)  #: position -> Counter(endpoint)
+    wrong_endpoint: int = 0
+    wrong_source: int = 0
+    errors: Counter = field(default_factory=Counter)
+
+
+def _say(plan: DatapathPlan, text: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=plan.log, flush=True)
+
+
+def chain_positions(order: list[Service]) -> dict[str, Service]:
+    """The Services at ~0 %, 50 % and 100 % of the KUBE-SERVICES chain."""
+    return {"start": order[0], "middle": order[len(order) // 2], "end": order[-1]}
+
+
+def run_size(plan: DatapathPlan, n: int, binary: Path, workdir: Path, skip: dict[str, str]) -> list[dict]:
+    """All modes at N Services; returns one record per mode. `skip` maps mode -> reason to skip
+    (it is updated when a mode's apply times out, so larger N do not try again)."""
+    services = make_services(n, plan.k, plan.udp_every)
+    rng = random.Random(plan.seed * 1_000_003 + n)
+    order = services[:]
+    rng.shuffle(order)
+    positions = chain_positions(order)
+    udp_services = [s for s in services if "udp" in s.protocols]
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    with Lab() as lab:
+        runs: list[_ModeRun] = []
+        for name in plan.modes:
+            record = {"mode": name, "services": n, "endpoints_per_service": plan.k, "status": "ok"}
+            reason = skip.get(name) or MODE_CLASSES[name].unavailable()
+            if reason:
+                record.update(status="skipped", reason=reason)
+                runs.append(_ModeRun(None, record))
+                continue
+            mode = MODE_CLASSES[name](lab, workdir, plan.apply_timeout)
+            mode.expected_services = n * 2
+            mode.expected_endpoints = n * plan.k * 2
+            _say(plan, f"N={n} {name}: setting up")
+            try:
+                mode.setup()
+                lab.server(binary, mode.pair)
+                if mode.applies:
+                    record["apply_full_s"] = round(mode.apply_full(order), 4)
+                    _say(plan, f"N={n} {name}: full apply {record['apply_full_s']} s")
+            except ApplyTimeout as err:
+                record.update(status="timeout", reason=str(err), apply_full_s=None,
+                              apply_full_timeout_s=plan.apply_timeout)
+                skip[name] = f"its full apply timed out at N={n}"
+                _say(plan, f"N={n} {name}: {err}")
+                mode = None
+            runs.append(_ModeRun(mode, record))
+        active = [r for r in runs if r.mode is not None]
+
+        for r in active:
+            _warm_up(plan, r, services, binary, workdir, rng)
+        for round_no in range(plan.rounds):
+            _say(plan, f"N={n}: round {round_no + 1}/{plan.rounds}")
+            # One Service sequence per round, shared by all modes; only the direct mode's endpoint
+            # draw differs (it has to pick an endpoint itself).
+            seq = [rng.choice(services) for _ in range(plan.crr_per_round)]
+            udp_seq = [rng.choice(udp_services) for _ in range(plan.udp_per_round)] if udp_services else []
+            for r in rng.sample(active, len(active)):
+                _measure_round(plan, r, seq, udp_seq, positions, order[0], binary, workdir)
+
+        _changes(plan, active, services, order, rng, binary, workdir)
+        return [_finish(r) for r in runs]
+
+
+def _warm_up(plan, r, services, binary, workdir, rng):
+    draw = random.Random(1)
+    targets = [r.mode.address(rng.choice(services), "tcp", draw) for _ in range(plan.warmup)]
+    loadgen.run_sequence(binary, "crr", r.mode.pair.cli_path, targets, workdir, r.mode.cgroup)
+
+
+def _check(r: _ModeRun, sequence, services, position=None, udp=False):
+    for sample, service in zip(sequence.samples, services):
+        if sample.errno:
+            r.errors[sample.errno] += 1
+            continue
+        if sample.endpoint not in service.endpoints:
+            r.wrong_endpoint += 1
+        if udp and sample.reply_source not in (service.vip, sample.endpoint):
+            r.wrong_source += 1
+        if position:
+            r.reached.setdefault(position, Counter())[sample.endpoint] += 1
+
+
+def _measure_round(plan, r: _ModeRun, seq, udp_seq, positions, stream_service, binary, workdir):
+    mode = r.mode
+    draw = random.Random(len(r.round_p50))  # the direct mode's endpoint choice, same per round
+    targets = [mode.address(s, "tcp", draw) for s in seq]
+    crr = loadgen.run_sequence(binary, "crr", mode.pair.cli_path, targets, workdir, mode.cgroup)
+    _check(r, crr, seq)
+    ok = [s.latency_ns for s in crr.samples if not s.errno]
+    r.crr += ok
+    r.crr_elapsed_ns += crr.elapsed_ns
+    r.crr_count += len(ok)
+    if ok:
+        r.round_p50.append(statistics.median(ok) / 1000)
+    for position, service in positions.items():
+        targets = [mode.address(service, "tcp", draw) for _ in range(plan.position_conns)]
+        run = loadgen.run_sequence(binary, "crr", mode.pair.cli_path, targets, workdir, mode.cgroup)
+        _check(r, run, [service] * len(targets), position=position)
+        r.positions[position] += [s.latency_ns for s in run.samples if not s.errno]
+    if udp_seq:
+        targets = [mode.address(s, "udp", draw) for s in udp_seq]
+        udp = loadgen.run_sequence(binary, "udp", mode.pair.cli_path, targets, workdir, mode.cgroup)
+        _check(r, udp, udp_seq, udp=True)
+        r.udp += [s.latency_ns for s in udp.samples if not s.errno]
+    if plan.stream_seconds > 0:
+        target = mode.address(stream_service, "tcp", draw)
+        r.stream.append(loadgen.run_stream(binary, mode.pair.cli_path, target, plan.stream_seconds, mode.cgroup))
+
+
+def _changes(plan, active, services, order, rng, binary, workdir):
+    """The same endpoint changes applied to every mode, timed; then each mode must reach exactly
+    the last changed Service's new endpoints."""
+    if not plan.changes:
+        return
+    by_index = {s.index: s for s in services}
+    current = order[:]
+    last = None
+    for generation in range(plan.changes):
+        old = rng.choice(current)
+        new = with_endpoint_replaced(old, generation)
+        current = [new if s.index == old.index else s for s in current]
+        by_index[new.index] = new
+        for r in active:
+            if not r.mode.applies:
+                continue
+            try:
+                seconds = r.mode.apply_change(current, old, new)
+            except ApplyTimeout as err:
+                r.record["change_error"] = str(err)
+                continue
+            r.record.setdefault("apply_change_s", []).append(round(seconds, 5))
+        last = new
+    for r in active:
+        draw = random.Random(7)
+        targets = [r.mode.address(last, "tcp", draw) for _ in range(max(50, 10 * len(last.endpoints)))]
+        run = loadgen.run_sequence(binary, "crr", r.mode.pair.cli_path, targets, workdir, r.mode.cgroup)
+        reached = Counter(s.endpoint for s in run.samples if not s.errno)
+        r.record["after_change"] = {
+            "service": last.index,
+            "expected": list(last.endpoints),
+            "reached": dict(sorted(reached.items())),
+            "errors": sum(1 for s in run.samples if s.errno),
+        }
+
+
+def _finish(r: _ModeRun) -> dict:
+    record = r.record
+    if r.mode is None:
+        return record
+    record["connect_us"] = stats.summarize_ns(r.crr)
+    record["connect_p50_per_round_us"] = [round(v, 2) for v in r.round_p50]
+    record["conn_per_s"] = round(r.crr_count / (r.crr_elapsed_ns / 1e9), 1) if r.crr_elapsed_ns else None
+    record["positions_us"] = {p: stats.summarize_ns(v) for p, v in r.positions.items()}
+    record["udp_us"] = stats.summarize_ns(r.udp)
+    record["stream_gbit_s"] = round(statistics.median(r.stream) * 8 / 1e9, 3) if r.stream else None
+    record["stream_gbit_s_all"] = [round(v * 8 / 1e9, 3) for v in r.stream]
+    record["wrong_endpoint"] = r.wrong_endpoint
+    record["wrong_udp_reply_source"] = r.wrong_source
+    record["errors"] = {str(k): v for k, v in sorted(r.errors.items())}
+    record["reached_at_positions"] = {p: dict(sorted(c.items())) for p, c in r.reached.items()}
+    if record.get("apply_change_s"):
+        record["apply_change"] = stats.summarize_seconds(record["apply_change_s"])
+    return record
+
+
+def run(plan: DatapathPlan, workdir: Path) -> list[dict]:
+    binary = loadgen.build()
+    skip: dict[str, str] = {}
+    records = []
+    for n in plan.sizes:
+        records += run_size(plan, n, binary, workdir / f"n{n}", skip)
+    return records

@@ -1,0 +1,117 @@
+"""The targets of issue 6 and how a run's records are judged against them. Pure.
+
+Datapath records are the dicts of bench.datapath_bench (one per mode and N); control-plane records
+those of bench.controlplane (one per N). Every target is judged only on what the run measured:
+a target whose inputs are missing is "not measured", never "met"; a target "at every N" says
+which N it covered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MET, NOT_MET, NOT_MEASURED = "met", "not met", "not measured"
+
+#: meshlet's per-connection cost against direct connections, at every N.
+LATENCY_VS_DIRECT = 1.03
+THROUGHPUT_VS_DIRECT = 0.99
+#: (mode, N, factor): meshlet's p50 connect latency at least `factor` times lower.
+AGAINST_FIREWALLS = (
+    ("iptables-legacy", 10_000, 2.3),
+    ("iptables-legacy", 50_000, 4.0),
+    ("nftables", 10_000, 1.15),
+)
+COLD_SYNC_SECONDS = ((10_000, 1.0), (50_000, 2.0))
+CHANGE_P99_MS = (50_000, 5.0)
+RSS_MIB = 250
+ALL_SIZES = (100, 1_000, 10_000, 50_000)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    target: str
+    status: str
+    measured: str
+
+
+def measured(records: list[dict], mode: str, n: int) -> dict | None:
+    """The record of `mode` at N when it ran and measured connections, else None."""
+    for r in records:
+        if r["mode"] == mode and r["services"] == n and r.get("status") == "ok" and r.get("connect_us", {}).get("count"):
+            return r
+    return None
+
+
+def _coverage(sizes) -> str:
+    missing = [n for n in ALL_SIZES if n not in sizes]
+    return f" (not run at N={','.join(map(str, missing))})" if missing else ""
+
+
+def _vs_direct(records, value, limit: float, higher_is_better: bool, label: str) -> Verdict:
+    parts, missed, covered = [], False, []
+    for n in sorted({r["services"] for r in records}):
+        mesh, direct = measured(records, "meshlet", n), measured(records, "direct", n)
+        if not mesh or not direct or value(mesh) is None or value(direct) is None:
+            continue
+        ratio = value(mesh) / value(direct)
+        covered.append(n)
+        parts.append(f"N={n}: {ratio:.3f}x")
+        missed |= ratio < limit if higher_is_better else ratio > limit
+    if not covered:
+        return Verdict(label, NOT_MEASURED, "meshlet or direct not measured")
+    return Verdict(label, NOT_MET if missed else MET, "; ".join(parts) + _coverage(covered))
+
+
+def judge(datapath: list[dict], controlplane: list[dict]) -> list[Verdict]:
+    verdicts = [
+        _vs_direct(datapath, lambda r: r["connect_us"]["p50"], LATENCY_VS_DIRECT, False,
+                   f"meshlet connect p50 <= {LATENCY_VS_DIRECT}x direct at every N"),
+        _vs_direct(datapath, lambda r: r["connect_us"]["p99"], LATENCY_VS_DIRECT, False,
+                   f"meshlet connect p99 <= {LATENCY_VS_DIRECT}x direct at every N"),
+        _vs_direct(datapath, lambda r: r.get("stream_gbit_s"), THROUGHPUT_VS_DIRECT, True,
+                   f"meshlet stream throughput >= {THROUGHPUT_VS_DIRECT}x direct"),
+    ]
+    for mode, n, factor in AGAINST_FIREWALLS:
+        label = f"p50 connect >= {factor}x lower than {mode} at N={n}"
+        mesh, other = measured(datapath, "meshlet", n), measured(datapath, mode, n)
+        if not mesh or not other:
+            failed = [r for r in datapath if r["mode"] == mode and r["services"] == n and r.get("reason")]
+            why = f"{mode}: {failed[0]['reason']}" if failed else "not run at this N"
+            verdicts.append(Verdict(label, NOT_MEASURED, why))
+            continue
+        ratio = other["connect_us"]["p50"] / mesh["connect_us"]["p50"]
+        verdicts.append(Verdict(label, MET if ratio >= factor else NOT_MET,
+                                f"{ratio:.2f}x ({other['connect_us']['p50']} us vs {mesh['connect_us']['p50']} us)"))
+    by_n = {r["services"]: r for r in controlplane if r.get("status", "ok") == "ok"}
+    for n, limit in COLD_SYNC_SECONDS:
+        label = f"cold sync of {n} Services x 10 endpoints <= {limit:g} s"
+        r = by_n.get(n)
+        if not r or r.get("cold_sync_s") is None:
+            verdicts.append(Verdict(label, NOT_MEASURED, "not run at this N"))
+            continue
+        verdicts.append(Verdict(label, MET if r["cold_sync_s"] <= limit else NOT_MET,
+                                f"{r['cold_sync_s']:.3f} s ({cold_sync_parts(r)})"))
+    n, limit = CHANGE_P99_MS
+    label = f"one endpoint change at N={n}: p99 <= {limit:g} ms"
+    r = by_n.get(n)
+    if not r or not r.get("change_ms", {}).get("count"):
+        verdicts.append(Verdict(label, NOT_MEASURED, "not run at this N"))
+    else:
+        p99 = r["change_ms"]["p99"]
+        verdicts.append(Verdict(label, MET if p99 <= limit else NOT_MET,
+                                f"p99 {p99:.2f} ms over {r['change_ms']['count']} changes"))
+    rss = [(r["services"], r["peak_rss_mib"]) for r in controlplane if r.get("peak_rss_mib")]
+    label = f"peak RSS of the agent process <= {RSS_MIB} MiB"
+    if not rss:
+        verdicts.append(Verdict(label, NOT_MEASURED, "no control-plane run"))
+    else:
+        worst_n, worst = max(rss, key=lambda item: item[1])
+        verdicts.append(Verdict(label, MET if worst <= RSS_MIB else NOT_MET,
+                                f"max {worst:.0f} MiB (at N={worst_n})" + _coverage([n for n, _ in rss])))
+    return verdicts
+
+
+def cold_sync_parts(r: dict) -> str:
+    parts = [f"{name} {r[key]:.3f}" for name, key in (("resolve", "resolve_s"), ("plan", "plan_s"),
+                                                       ("reconcile", "reconcile_s")) if r.get(key) is not None]
+    return " + ".join(parts) if parts else "total"

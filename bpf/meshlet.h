@@ -1,0 +1,155 @@
+/* meshlet.h: the maps shared by the socket programs (bpf/sock.c) and the agent.
+ *
+ * One home per map layout: every struct here has exactly one ctypes mirror in
+ * agent/datapath/layout.py (with this definition quoted), and a kernel test compares the sizes
+ * and field offsets bcc compiled against that mirror. Change a struct => bump LAYOUT_VERSION in
+ * layout.py (the pins live under <bpffs>/v<LAYOUT_VERSION>/maps, so old pins are never
+ * misread).
+ *
+ * Rules every struct follows: explicit padding only (no hole the compiler fills), so a key
+ * built in Python and one built on the BPF stack (zeroed with __builtin_memset) hash alike.
+ * Addresses are 16 bytes; IPv4 is stored IPv4-mapped (::ffff:a.b.c.d) so one key serves an
+ * AF_INET socket and an AF_INET6 socket aimed at the mapped address (SEMANTICS A13).
+ * Ports are in network byte order (as the socket hook context holds them); ids, counts and
+ * thresholds are in host order.
+ *
+ * Configuration comes only from -D flags set by agent/datapath/loader.py:
+ *   PIN_DIR            "<bpffs>/v<N>/maps" (a C string)      where every map is pinned
+ *   CGROUP_ROOT_LEVEL  depth of --cgroup-root below the cgroup2 mount
+ *   <MAP>_MAX          max_entries of each sized map (MapSizes)
+ */
+#ifndef MESHLET_H
+#define MESHLET_H
+
+#define MAX_SLOTS 16      /* backend groups in one frontend's weighted split */
+#define SOCK_XLATS 8      /* remembered translations per socket (see struct sock_state) */
+#define NAME_LEN 96       /* bytes of a human name in the names map */
+#define MAX_POD_DEPTH 8   /* cgroup levels below the root searched for a pod cgroup */
+
+/* Verdicts: the values of agent.model.Verdict (layout.py asserts they agree). */
+#define VERDICT_FORWARD 0
+#define VERDICT_REJECT 1
+#define VERDICT_UNREACHABLE 2
+
+/* fe_value.flags */
+#define FE_HAS_SCOPES 1   /* default entry: consumer-scope entries exist for this frontend */
+
+/* client_value.flags */
+#define CLIENT_SKIP 1     /* namespace or pod opted out (SEMANTICS C2): never translated */
+
+/* Index of the per-CPU outcome counters. */
+#define OUT_TRANSLATED 0
+#define OUT_REJECTED 1
+#define OUT_UNREACHABLE 2
+#define OUT_SKIPPED 3
+#define OUT_MISS 4        /* frontend hit but a group/endpoint entry was missing: a bug if >0 */
+#define OUT_COUNT 8       /* array size: room for outcomes added later without a new layout */
+
+/* frontends: (address, port, protocol, client scope) -> the whole weighted split.
+ * scope 0 = the default (producer) view; else the 32-bit id of the consumer namespace. */
+struct fe_key {
+    __u8 addr[16];
+    __u16 port;
+    __u8 proto;           /* IPPROTO_TCP / IPPROTO_UDP / IPPROTO_SCTP */
+    __u8 pad;
+    __u32 scope;
+};
+
+/* One share of the split: connections with r < threshold (and >= the previous slot's
+ * threshold) go to group_id; r is uniform in [0, 2^31). group_id 0 = rejected share. */
+struct fe_slot {
+    __u32 threshold;
+    __u32 pad;
+    __u64 group_id;
+};
+
+/* Inline split: swapping a frontend's split is one atomic map update. */
+struct fe_value {
+    __u8 verdict;         /* VERDICT_FORWARD, or VERDICT_REJECT for an empty split */
+    __u8 nslots;
+    __u16 flags;          /* FE_HAS_SCOPES */
+    __u32 pad;
+    __u64 route_id;       /* id of the Route rule in effect (names map), 0 = none */
+    struct fe_slot slots[MAX_SLOTS];
+};
+
+/* groups: group_id -> the current endpoint set revision of one Service port/family. */
+struct group_value {
+    __u64 set_id;         /* content-addressed revision of the endpoint set; 0 = empty */
+    __u32 count;          /* endpoints in the set: indexes 0..count-1 */
+    __u32 affinity_timeout_s; /* ClientIP affinity (SEMANTICS A11); 0 = none */
+    __u8 verdict;
+    __u8 pad[7];
+};
+
+/* endpoints: (set_id, index) -> endpoint. A set's entries never change once written. */
+struct ep_key {
+    __u64 set_id;
+    __u32 index;
+    __u32 pad;
+};
+
+struct ep_value {
+    __u8 addr[16];
+    __u16 port;
+    __u8 family;          /* 4 or 6 */
+    __u8 pad;
+};
+
+/* members: (set_id, endpoint) -> index; written only for groups with affinity, so the
+ * affinity check can ask "is the remembered endpoint still in the current set". */
+struct member_key {
+    __u64 set_id;
+    __u8 addr[16];
+    __u16 port;
+    __u8 pad[6];
+};
+
+/* affinity (LRU): (client netns cookie, group) -> last endpoint and when it was last used. */
+struct affinity_key {
+    __u64 netns_cookie;
+    __u64 group_id;
+};
+
+struct affinity_value {
+    __u8 addr[16];
+    __u16 port;
+    __u8 pad[6];
+    __u64 last_used_ns;   /* bpf_ktime_get_ns() clock */
+};
+
+/* clients: pod-level cgroup id -> the pod's client scope. */
+struct client_value {
+    __u32 scope;          /* id of the pod's namespace (never 0) */
+    __u32 flags;          /* CLIENT_SKIP */
+};
+
+/* names: group / route / scope id -> human name; read only by `meshlet maps dump`. */
+struct name_value {
+    char name[NAME_LEN];
+};
+
+/* Socket-local storage: what this socket's translations were, so getpeername() and UDP
+ * recvmsg() can show the frontend, and an unconnected UDP socket keeps its first choice per
+ * frontend (SEMANTICS A10, A12). Lives and dies with the socket: nothing to evict or sweep. */
+struct sock_xlat {
+    __u8 frontend[16];
+    __u8 endpoint[16];
+    __u16 frontend_port;
+    __u16 endpoint_port;
+    __u8 used;
+    __u8 pad[3];
+};
+
+/* When all SOCK_XLATS entries are used (an unconnected UDP socket talking to more than 8
+ * frontends), the oldest entry is overwritten (round robin on `next`): that frontend then
+ * gets a fresh pick on its next datagram, and replies from the forgotten endpoint are no
+ * longer shown as the frontend. 8 covers every real client we know of (DNS resolvers use
+ * at most a handful of servers). */
+struct sock_state {
+    struct sock_xlat xlat[SOCK_XLATS];
+    __u32 next;
+    __u32 pad;
+};
+
+#endif /* MESHLET_H */

@@ -1,0 +1,386 @@
+/* sock.c: meshlet's cgroup socket-address programs (compiled by bcc at agent start).
+ *
+ * connect4/6 and sendmsg4/6 (unconnected UDP) rewrite a destination that is a Service frontend
+ * to an endpoint chosen here: a weighted pick among the frontend's backend groups, then an
+ * endpoint inside the group (uniform, or ClientIP affinity keyed by the client's netns cookie).
+ * recvmsg4/6 and getpeername4/6 show the frontend instead of the endpoint (SEMANTICS A12).
+ *
+ * Cost model: traffic to an address that is not a frontend pays one hash lookup and nothing
+ * else. Only after that lookup hits do we look for the client's pod (cgroup walk), its scope
+ * and the socket's storage.
+ *
+ * Consistency: the agent never modifies a value in place. A frontend's whole split is one map
+ * value, a group's current endpoint set is one value (set_id, count), and the maps holding
+ * them are BPF_F_NO_PREALLOC hashes, whose replaced elements are freed after an RCU grace
+ * period: a program holding a value pointer sees the old value or the new one, never a mix.
+ * The agent writes a new endpoint set before the group value that names it, and deletes the
+ * old set only after (agent/datapath/reconcile.py), so a connect never meets a half set.
+ *
+ * Outcomes: translated; rejected (ECONNREFUSED: empty split, rejected share, group without
+ * endpoints); unreachable (EHOSTUNREACH: endpoints exist but none usable on this node);
+ * skipped (client opted out); miss (an entry the agent should have written is absent: the
+ * connection is left untouched and counted, never failed with an unexplained EPERM).
+ * recvmsg and getpeername programs must return 1 and never fail.
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/in.h>
+#include <uapi/asm-generic/errno.h>
+#include <linux/socket.h>
+#include "meshlet.h"
+
+#ifndef PIN_DIR
+#error "PIN_DIR (the directory for the map pins) must be given with -D by the loader"
+#endif
+#ifndef CGROUP_ROOT_LEVEL
+#error "CGROUP_ROOT_LEVEL must be given with -D by the loader"
+#endif
+
+/* bcc declares it returning u32; the kernel returns 64 bits. Not used for state (netns
+ * cookies identify clients), declared here so nobody reaches for bcc's truncating one. */
+static __u64 (*bpf_get_socket_cookie64)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;
+
+BPF_TABLE_PINNED("hash", struct fe_key, struct fe_value, frontends, FRONTENDS_MAX,
+                 PIN_DIR "/frontends", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", __u64, struct group_value, groups, GROUPS_MAX,
+                 PIN_DIR "/groups", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct ep_key, struct ep_value, endpoints, ENDPOINTS_MAX,
+                 PIN_DIR "/endpoints", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct member_key, __u32, members, MEMBERS_MAX,
+                 PIN_DIR "/members", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lru_hash", struct affinity_key, struct affinity_value, affinity, AFFINITY_MAX,
+                 PIN_DIR "/affinity");
+BPF_TABLE_PINNED("hash", __u64, struct client_value, clients, CLIENTS_MAX,
+                 PIN_DIR "/clients", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, counters, OUT_COUNT, PIN_DIR "/counters");
+BPF_TABLE_PINNED("hash", __u64, struct name_value, names, NAMES_MAX,
+                 PIN_DIR "/names", BPF_F_NO_PREALLOC);
+/* Socket-local storage, pinned too: a restarted or upgraded agent's programs keep reading
+ * the translations of sockets opened before. */
+BPF_TABLE_PINNED("sk_storage", int, struct sock_state, sockets, 0,
+                 PIN_DIR "/sockets", BPF_F_NO_PREALLOC);
+
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define MAPPED_V4_WORD 0xffff0000U /* bytes 00 00 ff ff: word 2 of ::ffff:a.b.c.d */
+#else
+#define MAPPED_V4_WORD 0x0000ffffU
+#endif
+
+/* An address as four 32-bit words in network byte order, the way the hook context holds it. */
+struct addr16 {
+    __u32 w[4];
+};
+
+static __always_inline void count(__u32 outcome)
+{
+    __u64 *c = counters.lookup(&outcome);
+    if (c)
+        *c += 1;
+}
+
+/* The user-given address (destination for connect/sendmsg, source for recvmsg, peer for
+ * getpeername) as 16 bytes, IPv4 mapped. */
+static __always_inline void read_user_addr(struct bpf_sock_addr *ctx, int v6, struct addr16 *a)
+{
+    if (v6) {
+        a->w[0] = ctx->user_ip6[0];
+        a->w[1] = ctx->user_ip6[1];
+        a->w[2] = ctx->user_ip6[2];
+        a->w[3] = ctx->user_ip6[3];
+    } else {
+        a->w[0] = 0;
+        a->w[1] = 0;
+        a->w[2] = MAPPED_V4_WORD;
+        a->w[3] = ctx->user_ip4;
+    }
+}
+
+static __always_inline int is_mapped_v4(const struct addr16 *a)
+{
+    return a->w[0] == 0 && a->w[1] == 0 && a->w[2] == MAPPED_V4_WORD;
+}
+
+/* Write an address and port back into the context. An AF_INET socket can only take an IPv4
+ * address (returns -1 otherwise, the caller counts a miss); an AF_INET6 socket takes IPv4 as
+ * mapped, which is how it asked (SEMANTICS A13). */
+static __always_inline int write_user_addr(struct bpf_sock_addr *ctx, int v6,
+                                           const struct addr16 *a, __u16 port)
+{
+    if (v6) {
+        ctx->user_ip6[0] = a->w[0];
+        ctx->user_ip6[1] = a->w[1];
+        ctx->user_ip6[2] = a->w[2];
+        ctx->user_ip6[3] = a->w[3];
+    } else {
+        if (!is_mapped_v4(a))
+            return -1;
+        ctx->user_ip4 = a->w[3];
+    }
+    ctx->user_port = port;
+    return 0;
+}
+
+static __always_inline void copy_addr(struct addr16 *dst, const __u8 *src)
+{
+    __builtin_memcpy(dst, src, 16);
+}
+
+static __always_inline int same_addr(const __u8 *stored, const struct addr16 *a)
+{
+    const __u32 *w = (const __u32 *)stored;
+    return w[0] == a->w[0] && w[1] == a->w[1] && w[2] == a->w[2] && w[3] == a->w[3];
+}
+
+/* The client's pod: the first cgroup below the root, going down from the root towards the
+ * task's own cgroup, that the agent registered as a pod (kubelet pod cgroups sit at any depth:
+ * kubepods/pod<uid> or kubepods.slice/kubepods-<qos>.slice/kubepods-<qos>-pod<uid>.slice).
+ * Unrolled: bcc allows no loops the verifier cannot bound, and no BPF-to-BPF calls. */
+static __always_inline struct client_value *find_client(void)
+{
+#pragma unroll
+    for (int depth = 1; depth <= MAX_POD_DEPTH; depth++) {
+        __u64 id = bpf_get_current_ancestor_cgroup_id(CGROUP_ROOT_LEVEL + depth);
+        if (id == 0)
+            return NULL; /* the task's cgroup is shallower: no pod */
+        struct client_value *client = clients.lookup(&id);
+        if (client)
+            return client;
+    }
+    return NULL;
+}
+
+/* The translation this socket already has for a frontend, or NULL. */
+static __always_inline struct sock_xlat *xlat_for_frontend(struct sock_state *st,
+                                                         const struct addr16 *fe, __u16 port)
+{
+#pragma unroll
+    for (int i = 0; i < SOCK_XLATS; i++) {
+        struct sock_xlat *x = &st->xlat[i];
+        if (x->used && x->frontend_port == port && same_addr(x->frontend, fe))
+            return x;
+    }
+    return NULL;
+}
+
+/* Remember frontend -> endpoint for this socket: the frontend's entry if there is one (a
+ * reconnect), else the next slot round robin (policy when full: see struct sock_state). */
+static __always_inline void remember(struct sock_state *st, const struct addr16 *fe,
+                                     __u16 fe_port, const struct addr16 *ep, __u16 ep_port)
+{
+    struct sock_xlat *x = xlat_for_frontend(st, fe, fe_port);
+    if (!x) {
+        __u32 slot = st->next & (SOCK_XLATS - 1);
+        st->next = slot + 1;
+        x = &st->xlat[slot];
+    }
+    __builtin_memcpy(x->frontend, fe, 16);
+    __builtin_memcpy(x->endpoint, ep, 16);
+    x->frontend_port = fe_port;
+    x->endpoint_port = ep_port;
+    x->used = 1;
+}
+
+/* Weighted pick among the split's slots: r uniform in [0, 2^31), the first slot whose
+ * cumulative threshold is above r. Returns the group id (0 = rejected share), or -1 when no
+ * slot matched (thresholds not ending at 2^31: a plan bug, counted as a miss). */
+static __always_inline __s64 pick_group(const struct fe_value *fe)
+{
+    __u32 r = bpf_get_prandom_u32() & 0x7fffffff;
+    __u32 n = fe->nslots;
+#pragma unroll
+    for (int i = 0; i < MAX_SLOTS; i++) {
+        if (i < n && r < fe->slots[i].threshold)
+            return (__s64)fe->slots[i].group_id;
+    }
+    return -1;
+}
+
+/* Choose an endpoint of a group for this client. Returns 0, or -errno for a verdict, or 1
+ * for a missing entry (miss). */
+static __always_inline int pick_endpoint(struct bpf_sock_addr *ctx, __u64 group_id,
+                                         struct addr16 *ep, __u16 *ep_port, __u8 *family)
+{
+    struct group_value *gp = groups.lookup(&group_id);
+    if (!gp)
+        return 1;
+    struct group_value g = *gp;
+    if (g.verdict == VERDICT_UNREACHABLE)
+        return -EHOSTUNREACH;
+    if (g.verdict != VERDICT_FORWARD || g.count == 0)
+        return -ECONNREFUSED;
+
+    struct affinity_key ak;
+    __u64 now = 0;
+    if (g.affinity_timeout_s) {
+        __builtin_memset(&ak, 0, sizeof(ak));
+        ak.netns_cookie = bpf_get_netns_cookie(ctx);
+        ak.group_id = group_id;
+        now = bpf_ktime_get_ns();
+        struct affinity_value *av = affinity.lookup(&ak);
+        if (av && now - av->last_used_ns < (__u64)g.affinity_timeout_s * 1000000000ULL) {
+            struct member_key mk;
+            __builtin_memset(&mk, 0, sizeof(mk));
+            mk.set_id = g.set_id;
+            __builtin_memcpy(mk.addr, av->addr, 16);
+            mk.port = av->port;
+            if (members.lookup(&mk)) {
+                /* Still usable and fresh: keep it, and slide the timeout (A11). */
+                copy_addr(ep, av->addr);
+                *ep_port = av->port;
+                *family = is_mapped_v4(ep) ? 4 : 6;
+                av->last_used_ns = now;
+                return 0;
+            }
+        }
+    }
+
+    /* Uniform index in [0, count) by multiply-shift: no division, bias below count / 2^32. */
+    struct ep_key key;
+    __builtin_memset(&key, 0, sizeof(key));
+    key.set_id = g.set_id;
+    key.index = (__u32)(((__u64)bpf_get_prandom_u32() * g.count) >> 32);
+    struct ep_value *e = endpoints.lookup(&key);
+    if (!e)
+        return 1;
+    copy_addr(ep, e->addr);
+    *ep_port = e->port;
+    *family = e->family;
+
+    if (g.affinity_timeout_s) {
+        struct affinity_value av;
+        __builtin_memset(&av, 0, sizeof(av));
+        __builtin_memcpy(av.addr, ep, 16);
+        av.port = *ep_port;
+        av.last_used_ns = now;
+        affinity.update(&ak, &av);
+    }
+    return 0;
+}
+
+/* connect() and unconnected UDP sendmsg(). Returns 0 (go on, possibly rewritten) or -errno
+ * (fail the call with it). */
+static __always_inline int translate(struct bpf_sock_addr *ctx, int v6, int is_sendmsg)
+{
+    __u32 proto = ctx->protocol;
+    if (proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_SCTP)
+        return 0;
+
+    struct fe_key key;
+    __builtin_memset(&key, 0, sizeof(key));
+    struct addr16 dst;
+    read_user_addr(ctx, v6, &dst);
+    __builtin_memcpy(key.addr, &dst, 16);
+    key.port = (__u16)ctx->user_port;
+    key.proto = (__u8)proto;
+
+    struct fe_value *fe = frontends.lookup(&key);
+    if (!fe)
+        return 0; /* not a frontend: the only cost non-service traffic pays */
+
+    struct client_value *client = find_client();
+    __u32 scope = 0;
+    if (client) {
+        if (client->flags & CLIENT_SKIP) {
+            count(OUT_SKIPPED);
+            return 0;
+        }
+        scope = client->scope;
+    }
+
+    struct sock_state *st = sockets.sk_storage_get(ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+    struct addr16 ep;
+    __u16 ep_port = 0;
+    __u8 family = 0;
+
+    if (is_sendmsg && st) {
+        /* An unconnected UDP socket keeps its first choice for a frontend (A10). */
+        struct sock_xlat *x = xlat_for_frontend(st, &dst, key.port);
+        if (x) {
+            copy_addr(&ep, x->endpoint);
+            if (write_user_addr(ctx, v6, &ep, x->endpoint_port) < 0) {
+                count(OUT_MISS);
+                return 0;
+            }
+            count(OUT_TRANSLATED);
+            return 0;
+        }
+    }
+
+    if ((fe->flags & FE_HAS_SCOPES) && scope) {
+        key.scope = scope;
+        struct fe_value *scoped = frontends.lookup(&key);
+        if (scoped)
+            fe = scoped; /* the consumer view of the client's namespace wins (B5) */
+    }
+
+    if (fe->verdict != VERDICT_FORWARD) {
+        count(OUT_REJECTED);
+        return -ECONNREFUSED;
+    }
+    __s64 group_id = pick_group(fe);
+    if (group_id < 0) {
+        count(OUT_MISS);
+        return 0;
+    }
+    if (group_id == 0) {
+        count(OUT_REJECTED);
+        return -ECONNREFUSED;
+    }
+
+    int err = pick_endpoint(ctx, (__u64)group_id, &ep, &ep_port, &family);
+    if (err == -EHOSTUNREACH) {
+        count(OUT_UNREACHABLE);
+        return err;
+    }
+    if (err < 0) {
+        count(OUT_REJECTED);
+        return err;
+    }
+    if (err > 0 || write_user_addr(ctx, v6, &ep, ep_port) < 0) {
+        count(OUT_MISS);
+        return 0;
+    }
+    if (st)
+        remember(st, &dst, key.port, &ep, ep_port);
+    count(OUT_TRANSLATED);
+    return 0;
+}
+
+/* recvmsg (source of a datagram) and getpeername (the peer): an endpoint this socket was
+ * translated to is shown as its frontend. */
+static __always_inline void reverse(struct bpf_sock_addr *ctx, int v6)
+{
+    struct sock_state *st = sockets.sk_storage_get(ctx->sk, 0, 0);
+    if (!st)
+        return;
+    struct addr16 src;
+    read_user_addr(ctx, v6, &src);
+    __u16 port = (__u16)ctx->user_port;
+#pragma unroll
+    for (int i = 0; i < SOCK_XLATS; i++) {
+        struct sock_xlat *x = &st->xlat[i];
+        if (x->used && x->endpoint_port == port && same_addr(x->endpoint, &src)) {
+            struct addr16 fe;
+            copy_addr(&fe, x->frontend);
+            write_user_addr(ctx, v6, &fe, x->frontend_port);
+            return;
+        }
+    }
+}
+
+static __always_inline int verdict(int err)
+{
+    if (err) {
+        bpf_set_retval(err);
+        return 0;
+    }
+    return 1;
+}
+
+int connect4(struct bpf_sock_addr *ctx) { return verdict(translate(ctx, 0, 0)); }
+int connect6(struct bpf_sock_addr *ctx) { return verdict(translate(ctx, 1, 0)); }
+int sendmsg4(struct bpf_sock_addr *ctx) { return verdict(translate(ctx, 0, 1)); }
+int sendmsg6(struct bpf_sock_addr *ctx) { return verdict(translate(ctx, 1, 1)); }
+int recvmsg4(struct bpf_sock_addr *ctx) { reverse(ctx, 0); return 1; }
+int recvmsg6(struct bpf_sock_addr *ctx) { reverse(ctx, 1); return 1; }
+int getpeername4(struct bpf_sock_addr *ctx) { reverse(ctx, 0); return 1; }
+int getpeername6(struct bpf_sock_addr *ctx) { reverse(ctx, 1); return 1; }
