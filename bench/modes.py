@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from bench import iptables_rules, nft_rules
-from bench.synth import SERVICE_PORT, TARGET_PORT, Service, desired_state, group_key
+from bench.synth import SERVICE_PORT, TARGET_PORT, Service, desired_state
 from bench.topology import CLIENT_ADDR, Lab, Pair
 
 ALL_MODES = ("direct", "meshlet", "iptables-legacy", "iptables-nft", "nftables")
@@ -101,7 +101,7 @@ class Meshlet(Mode):
     @classmethod
     def unavailable(cls):
         try:
-            import agent.datapath  # noqa: F401
+            from agent.datapath import Datapath, uninstall  # noqa: F401
         except ImportError as err:
             return f"agent.datapath is not importable ({err})"
         return None
@@ -115,15 +115,11 @@ class Meshlet(Mode):
         bpffs = Path("/sys/fs/bpf") / f"meshlet-bench-{self.lab.run_id}"
         self.lab.directory(bpffs)
         self.lab.on_close(f"meshlet pins in {bpffs}", lambda: uninstall(str(bpffs)))
-        self.datapath = Datapath.open(str(bpffs), str(root), sizes=self._sizes())
+        # Default MapSizes fit 50k Services x 10 endpoints, the largest N of the issue.
+        self.datapath = Datapath.open(str(bpffs), str(root))
         self.lab.on_close("meshlet datapath", self.datapath.close)
         self.datapath.attach()
         self.state = None
-
-    def _sizes(self):
-        from bench.meshlet_sizes import map_sizes
-
-        return map_sizes(self.expected_services, self.expected_endpoints)
 
     def apply_full(self, order):
         self.state = desired_state(order)

@@ -163,6 +163,34 @@ class Lab:
         return path
 
 
+def remove_leftovers() -> list[str]:
+    """Remove what a killed run left behind (names only the bench uses); returns what went."""
+    removed = []
+    out = run("ip", "netns", "list", check=False).stdout
+    for name in (line.split()[0] for line in out.splitlines() if line.strip()):
+        if name.startswith("mlb") and (name.endswith("-cli") or name.endswith("-srv")):
+            run("ip", "netns", "del", name, check=False, timeout=600)
+            removed.append(f"netns {name}")
+    bpffs = Path("/sys/fs/bpf")
+    for pins in sorted(bpffs.glob("meshlet-bench-*")):
+        from agent.datapath import uninstall  # only reached when a meshlet run left pins
+
+        uninstall(str(pins))
+        if pins.exists():
+            pins.rmdir()
+        removed.append(f"bpffs {pins}")
+    try:
+        root = cgroup2_mount()
+    except UserError:
+        return removed
+    for tree in sorted(root.glob("meshlet-bench-*")):
+        for child in sorted(p for p in tree.iterdir() if p.is_dir()):
+            _remove_cgroup(child)
+        _remove_cgroup(tree)
+        removed.append(f"cgroup {tree}")
+    return removed
+
+
 def _raise_exit(signum, frame):
     raise SystemExit(128 + signum)
 

@@ -180,16 +180,19 @@ static __always_inline void remember(struct sock_state *st, const struct addr16 
 }
 
 /* Weighted pick among the split's slots: r uniform in [0, 2^31), the first slot whose
- * cumulative threshold is above r. Returns the group id (0 = rejected share), or -1 when no
- * slot matched (thresholds not ending at 2^31: a plan bug, counted as a miss). */
-static __always_inline __s64 pick_group(const struct fe_value *fe)
+ * cumulative threshold is above r. Sets *group_id (0 = rejected share) and returns 0, or
+ * returns -1 when no slot matched (thresholds not ending at 2^31: a plan bug, counted as a
+ * miss). Group ids use all 64 bits, so the id travels in an out-parameter, not the return. */
+static __always_inline int pick_group(const struct fe_value *fe, __u64 *group_id)
 {
     __u32 r = bpf_get_prandom_u32() & 0x7fffffff;
     __u32 n = fe->nslots;
 #pragma unroll
     for (int i = 0; i < MAX_SLOTS; i++) {
-        if (i < n && r < fe->slots[i].threshold)
-            return (__s64)fe->slots[i].group_id;
+        if (i < n && r < fe->slots[i].threshold) {
+            *group_id = fe->slots[i].group_id;
+            return 0;
+        }
     }
     return -1;
 }
@@ -316,8 +319,8 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, int v6, int is_s
         count(OUT_REJECTED);
         return -ECONNREFUSED;
     }
-    __s64 group_id = pick_group(fe);
-    if (group_id < 0) {
+    __u64 group_id = 0;
+    if (pick_group(fe, &group_id) < 0) {
         count(OUT_MISS);
         return 0;
     }
@@ -326,7 +329,7 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, int v6, int is_s
         return -ECONNREFUSED;
     }
 
-    int err = pick_endpoint(ctx, (__u64)group_id, &ep, &ep_port, &family);
+    int err = pick_endpoint(ctx, group_id, &ep, &ep_port, &family);
     if (err == -EHOSTUNREACH) {
         count(OUT_UNREACHABLE);
         return err;

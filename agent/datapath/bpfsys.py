@@ -263,6 +263,10 @@ class Map:
     def name(self) -> str:
         return os.path.basename(self.path) or self.info.name
 
+    @property
+    def max_entries(self) -> int:
+        return self.info.max_entries
+
     def lookup(self, key: bytes) -> bytes | list[bytes] | None:
         kbuf = ct.create_string_buffer(key, len(key))
         vbuf = ct.create_string_buffer(self._value_stride * self._ncpus)

@@ -165,10 +165,15 @@ def plan_group(group: BackendGroup) -> GroupEntries:
         ep_value.addr[:] = raw
         entries.endpoints[bytes(L.EpKey(set_id=sid, index=index))] = bytes(ep_value)
         if group.affinity_timeout:
-            member = L.MemberKey(set_id=sid, port=port)
-            member.addr[:] = raw
-            entries.members[bytes(member)] = bytes(L.U32(index))
+            entries.members[member_key_bytes(sid, ep_value)] = bytes(L.U32(index))
     return entries
+
+
+def member_key_bytes(sid: int, endpoint: L.EpValue) -> bytes:
+    """The members-map key of an endpoint of set `sid` (same address and port bytes)."""
+    member = L.MemberKey(set_id=sid, port=endpoint.port)
+    member.addr[:] = bytes(endpoint.addr)
+    return bytes(member)
 
 
 def frontend_key_bytes(address: str, port: int, protocol: str, scope: str) -> bytes:

@@ -38,6 +38,7 @@ earlier process.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import ipaddress
@@ -111,10 +112,11 @@ def node_cgroup_path(layout: str) -> str:
     return "system.slice/meshlet-lab-node.scope" if layout == "systemd" else "system/meshlet-lab-node"
 
 
-def netns_name(lab: str, *parts: str) -> str:
-    """meshlet-<lab>-<parts...>, shortened with a hash when it would be unwieldy."""
+def netns_name(lab: str, *parts: str, hashed: bool = False) -> str:
+    """meshlet-<lab>-<parts...>, shortened with a hash when it would be unwieldy (or when asked:
+    "a-b"/"c" and "a"/"b-c" would otherwise share a name)."""
     name = "-".join((NETNS_PREFIX + lab,) + parts)
-    if len(name) <= 48:
+    if len(name) <= 48 and not hashed:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:10]
     return f"{NETNS_PREFIX}{lab}-{parts[-1][:20]}-{digest}"
@@ -277,6 +279,15 @@ class Pod:
     def popen(self, argv, **kw) -> subprocess.Popen:
         return subprocess.Popen(argv, **self._popen_kwargs(kw))
 
+    def exec_here(self, argv: list[str]) -> None:
+        """Replace this process with argv, inside the pod (for `meshlet lab exec`)."""
+        _enter_pod(self.container_cgroup, self.netns_path)()
+        try:
+            os.execvp(argv[0], argv)
+        except OSError as err:
+            raise UserError(f"cannot run {argv[0]!r} in pod {self.ref}: {err.strerror}; "
+                            "hint: give the full path of the program") from None
+
     def client(self, kind: str, addr: str, port: int, count: int = 1, *extra: str,
                timeout: float = 120) -> dict:
         """Run agent.lab.client in this pod and return its JSON answer."""
@@ -401,6 +412,19 @@ class Lab:
         os.replace(tmp, state_file)
         self._keep = True
 
+    @classmethod
+    def from_state(cls, state: dict) -> "Lab":
+        """The lab a `state()` describes (made by another process): for exec, status and down."""
+        lab = cls(state["name"], cgroup_parent=os.path.dirname(state["cgroup_root"]),
+                  layout=state["layout"])
+        lab.record = state["record"]
+        lab.pods = {pod.ref: pod for pod in map(Pod.from_json, state["pods"])}
+        for pod in lab.pods.values():
+            lab.addresses.taken.update(pod.addresses)
+        lab._veth_count = max((int(p.host_ifname[len("vpod"):]) for p in lab.pods.values()), default=0)
+        lab._keep = True  # only an explicit destroy() removes it
+        return lab
+
     def state(self) -> dict:
         return {
             "name": self.name,
@@ -428,7 +452,7 @@ class Lab:
         pod_cgroup = os.path.join(self.cgroup_root, pod_cgroup_path(self.layout, qos, uid))
         pod = Pod(
             namespace=namespace, name=name, uid=uid, ipv4=ipv4, ipv6=ipv6,
-            netns=netns_name(self.name, namespace, name),
+            netns=self._pod_netns_name(namespace, name),
             cgroup=pod_cgroup,
             container_cgroup=os.path.join(pod_cgroup, container_cgroup_name(self.layout, uid)),
             cgroup_id=0, qos=qos, echo_ports=tuple(echo_ports),
@@ -443,6 +467,12 @@ class Lab:
         if pod.echo_ports:
             self._start_echo(pod)
         return pod
+
+    def _pod_netns_name(self, namespace: str, name: str) -> str:
+        plain = netns_name(self.name, namespace, name)
+        if plain in self.record["netns"] or plain == self.node_netns:
+            return netns_name(self.name, namespace, name, hashed=True)
+        return plain
 
     def _plug_pod(self, pod: Pod) -> None:
         """In the node netns: a veth whose far end lands in the pod netns as eth0, and host routes."""
@@ -584,6 +614,21 @@ def _remove_host_routes(pod: Pod) -> None:
 # --- teardown ------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def shielded_from_ctrl_c():
+    """A second Ctrl-C must not cut a cleanup short (that is how labs leak): ignore SIGINT and
+    SIGTERM meanwhile. Only the main thread can change signal handlers; elsewhere, no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def destroy_record(record: dict, children: dict[int, subprocess.Popen] | None = None,
                    kill_root: str | None = None) -> list[str]:
     """Remove what `record` names: processes, then netns, then cgroups (deepest first).
@@ -592,7 +637,12 @@ def destroy_record(record: dict, children: dict[int, subprocess.Popen] | None = 
     kill_root: the cgroup subtree whose remaining processes are ours to kill (default: the
     outermost recorded cgroup).
     """
-    children = children or {}
+    with shielded_from_ctrl_c():
+        return _destroy_record(record, children or {}, kill_root)
+
+
+def _destroy_record(record: dict, children: dict[int, subprocess.Popen],
+                    kill_root: str | None) -> list[str]:
     leftovers: list[str] = []
     # 1. Processes we started (checked against their start time: a pid may have been reused).
     alive = []

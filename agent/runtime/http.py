@@ -29,46 +29,38 @@ from agent.model import RouteId, RouteStatus
 from agent.runtime.health import Health
 from agent.runtime.logs import get_logger
 from agent.runtime.metrics import Metrics
+from agent.runtime.status_writer import merge_parents
+from agent.sources.kubeapi import format_time
 
 log = get_logger("http")
 
 
-def rfc3339(epoch: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
-
-
 class RouteStatusBoard:
-    """The latest Route statuses, stamped with when each condition's status last changed."""
+    """The latest Route statuses as /status/routes serves them, with lastTransitionTime.
+
+    The transition-time rule is the status writer's (`merge_parents`), applied to the entries
+    this board served before, so the listener and the API objects agree on it.
+    """
 
     def __init__(self, clock: Callable[[], float] = time.time):
         self._clock = clock
         self._lock = threading.Lock()
-        self._view: list[dict] = []
-        #: (route, parentRef, condition type) -> (status, lastTransitionTime)
-        self._transitions: dict[tuple, tuple[str, str]] = {}
+        self._entries: dict[RouteId, dict] = {}
 
     def publish(self, statuses: Mapping[RouteId, RouteStatus]) -> None:
-        now = rfc3339(self._clock())
-        transitions: dict[tuple, tuple[str, str]] = {}
-        view = []
+        now = format_time(self._clock())
         with self._lock:
+            entries = {}
             for route_id in sorted(statuses):
-                status = statuses[route_id]
-                entry = status.as_json()
-                for parent, parent_json in zip(status.parents, entry["parents"]):
-                    for cond, cond_json in zip(parent.conditions, parent_json["conditions"]):
-                        key = (route_id, parent.parent_ref, cond.type)
-                        before = self._transitions.get(key)
-                        stamp = before[1] if before is not None and before[0] == cond.status else now
-                        transitions[key] = (cond.status, stamp)
-                        cond_json["lastTransitionTime"] = stamp
-                view.append(entry)
-            self._transitions = transitions
-            self._view = view
+                entry = statuses[route_id].as_json()
+                before = self._entries.get(route_id, {}).get("parents", [])
+                entry["parents"] = merge_parents(before, statuses[route_id], now)
+                entries[route_id] = entry
+            self._entries = entries
 
     def as_json(self) -> list[dict]:
         with self._lock:
-            return self._view
+            return list(self._entries.values())
 
 
 class AgentHTTPServer(ThreadingHTTPServer):

@@ -93,16 +93,17 @@ class SyncLoop:
         self._last_sync_start: float | None = None
         self._last_full: float | None = None
         self._retry_at: float | None = None
+        self._attach_at: float | None = None
         self._stats_at = 0.0
         self._logged_waiting: list[str] | None = None
         self._published_statuses = False
+        self._problems_logged: set[str] = set()
 
     # --- driving ---------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
         """Sync until `stop` is set (the caller also pokes the store to wake us)."""
-        if self.datapath.adopted:
-            self._attach()
+        self.begin()
         while not stop.is_set():
             delay, for_changes = self.tick()
             if stop.is_set():
@@ -112,6 +113,12 @@ class SyncLoop:
             else:
                 stop.wait(delay)  # rate limit or backoff: changes keep coalescing meanwhile
 
+    def begin(self) -> None:
+        """At start: adopted maps hold the last state, so our programs replace the running ones
+        at once (in place, never detach-then-attach: D1); new maps wait for the first write."""
+        if self.datapath.adopted:
+            self._attach()
+
     def tick(self) -> tuple[float, bool]:
         """Do what is due now. Returns (seconds to wait before the next tick, whether a new change
         should end that wait early: False while the rate limit or a backoff holds changes back)."""
@@ -120,13 +127,22 @@ class SyncLoop:
             self._refresh_stats()
             self._stats_at = now + self.stats_interval
         waiting = self.store.waiting_for()
-        if waiting:
-            if waiting != self._logged_waiting:
+        if waiting != self._logged_waiting:
+            for source, synced in self.store.sources().items():
+                self.metrics.sources_synced.labels(source=source).set(1 if synced else 0)
+            if waiting:
                 log.info("sync.waiting", sources=",".join(waiting))
-                self._logged_waiting = waiting
+            self._logged_waiting = waiting
+        if waiting:
             return IDLE_WAIT, True
         if self._retry_at is not None and now < self._retry_at:
             return self._retry_at - now, False
+        if self.first_sync_written and not self.attached:
+            # Written but not attached (attach failed): retry it alone, on its own backoff.
+            if self._attach_at is not None and now < self._attach_at:
+                return self._attach_at - now, False
+            self._attach()
+            return 0.0, True
         if not self._due(now):
             next_full = (self._last_full if self._last_full is not None else now) + self.full_resync_interval
             return max(0.0, min(IDLE_WAIT, next_full - now, self._stats_at - now)), True
@@ -158,8 +174,6 @@ class SyncLoop:
                 self.store.applied()  # the changes cancelled out in resolve: nothing to write
                 return True
             result = self.datapath.reconcile(self.resolver.state, batch.pod_cgroups, None if full else delta)
-            if not self.attached:
-                self._attach(raise_errors=True)
         except Exception as err:
             self._failed(mode, err)
             return False
@@ -170,11 +184,15 @@ class SyncLoop:
         if since is not None:
             self.metrics.event_to_map.observe(max(0.0, done - since))
         self._record_result(result)
+        seconds = round(done - now, 6)
         if not self.first_sync_written:
-            log.info("sync.first", seconds=round(done - now, 6), **self._sizes())
-        elif self.failures or full:
-            log.info("sync.done", mode=mode, seconds=round(done - now, 6), recovered_after=self.failures,
-                     **self._sizes())
+            log.info("sync.first", seconds=seconds, **self._sizes())
+        elif full:
+            (log.info if self.failures else log.debug)("sync.done", mode=mode, seconds=seconds,
+                                                       recovered_after=self.failures, **self._sizes())
+        else:
+            log.info("sync.done", mode=mode, seconds=seconds, frontends_changed=len(delta.frontends),
+                     groups_changed=len(delta.groups), clients_changed=len(delta.clients))
         self.first_sync_written = True
         self.health.sync_written()
         self.failures = 0
@@ -182,6 +200,8 @@ class SyncLoop:
         self._need_full = False
         if full:
             self._last_full = now
+        if not self.attached:
+            self._attach()
         return True
 
     def _resolve(self, batch: Batch) -> StateDelta:
@@ -190,6 +210,7 @@ class SyncLoop:
         for obj in batch.upserts:
             self.resolver.upsert(obj)
         delta = self.resolver.commit()
+        self._log_problems()
         if delta.routes or not self._published_statuses:
             self._publish_statuses()
         if batch.pod_cgroups_changed:
@@ -200,12 +221,23 @@ class SyncLoop:
         self.metrics.record_objects(self.store.counts())
         return delta
 
+    def _log_problems(self) -> None:
+        """One line per new problem resolve reports (a bad object skipped or read in part)."""
+        problems = getattr(self.resolver, "problems", [])
+        current = set(problems)
+        for line in problems:
+            if line not in self._problems_logged:
+                log.warning("resolve.problem", problem=line)
+        self._problems_logged = current
+
     def _publish_statuses(self) -> None:
         self._published_statuses = True
         if self.on_statuses is None:
             return
         try:
-            self.on_statuses(self.resolver.statuses)
+            # A copy: the resolver's mapping is a live view that the next commit changes, and
+            # the consumers read it from other threads.
+            self.on_statuses(dict(self.resolver.statuses))
         except Exception as err:  # a status consumer never stops the datapath
             log.error("status.publish_failed", error=repr(err))
 
@@ -218,22 +250,29 @@ class SyncLoop:
         self.health.write_failed(message)
         self.metrics.syncs.labels(mode=mode, outcome="error").inc()
         self.metrics.write_failures.inc()
+        self.metrics.record_map_failure(err)
         log.error("sync.failed", mode=mode, attempt=self.failures, retry_in=round(delay, 3),
                   error=message, error_type=type(err).__name__)
 
-    def _attach(self, raise_errors: bool = False) -> None:
+    def _attach(self) -> bool:
+        """Attach our programs; a failure is logged, counted and retried with the write backoff."""
         try:
             self.datapath.attach()
         except Exception as err:
-            if raise_errors:
-                raise
-            # At start (adopted maps) a failed attach is retried with the first sync's write.
-            log.error("attach.failed", error=str(err) or type(err).__name__)
-            return
+            self.failures += 1
+            delay = min(self.retry_max, self.retry_initial * (2 ** (self.failures - 1)))
+            self._attach_at = self.clock() + delay
+            message = str(err) or type(err).__name__
+            self.health.write_failed(f"attach: {message}")
+            log.error("attach.failed", attempt=self.failures, retry_in=round(delay, 3), error=message)
+            return False
+        self.failures = 0
+        self._attach_at = None
         self.attached = True
         self.health.programs_attached()
         self.metrics.attached.set(1)
         log.info("attach.done", adopted=self.datapath.adopted)
+        return True
 
     # --- observations -------------------------------------------------------------------------
 

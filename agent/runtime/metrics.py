@@ -6,7 +6,7 @@ May touch: only its registry (the process-wide default registry is left alone, s
 embedders can make several agents in one process).
 
 Label rule (issue 3): label values come from small closed sets only — object kind, map name,
-outcome, sync mode, source name. Never a Service, an IP address or a pod.
+map operation, outcome or reason, sync mode, source name. Never a Service, an IP address or a pod.
 Histograms end in `_seconds`; counters are named without `_total` (the client adds it).
 """
 
@@ -74,8 +74,11 @@ class Metrics:
                             "Backend groups (one Service port, one address family) in the maps.", registry=r)
         self.backends = Gauge(f"{PREFIX}_backends_programmed",
                               "Endpoints in the maps, counted once per backend group.", registry=r)
-        self.map_ops = Counter(f"{PREFIX}_map_operations", "Map writes and deletes, by map and outcome.",
-                               ["map", "outcome"], registry=r)
+        self.map_ops = Counter(f"{PREFIX}_map_operations", "Map entries written or deleted, by map and "
+                               "operation (update, delete).", ["map", "op"], registry=r)
+        self.map_failures = Counter(f"{PREFIX}_map_failures", "Failed map writes, by map and reason "
+                                    "(full: no room, the old state was kept; error: anything else).",
+                                    ["map", "reason"], registry=r)
         self.map_fill = Gauge(f"{PREFIX}_map_fill_ratio", "Entries in a map divided by its capacity.",
                               ["map"], registry=r)
         self.write_failures = Counter(f"{PREFIX}_write_failures", "Syncs whose map write failed.", registry=r)
@@ -96,14 +99,24 @@ class Metrics:
         self.backends.set(backends)
 
     def record_map_ops(self, ops: Mapping[tuple[str, str], int]) -> None:
-        """`ops`: (map name, outcome) -> count, as the reconciler reports them."""
-        for (map_name, outcome), count in ops.items():
+        """`ops`: (map name, "update" | "delete") -> entries, as the reconciler counts them."""
+        for (map_name, op), count in ops.items():
             if count:
-                self.map_ops.labels(map=map_name, outcome=outcome).inc(count)
+                self.map_ops.labels(map=map_name, op=op).inc(count)
 
-    def record_fill(self, fill: Mapping[str, float]) -> None:
-        for map_name, ratio in fill.items():
-            self.map_fill.labels(map=map_name).set(ratio)
+    def record_map_failure(self, error: Exception) -> None:
+        """A failed write: a full map names its maps (`problems`); anything else counts once."""
+        problems = getattr(error, "problems", None)
+        if isinstance(problems, Mapping) and problems:
+            for map_name in problems:
+                self.map_failures.labels(map=map_name, reason="full").inc()
+        else:
+            self.map_failures.labels(map="unknown", reason="error").inc()
+
+    def record_fill(self, fill: Mapping[str, tuple[int, int]]) -> None:
+        """`fill`: map name -> (entries, max_entries), as Datapath.fill() reports it."""
+        for map_name, (entries, capacity) in fill.items():
+            self.map_fill.labels(map=map_name).set(entries / capacity if capacity else 0.0)
 
     @staticmethod
     def _label_sets(metric) -> list[dict]:

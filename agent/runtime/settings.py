@@ -74,8 +74,9 @@ class Settings:
     cgroup_scan_interval: float = 0.25
     """Seconds between two scans for pod cgroups (a new pod is noticed within 1 s, SEMANTICS C1)."""
 
-    stats_interval: float = 2.0
-    """Seconds between two reads of the datapath's counters and map fill for /metrics."""
+    stats_interval: float = 5.0
+    """Seconds between two reads of the datapath's counters and map fill for /metrics (reading
+    the fill of an LRU map walks its keys: not something to do on every sync)."""
 
     leader_namespace: str = "kube-system"
     """Namespace of the Lease that elects the one Route status writer (Kubernetes mode)."""

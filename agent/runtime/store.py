@@ -119,6 +119,11 @@ class Store:
         with self._lock:
             return self._expected <= self._synced
 
+    def sources(self) -> dict[str, bool]:
+        """Every expected source and whether it has finished its first list."""
+        with self._lock:
+            return {source: source in self._synced for source in sorted(self._expected)}
+
     def waiting_for(self) -> list[str]:
         """The expected sources that have not finished their first list yet."""
         with self._lock:

@@ -12,7 +12,8 @@ The watch protocol, per kind (the reflector pattern):
    advances the resourceVersion, a BOOKMARK only advances it;
 3. the server ending the stream (its timeoutSeconds) -> watch again from the last resourceVersion;
    a dropped connection or an error -> the same, after a capped, jittered backoff; no relist;
-4. 410 Gone (HTTP 410, or an ERROR event carrying a Status with code 410) -> relist (step 1).
+4. 410 Gone (HTTP 410, or an ERROR event carrying a Status with code 410) -> relist (step 1),
+   at once the first time, after the backoff when it repeats without a healthy watch between.
 
 Invariants:
 - objects reach the sink as the API server's JSON dicts, with apiVersion and kind filled in
@@ -30,6 +31,7 @@ from __future__ import annotations
 import json
 import random
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -58,6 +60,10 @@ CORE_KINDS = ("Namespace", "Node", "Service", "EndpointSlice", "Pod")
 
 #: The Gateway API route kinds we follow when the cluster serves them.
 ROUTE_KINDS = tuple(ROUTE_PLURALS)
+
+#: A quiet watch that the server ended after this long was still a healthy one (no backoff before
+#: the next); one that ended sooner without an event hints at a broken server, so we back off.
+_HEALTHY_WATCH_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -96,10 +102,6 @@ def core_kinds(node_name: str) -> dict[str, ResourceKind]:
         "EndpointSlice": ResourceKind("EndpointSlice", "discovery.k8s.io", "v1", "endpointslices"),
         "Pod": ResourceKind("Pod", "", "v1", "pods", f"spec.nodeName={node_name}"),
     }
-
-
-class _Gone(Exception):
-    """The resourceVersion we hold is too old (410): relist."""
 
 
 class _Stopped(Exception):
@@ -148,17 +150,22 @@ class KindWatcher:
                 if self.resource_version is None:
                     self._list()
                 if self._watch():
-                    continue  # the server ended a lively stream (its timeoutSeconds): go on at once
-                # an empty stream ended at once: back off, or a broken server would spin us
+                    continue  # the server ended a healthy stream (its timeoutSeconds): go on at once
+                log.debug("kube.watch_ended_early", kind=kind, resourceVersion=self.resource_version or "")
             except _Stopped:
                 break
-            except _Gone:
-                self._relist_next()
             except ApiError as err:
+                if self._stopped:
+                    break
                 if err.status == 410:
                     self._relist_next()
+                    if self._backoff.failures == 0:
+                        # The first 410 after a healthy watch relists at once; another one in a row
+                        # (a server that keeps expiring us) waits like any other failure.
+                        self._backoff.next_delay()
+                        continue
                 else:
-                        log.warning("kube.error", kind=kind, status=err.status, error=err.message,
+                    log.warning("kube.error", kind=kind, status=err.status, error=err.message,
                                 resourceVersion=self.resource_version or "", hint=_hint(err))
             except (urllib3.exceptions.HTTPError, OSError, ValueError) as err:
                 if self._stopped:
@@ -166,7 +173,7 @@ class KindWatcher:
                 log.warning("kube.watch_dropped", kind=kind, error=str(err) or type(err).__name__,
                             resourceVersion=self.resource_version or "")
             delay = self._backoff.next_delay()
-            log.debug("kube.retry", kind=kind, seconds=delay, failures=self._backoff.failures)
+            log.debug("kube.retry", kind=kind, seconds=round(delay, 3), failures=self._backoff.failures)
             self._wake.wait(delay)
 
     def _relist_next(self) -> None:
@@ -201,9 +208,10 @@ class KindWatcher:
             self._call_sink(self._on_first_list, self.resource.kind)
 
     def _watch(self) -> bool:
-        """Watch until the stream ends; True when it delivered at least one event."""
-        timeout = int(self._settings.watch_timeout * (1 + random.random()))
-        timeout = max(timeout, 1)
+        """Watch until the stream ends; True when it was healthy (it delivered an event, or it
+        stayed open a while): only then may the next watch start without a backoff."""
+        timeout = max(1, int(self._settings.watch_timeout * (1 + random.random())))
+        started = time.monotonic()
         resp = self._http.open("GET", self.resource.collection_path(), {
             "watch": "true",
             "resourceVersion": self.resource_version,
@@ -226,12 +234,12 @@ class KindWatcher:
         finally:
             with self._lock:
                 self._response = None
-            # A watch connection is never reused: after a drop or a stop it is broken anyway.
+            # A watch connection is closed, never handed back to the pool: after a drop or a stop
+            # it is broken anyway, and handing it back would overfill the pool (one per kind).
             resp.close()
-            resp.release_conn()
         if self._stopped:
             raise _Stopped()
-        return events > 0
+        return events > 0 or time.monotonic() - started >= _HEALTHY_WATCH_SECONDS
 
     def _handle(self, event: dict) -> None:
         kind = event.get("type")
@@ -239,10 +247,10 @@ class KindWatcher:
         if not isinstance(obj, dict):
             raise ValueError(f"watch event without an object: {str(event)[:200]}")
         if kind == "ERROR":
+            # A Status object; code 410 (our resourceVersion is too old) makes _run relist.
             code = obj.get("code")
-            if code == 410:
-                raise _Gone()
-            raise ApiError(int(code or 0), str(obj.get("message", "")), str(obj.get("reason", "")))
+            raise ApiError(code if isinstance(code, int) else 0, str(obj.get("message", "")),
+                           str(obj.get("reason", "")))
         resource_version = (obj.get("metadata") or {}).get("resourceVersion")
         if kind in ("ADDED", "MODIFIED"):
             self._call_sink(self._sink.upsert, self._typed(obj))
@@ -360,6 +368,8 @@ class KubeSource:
 
     def _apply_discovery(self, served: dict[str, str]) -> None:
         for kind in ROUTE_KINDS:
+            if self._stopping.is_set():
+                return
             with self._lock:
                 current = self._watchers.get(kind)
             version = served.get(kind)

@@ -66,22 +66,37 @@ class FileContents:
 # --- pure: text -> objects ----------------------------------------------------------------------
 
 
-def split_yaml_documents(text: str) -> list[str]:
-    """Split a YAML stream at its `---` / `...` markers, so one broken document cannot hide the
-    documents after it (a YAML parser stops at the first error)."""
-    docs, current = [], []
-    for line in text.splitlines(keepends=True):
-        if _DOCUMENT_START.match(line.rstrip("\r\n")):
-            docs.append("".join(current))
-            rest = line.rstrip("\r\n")[3:].strip()
+def split_yaml_documents(text: str) -> list[tuple[int, str]]:
+    """Split a YAML stream at its `---` / `...` markers into (first line number, 0-based; text),
+    so one broken document cannot hide the documents after it (a YAML parser stops at the first
+    error)."""
+    docs: list[tuple[int, str]] = []
+    current: list[str] = []
+    start = 0
+    for number, line in enumerate(text.splitlines(keepends=True)):
+        bare = line.rstrip("\r\n")
+        if _DOCUMENT_START.match(bare):
+            docs.append((start, "".join(current)))
+            rest = bare[3:].strip()
+            # `--- {kind: ...}`: content on the marker line belongs to the new document.
             current = [rest + "\n"] if rest and not rest.startswith("#") else []
-        elif _DOCUMENT_END.match(line.rstrip("\r\n")):
-            docs.append("".join(current))
-            current = []
+            start = number if current else number + 1
+        elif _DOCUMENT_END.match(bare):
+            docs.append((start, "".join(current)))
+            current, start = [], number + 1
         else:
             current.append(line)
-    docs.append("".join(current))
+    docs.append((start, "".join(current)))
     return docs
+
+
+def _yaml_error(err: yaml.YAMLError, first_line: int) -> str:
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err)
+    where = f"document starts at line {first_line + 1}"
+    if mark is not None:
+        where = f"line {first_line + mark.line + 1}, {where}"
+    return f"not valid YAML ({where}): {' '.join(problem.split())}"
 
 
 def check_object(doc: object) -> tuple[dict | None, str | None]:
@@ -125,11 +140,11 @@ def parse_manifest(name: str, text: str) -> FileContents:
             _expand(doc, str(i), name, objects, bad)
         return FileContents(tuple(objects), tuple(bad))
     index = 0
-    for chunk in split_yaml_documents(text):
+    for first_line, chunk in split_yaml_documents(text):
         try:
             doc = yaml.safe_load(chunk)
         except yaml.YAMLError as err:
-            bad.append(BadDocument(name, str(index), "not valid YAML: " + " ".join(str(err).split())))
+            bad.append(BadDocument(name, str(index), _yaml_error(err, first_line)))
             index += 1
             continue
         if doc is None:  # empty, or comments only: not a document

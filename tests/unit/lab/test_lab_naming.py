@@ -64,3 +64,8 @@ def test_client_target_families():
     with pytest.raises(ValueError):
         target("10.96.0.10", 80, "6")
     assert format_address(("fd00::a", 80, 0, 0)) == "[fd00::a]:80"
+
+
+def test_hashed_netns_names_differ_where_plain_ones_clash():
+    assert netns_name("t1", "a-b", "c") == netns_name("t1", "a", "b-c")
+    assert netns_name("t1", "a-b", "c", hashed=True) != netns_name("t1", "a", "b-c", hashed=True)

@@ -1,0 +1,106 @@
+"""The datapath: meshlet's socket programs and their maps, behind one small facade.
+
+Role: what the runtime, the lab and the benchmark use. `Datapath.open` checks the machine
+(preflight), checks the pinned maps' layout, creates or adopts them, compiles and loads the
+programs (not attached); `reconcile` writes a DesiredState into the maps (agent/datapath/
+reconcile.py, the only writer); `attach` points our pinned cgroup links at the programs
+(created, or updated in place); `close` drops our fds and never detaches (SEMANTICS D1).
+`uninstall` is the only thing that detaches (D5).
+
+Start-up order the caller must keep (D1): when `adopted` is False (new maps, nothing to serve
+from), write the first full reconcile BEFORE `attach()`; when True, attaching at once is safe:
+the new programs serve the state the previous agent left.
+
+Modules: layout (structs, map specs, sizes), plan (pure: state -> bytes), reconcile (map
+writes), loader (preflight, compile, pins, links), bpfsys (raw bpf(2)), dump (read-only decoding
+for the CLI and `explain`), cli (`meshlet maps`, `meshlet uninstall`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+from agent.datapath import bpfsys, loader
+from agent.datapath import layout as L
+from agent.datapath import plan as P
+from agent.datapath.layout import MapSizes
+from agent.datapath.reconcile import MapFullError, Reconciler, ReconcileStats
+from agent.model import DesiredState, StateDelta
+
+__all__ = ["Datapath", "MapFullError", "MapSizes", "ReconcileStats", "uninstall"]
+
+
+class Datapath:
+    """One compiled and loaded datapath on a bpffs directory and a cgroup root."""
+
+    def __init__(self, bpffs: str, cgroup_root: str, sizes: MapSizes, programs: loader.Programs,
+                 maps: dict[str, bpfsys.Map], adopted: bool):
+        self.bpffs = bpffs
+        self.cgroup_root = cgroup_root
+        self.sizes = sizes
+        self.programs = programs
+        self.maps = maps
+        #: True when pinned maps existed and our links were pinned: the programs were serving
+        #: from these maps, so attaching the new ones at once serves the same state.
+        self.adopted = adopted
+        self.reconciler = Reconciler({name: maps[name] for name in L.PLANNED_MAPS})
+
+    @classmethod
+    def open(cls, bpffs: str, cgroup_root: str, sizes: MapSizes | None = None) -> "Datapath":
+        sizes = sizes or MapSizes()
+        level = loader.preflight(bpffs, cgroup_root)
+        found = loader.check_pinned_maps(bpffs, sizes)
+        links_pinned = all(os.path.exists(os.path.join(loader.links_dir(bpffs), hook)) for hook in loader.HOOKS)
+        programs = loader.compile_and_load(bpffs, level, sizes)
+        maps: dict[str, bpfsys.Map] = {}
+        try:
+            for name in L.MAP_SPECS:
+                if name != "sockets":  # socket storage: only the programs use it
+                    maps[name] = bpfsys.Map.open_pinned(loader.map_pin(bpffs, name))
+            adopted = set(L.PLANNED_MAPS) <= set(found) and links_pinned
+            return cls(bpffs, cgroup_root, sizes, programs, maps, adopted)
+        except BaseException:
+            for m in maps.values():
+                m.close()
+            programs.close()
+            raise
+
+    def attach(self) -> None:
+        """Create or update (in place) the pinned links; then drop older layouts' pins."""
+        loader.attach(self.bpffs, self.cgroup_root, self.programs)
+        loader.remove_old_layouts(self.bpffs)
+
+    def reconcile(self, state: DesiredState, pod_cgroups: Mapping[str, int],
+                  delta: StateDelta | None = None) -> ReconcileStats:
+        """delta None: full diff with a sweep of stale entries; else only what delta names."""
+        if delta is None:
+            return self.reconciler.full(P.plan(state, pod_cgroups), state)
+        return self.reconciler.apply(state, delta, pod_cgroups)
+
+    def counters(self) -> dict[str, int]:
+        """Outcome -> connections since the maps were created, summed over CPUs."""
+        counters = self.maps["counters"]
+        out = {}
+        for index, outcome in L.OUTCOMES.items():
+            values = counters.lookup(bytes(L.U32(index))) or []
+            out[outcome] = sum(int.from_bytes(v, "little") for v in values)
+        return out
+
+    def fill(self) -> dict[str, tuple[int, int]]:
+        """Map -> (entries, max_entries) for every sized map."""
+        out = {name: (n, self.maps[name].max_entries) for name, n in self.reconciler.counts().items()}
+        out["affinity"] = (len(self.maps["affinity"].keys()), self.maps["affinity"].max_entries)
+        return out
+
+    def close(self) -> None:
+        """Drop our fds. Never detaches: the pinned links keep the programs serving."""
+        for m in self.maps.values():
+            m.close()
+        self.maps = {}
+        self.programs.close()
+
+
+def uninstall(bpffs: str) -> list[str]:
+    """Detach our programs (unpin and detach the links) and remove every map pin."""
+    return loader.uninstall(bpffs)

@@ -1,0 +1,371 @@
+"""Loader: preflight, pinned-map checks, compile and load bpf/sock.c, attach as pinned cgroup links.
+
+Role: everything between "the agent starts" and "our programs run at the cgroup hooks", plus
+`uninstall`. It may touch: the bpffs directory it is given (pins), the cgroup root it is given
+(links are created on it, never on anything else), and bcc (imported lazily, only to compile).
+
+Pins (SEMANTICS D1, D2, D5):
+
+    <bpffs>/v<LAYOUT_VERSION>/maps/<map>   every map of bpf/sock.c (bcc's BPF_TABLE_PINNED)
+    <bpffs>/links/<hook>                   one bpf link per hook, on the cgroup root
+
+- Maps are created by bcc on first compile and reused (adopted) by every later compile. bcc
+  does not check a reused map's layout, so `check_pinned_maps` does it before compiling and
+  refuses a mismatch with the map, the difference and the fix.
+- A layout change bumps LAYOUT_VERSION: the new programs get fresh maps under v<new>/ (filled
+  before attach), and the old version's pins are removed once the links point at the new
+  programs (`remove_old_layouts`).
+- Attachment is a bpf link (BPF_LINK_CREATE on the cgroup fd) pinned under links/. A restart or
+  an upgrade swaps the program behind the pinned link with BPF_LINK_UPDATE: one atomic step, no
+  instant without a program, never detach-then-attach. Only `uninstall` detaches.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import errno
+import os
+import platform
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from agent.datapath import bpfsys
+from agent.datapath import layout as L
+from agent.errors import UserError
+
+#: The C sources, beside the agent package in the repository (and in the image).
+BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+SOURCE = BPF_DIR / "sock.c"
+
+#: BPF_PROG_TYPE_CGROUP_SOCK_ADDR
+PROG_TYPE_CGROUP_SOCK_ADDR = 18
+
+#: hook (= program function name in sock.c = link pin name) -> enum bpf_attach_type
+HOOKS: dict[str, int] = {
+    "connect4": 10,  # BPF_CGROUP_INET4_CONNECT
+    "connect6": 11,  # BPF_CGROUP_INET6_CONNECT
+    "sendmsg4": 14,  # BPF_CGROUP_UDP4_SENDMSG
+    "sendmsg6": 15,  # BPF_CGROUP_UDP6_SENDMSG
+    "recvmsg4": 19,  # BPF_CGROUP_UDP4_RECVMSG
+    "recvmsg6": 20,  # BPF_CGROUP_UDP6_RECVMSG
+    "getpeername4": 29,  # BPF_CGROUP_INET4_GETPEERNAME
+    "getpeername6": 30,  # BPF_CGROUP_INET6_GETPEERNAME
+}
+
+SETUP_HINT = "run scripts/setup.sh as root"
+
+
+def version_dir(bpffs: str) -> str:
+    return os.path.join(bpffs, f"v{L.LAYOUT_VERSION}")
+
+
+def maps_dir(bpffs: str) -> str:
+    return os.path.join(version_dir(bpffs), "maps")
+
+
+def links_dir(bpffs: str) -> str:
+    return os.path.join(bpffs, "links")
+
+
+def map_pin(bpffs: str, name: str) -> str:
+    return os.path.join(maps_dir(bpffs), name)
+
+
+# --- preflight ---------------------------------------------------------------------------------
+
+_CAP_NET_ADMIN, _CAP_SYS_ADMIN, _CAP_BPF = 12, 21, 39
+
+
+def _effective_caps() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def _mounts() -> list[tuple[str, str]]:
+    """(mount point, fs type) of every mount, in /proc/mounts order."""
+    out = []
+    with open("/proc/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) > 2:
+                out.append((parts[1].replace("\\040", " "), parts[2]))
+    return out
+
+
+def _mount_of(path: str, mounts: list[tuple[str, str]]) -> tuple[str, str] | None:
+    """The mount holding `path` (the longest mount point that is a prefix; the last one wins)."""
+    path = os.path.realpath(path)
+    best = None
+    for point, fstype in mounts:
+        if path == point or path.startswith(point.rstrip("/") + "/"):
+            if best is None or len(point) >= len(best[0]):
+                best = (point, fstype)
+    return best
+
+
+def cgroup2_mount(mounts: list[tuple[str, str]] | None = None) -> str | None:
+    for point, fstype in mounts if mounts is not None else _mounts():
+        if fstype == "cgroup2":
+            return point
+    return None
+
+
+def cgroup_root_level(cgroup_root: str, mount: str) -> int:
+    """Depth of the cgroup root below the cgroup2 mount (0 = the mount itself): the level
+    bpf_get_current_ancestor_cgroup_id() gives the root at (CGROUP_ROOT_LEVEL in sock.c)."""
+    rel = os.path.relpath(os.path.realpath(cgroup_root), os.path.realpath(mount))
+    return 0 if rel == "." else len(rel.split(os.sep))
+
+
+def preflight(bpffs: str, cgroup_root: str) -> int:
+    """Check every prerequisite, naming the first one missing. Returns CGROUP_ROOT_LEVEL."""
+    caps = _effective_caps()
+    if not (caps >> _CAP_SYS_ADMIN & 1 or (caps >> _CAP_BPF & 1 and caps >> _CAP_NET_ADMIN & 1)):
+        raise UserError("loading the socket programs needs root (CAP_SYS_ADMIN, or CAP_BPF with "
+                        "CAP_NET_ADMIN); hint: run as root, or grant those capabilities to the agent")
+    mounts = _mounts()
+    where = _mount_of(bpffs, mounts)
+    if where is None or where[1] != "bpf":
+        raise UserError(f"{bpffs} is not on a bpf filesystem; hint: mount -t bpf bpf /sys/fs/bpf "
+                        f"(or {SETUP_HINT}), or pass --bpffs a directory below the bpffs mount")
+    mount = cgroup2_mount(mounts)
+    if mount is None:
+        raise UserError(f"no cgroup2 filesystem is mounted; hint: the socket hooks need cgroup v2 "
+                        f"(mount -t cgroup2 none /sys/fs/cgroup, or {SETUP_HINT})")
+    if not os.path.isdir(cgroup_root):
+        raise UserError(f"cgroup root {cgroup_root} does not exist; hint: pass --cgroup-root a "
+                        f"directory of the cgroup2 mount {mount}")
+    holder = _mount_of(cgroup_root, mounts)
+    if holder is None or holder[1] != "cgroup2":
+        raise UserError(f"cgroup root {cgroup_root} is not on the cgroup2 mount {mount}; hint: pass "
+                        f"--cgroup-root {mount} or a directory below it")
+    headers = f"/lib/modules/{platform.release()}/build"
+    if not os.path.isdir(headers):
+        raise UserError(f"no kernel headers at {headers} (bcc compiles against them); hint: "
+                        f"install linux-headers-{platform.release()}, or {SETUP_HINT}")
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        raise UserError("the bcc Python module is not importable; hint: install python3-bpfcc and run "
+                        "the agent with a Python that sees it (scripts/setup.sh makes .venv)") from None
+    return cgroup_root_level(cgroup_root, mount)
+
+
+# --- pinned map checks -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Expected:
+    type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    flags: int
+
+
+def expected(spec: L.MapSpec, sizes: L.MapSizes) -> Expected:
+    value_size = ct.sizeof(spec.value)
+    return Expected(spec.type, ct.sizeof(spec.key), value_size, spec.max_entries(sizes), spec.flags)
+
+
+def describe_mismatch(name: str, info: bpfsys.MapInfo, want: Expected) -> list[str]:
+    """The differences between a pinned map and what this version needs, for humans."""
+    diffs = []
+    if info.type != want.type:
+        diffs.append(f"type {bpfsys.MAP_TYPE_NAMES.get(info.type, info.type)} "
+                     f"(expected {bpfsys.MAP_TYPE_NAMES.get(want.type, want.type)})")
+    if info.key_size != want.key_size:
+        diffs.append(f"key size {info.key_size} (expected {want.key_size})")
+    if info.value_size != want.value_size:
+        diffs.append(f"value size {info.value_size} (expected {want.value_size})")
+    if info.max_entries != want.max_entries:
+        diffs.append(f"max_entries {info.max_entries} (expected {want.max_entries})")
+    if info.flags != want.flags:
+        diffs.append(f"flags {info.flags:#x} (expected {want.flags:#x})")
+    return diffs
+
+
+def check_pinned_maps(bpffs: str, sizes: L.MapSizes) -> list[str]:
+    """Check each map already pinned under the version dir; return the names found.
+
+    Raises UserError naming the map, what differs and the fix, before anything is compiled
+    (bcc would silently reuse a pinned map of another shape).
+    """
+    found = []
+    for name, spec in L.MAP_SPECS.items():
+        path = map_pin(bpffs, name)
+        if not os.path.exists(path):
+            continue
+        try:
+            with bpfsys.Map.open_pinned(path) as m:
+                info = m.info
+        except bpfsys.BpfError as err:
+            raise UserError(f"cannot open the pinned map {path}: {err.strerror}; hint: "
+                            "`meshlet uninstall` removes our pins") from None
+        diffs = describe_mismatch(name, info, expected(spec, sizes))
+        if diffs:
+            fix = "`meshlet uninstall`, then start again"
+            if spec.size_field and info.max_entries != spec.max_entries(sizes):
+                fix += f" (or set MapSizes.{spec.size_field} back to {info.max_entries})"
+            raise UserError(f"pinned map {path} does not match this meshlet: {', '.join(diffs)}; "
+                            f"hint: {fix}")
+        found.append(name)
+    return found
+
+
+# --- compile and load --------------------------------------------------------------------------
+
+
+def cflags(bpffs: str, level: int, sizes: L.MapSizes) -> list[str]:
+    """The -D flags that configure sock.c: the only way it is configured (no text substitution)."""
+    flags = [f"-I{BPF_DIR}", f'-DPIN_DIR="{maps_dir(bpffs)}"', f"-DCGROUP_ROOT_LEVEL={level}"]
+    for f in fields(sizes):
+        flags.append(f"-D{f.name.upper()}_MAX={getattr(sizes, f.name)}")
+    return flags
+
+
+@dataclass
+class Programs:
+    """The loaded programs (not attached). Holds bcc's BPF object: dropping it drops the fds."""
+
+    bpf: object
+    fds: dict[str, int]  #: hook -> program fd
+
+    def close(self) -> None:
+        if self.bpf is not None:
+            self.bpf.cleanup()
+            self.bpf = None
+            self.fds = {}
+
+
+def compile_and_load(bpffs: str, level: int, sizes: L.MapSizes) -> Programs:
+    """Compile sock.c with bcc (creating or reusing the pinned maps) and load every hook."""
+    from bcc import BPF  # lazily: only the loader needs bcc
+
+    os.makedirs(maps_dir(bpffs), exist_ok=True)
+    try:
+        bpf = BPF(src_file=str(SOURCE).encode(), cflags=cflags(bpffs, level, sizes))
+    except Exception as err:
+        raise UserError(f"compiling {SOURCE} failed: {err}; hint: check the kernel headers "
+                        f"(/lib/modules/{platform.release()}/build) or {SETUP_HINT}") from None
+    fds = {}
+    try:
+        for hook, attach_type in HOOKS.items():
+            fds[hook] = bpf.load_func(hook.encode(), PROG_TYPE_CGROUP_SOCK_ADDR,
+                                      attach_type=attach_type).fd
+    except Exception as err:
+        bpf.cleanup()
+        raise UserError(f"the kernel refused the {hook} program: {err}; hint: meshlet needs Linux "
+                        ">= 5.19 (bpf_set_retval at the socket hooks)") from None
+    return Programs(bpf, fds)
+
+
+# --- attach ------------------------------------------------------------------------------------
+
+
+def cgroup_id(path: str) -> int:
+    """The id the kernel gives a cgroup: the inode of its cgroup2 directory."""
+    return os.stat(path).st_ino
+
+
+def attach(bpffs: str, cgroup_root: str, programs: Programs) -> None:
+    """Point every hook's pinned link at our programs: update in place, or create and pin."""
+    os.makedirs(links_dir(bpffs), exist_ok=True)
+    root_id = cgroup_id(cgroup_root)
+    cgroup_fd = os.open(cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for hook, attach_type in HOOKS.items():
+            _attach_one(os.path.join(links_dir(bpffs), hook), cgroup_fd, root_id, cgroup_root,
+                        attach_type, programs.fds[hook])
+    finally:
+        os.close(cgroup_fd)
+
+
+def _attach_one(pin: str, cgroup_fd: int, root_id: int, cgroup_root: str, attach_type: int,
+                prog_fd: int) -> None:
+    if os.path.exists(pin):
+        link_fd = bpfsys.obj_get(pin)
+        try:
+            _, _, linked_cgroup = bpfsys.link_info(link_fd)
+            if linked_cgroup not in (0, root_id):
+                raise UserError(f"our programs are attached to another cgroup (id {linked_cgroup}) "
+                                f"than {cgroup_root}; hint: `meshlet uninstall` first to move them")
+            try:
+                bpfsys.link_update(link_fd, prog_fd)
+                return
+            except bpfsys.BpfError as err:
+                if err.errno != errno.ENOLINK:
+                    raise
+                # The link was detached behind our back (its cgroup gone, or a forced detach):
+                # nothing is attached, so a new link is no detach-then-attach.
+        finally:
+            os.close(link_fd)
+        os.unlink(pin)
+    link_fd = bpfsys.link_create_cgroup(prog_fd, cgroup_fd, attach_type)
+    try:
+        bpfsys.obj_pin(link_fd, pin)
+    finally:
+        os.close(link_fd)
+
+
+def remove_old_layouts(bpffs: str) -> list[str]:
+    """Remove the pins of other layout versions (their programs are no longer linked)."""
+    removed = []
+    if not os.path.isdir(bpffs):
+        return removed
+    current = os.path.basename(version_dir(bpffs))
+    for entry in sorted(os.listdir(bpffs)):
+        if entry.startswith("v") and entry[1:].isdigit() and entry != current:
+            removed += _remove_tree(os.path.join(bpffs, entry))
+    return removed
+
+
+def _remove_tree(path: str) -> list[str]:
+    removed = []
+    for directory, _subdirs, files in os.walk(path, topdown=False):
+        for name in sorted(files):
+            os.unlink(os.path.join(directory, name))
+            removed.append(os.path.join(directory, name))
+        os.rmdir(directory)
+    return removed
+
+
+def uninstall(bpffs: str) -> list[str]:
+    """Detach every link we pinned, then remove every pin under bpffs (SEMANTICS D5).
+
+    Links are detached explicitly (BPF_LINK_DETACH) before their pin is removed, so a process
+    still holding a link fd cannot keep our programs attached.
+    """
+    removed = []
+    links = links_dir(bpffs)
+    if os.path.isdir(links):
+        for name in sorted(os.listdir(links)):
+            path = os.path.join(links, name)
+            try:
+                fd = bpfsys.obj_get(path)
+            except bpfsys.BpfError:
+                fd = -1
+            if fd >= 0:
+                try:
+                    bpfsys.link_detach(fd)
+                except bpfsys.BpfError as err:
+                    if err.errno not in (errno.ENOLINK, errno.EINVAL):
+                        raise
+                finally:
+                    os.close(fd)
+            os.unlink(path)
+            removed.append(path)
+        os.rmdir(links)
+    if os.path.isdir(bpffs):
+        for entry in sorted(os.listdir(bpffs)):
+            if entry.startswith("v") and entry[1:].isdigit():
+                removed += _remove_tree(os.path.join(bpffs, entry))
+        if not os.listdir(bpffs) and _mount_of(bpffs, _mounts()) is not None \
+                and os.path.realpath(bpffs) != _mount_of(bpffs, _mounts())[0]:
+            os.rmdir(bpffs)
+            removed.append(bpffs)
+    return removed
+

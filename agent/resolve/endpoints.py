@@ -1,0 +1,144 @@
+"""Endpoint selection: the usable endpoints of one Service port on this node (SEMANTICS A3-A9).
+
+Role: merge a Service's EndpointSlices into one set of `IP:port` candidates for one Service port
+and one address family (A3, A4, A5), then pick what a client on this node may use (A6 cluster
+set with topology hints A8, A7 internalTrafficPolicy Local) and the verdict when nothing is
+usable (A7 UNREACHABLE, A9 REJECT). Each rule is one function named after it.
+May touch: nothing but its arguments (pure; no I/O, no clock).
+Invariants:
+- the result does not depend on the order of the slices or of the endpoints within them;
+- endpoints are sorted and unique, and non-empty iff the verdict is FORWARD (model invariant).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+from agent.model import BackendGroup, Endpoint, GroupKey, Verdict
+from agent.resolve.objects import ServiceRecord, SliceEndpoint, SliceRecord
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One `IP:port` of a Service port, after merging every slice that lists it."""
+
+    endpoint: Endpoint
+    ready: bool
+    serving: bool
+    terminating: bool
+    node_name: str | None
+    for_nodes: tuple[str, ...] | None
+    for_zones: tuple[str, ...] | None
+
+    def preference(self) -> tuple:
+        """A3: of two copies of one `IP:port`, a non-terminating one wins. The rest of the key only
+        makes the choice total, so that the slices' order can never change the result."""
+        return (
+            not self.terminating,
+            self.ready,
+            self.serving,
+            self.node_name or "",
+            self.for_nodes is not None,
+            self.for_nodes or (),
+            self.for_zones is not None,
+            self.for_zones or (),
+        )
+
+
+def slice_port_number(slice_: SliceRecord, port_name: str, protocol: str) -> int | None:
+    """A4: the endpoint port of Service port `port_name` is the slice port with the same name
+    (unnamed = "") and protocol. targetPort is never read: a named targetPort resolves per pod,
+    and only the slice knows the number."""
+    for port in slice_.ports:
+        if port.name == port_name and port.protocol == protocol:
+            return port.port
+    return None
+
+
+def merge_slices(slices: Iterable[SliceRecord], port_name: str, protocol: str, family: int) -> list[Candidate]:
+    """A3: every slice of the Service in `family` merged; the same `IP:port` counts once."""
+    best: dict[Endpoint, Candidate] = {}
+    for slice_ in slices:
+        if slice_.family != family:
+            continue
+        number = slice_port_number(slice_, port_name, protocol)
+        if number is None:
+            continue
+        for raw in slice_.endpoints:
+            candidate = _candidate(raw, number)
+            held = best.get(candidate.endpoint)
+            if held is None or candidate.preference() > held.preference():
+                best[candidate.endpoint] = candidate
+    return [best[ep] for ep in sorted(best)]
+
+
+def _candidate(raw: SliceEndpoint, port: int) -> Candidate:
+    # A5 defaults (ready and serving unset = true) were applied when the slice was read.
+    return Candidate(Endpoint(raw.address, port), raw.ready, raw.serving, raw.terminating,
+                     raw.node_name, raw.for_nodes, raw.for_zones)
+
+
+def serving_terminating(candidates: Iterable[Candidate]) -> list[Candidate]:
+    """A6/A7 fallback: endpoints that are shutting down but still serve."""
+    return [c for c in candidates if c.serving and c.terminating]
+
+
+def topology_narrow(ready: list[Candidate], node_name: str, zone: str | None) -> list[Candidate]:
+    """A8: PreferSameNode iff every ready endpoint has a forNodes hint and one names this node;
+    else PreferSameZone iff every ready endpoint has a forZones hint and one names our zone;
+    else no narrowing. An empty list stays empty (A6 then falls back)."""
+    if ready and all(c.for_nodes is not None for c in ready):
+        same_node = [c for c in ready if node_name in c.for_nodes]
+        if same_node:
+            return same_node
+    if zone is not None and ready and all(c.for_zones is not None for c in ready):
+        same_zone = [c for c in ready if zone in c.for_zones]
+        if same_zone:
+            return same_zone
+    return ready
+
+
+def cluster_set(candidates: list[Candidate], node_name: str, zone: str | None) -> list[Candidate]:
+    """A6: the ready endpoints narrowed by hints, else every serving-and-terminating endpoint
+    (hints are not applied to the fallback)."""
+    ready = [c for c in candidates if c.ready]
+    return topology_narrow(ready, node_name, zone) or serving_terminating(candidates)
+
+
+def local_set(candidates: list[Candidate], node_name: str) -> list[Candidate]:
+    """A7: the ready endpoints on this node, else the serving-and-terminating ones on this node.
+    Hints never narrow this set (A8)."""
+    local = [c for c in candidates if c.node_name == node_name]
+    return [c for c in local if c.ready] or serving_terminating(local)
+
+
+def has_any_endpoint(candidates: list[Candidate]) -> bool:
+    """A7: "endpoints exist" means some endpoint could serve a client somewhere: ready, or serving
+    while terminating. A not-ready endpoint that is not shutting down does not count (it is a pod
+    still starting), so a Service whose only pods are starting rejects instead of pretending
+    they are elsewhere."""
+    return any(c.ready or (c.serving and c.terminating) for c in candidates)
+
+
+def select_endpoints(candidates: list[Candidate], local_only: bool, node_name: str,
+                     zone: str | None) -> tuple[tuple[Endpoint, ...], Verdict]:
+    """A6-A9: the usable endpoints for a client on this node and the verdict."""
+    usable = local_set(candidates, node_name) if local_only else cluster_set(candidates, node_name, zone)
+    if usable:
+        return tuple(sorted({c.endpoint for c in usable})), Verdict.FORWARD
+    if local_only and has_any_endpoint(candidates):
+        # A7: kube-proxy drops silently (clients hang); we fail fast with EHOSTUNREACH.
+        return (), Verdict.UNREACHABLE
+    return (), Verdict.REJECT  # A9
+
+
+def backend_group(key: GroupKey, service: ServiceRecord | None, slices: Iterable[SliceRecord],
+                  node_name: str, zone: str | None) -> BackendGroup:
+    """One backend group: the endpoints of `key` usable here, and the Service's ClientIP affinity
+    (A11). A group whose Service is gone rejects (it is about to lose its last user)."""
+    if service is None:
+        return BackendGroup(key, (), Verdict.REJECT)
+    candidates = merge_slices(slices, key.port_name, key.protocol, key.family)
+    endpoints, verdict = select_endpoints(candidates, service.local_only, node_name, zone)
+    return BackendGroup(key, endpoints, verdict, service.affinity_timeout)

@@ -1,0 +1,262 @@
+"""`meshlet run`: the agent. Wires sources, store, resolver, datapath, loop and listener together.
+
+Role: the only module that knows every concrete piece. It builds the Settings from the flags
+(the contract in DESIGN.md, "The command line"), opens the datapath (adopting pinned maps), starts
+the sources and the HTTP listener, runs the one sync loop on its own thread, and waits for
+SIGTERM/SIGINT in the main thread.
+May touch: everything the pieces touch; the Kubernetes client is imported only in Kubernetes
+mode (so `--manifests` runs on a machine without cluster credentials or the client's import cost).
+
+Invariants:
+- exit on SIGTERM/SIGINT is clean and detaches nothing: programs and pinned maps keep serving the
+  last state until the next agent adopts them (SEMANTICS D1); only `meshlet uninstall` detaches;
+- signals are blocked in every thread and taken by the main thread with sigtimedwait, so no
+  handler ever runs inside a lock the loop holds;
+- in Kubernetes mode only the elected agent writes Route status; every agent serves the same
+  statuses at /status/routes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import uuid
+from pathlib import Path
+from typing import Mapping
+
+import click
+
+from agent.errors import UserError
+from agent.model import RouteId, RouteStatus
+from agent.runtime import logs
+from agent.runtime.health import Health
+from agent.runtime.http import Listener, RouteStatusBoard
+from agent.runtime.logs import get_logger
+from agent.runtime.loop import SyncLoop
+from agent.runtime.metrics import Metrics
+from agent.runtime.settings import (
+    DEFAULT_BPFFS,
+    DEFAULT_LISTEN,
+    LOG_FORMATS,
+    Settings,
+    default_cgroup_root,
+    default_node_name,
+    parse_listen,
+)
+from agent.runtime.store import Store
+from agent.sources import POD_CGROUPS
+
+log = get_logger("agent")
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def build_settings(manifests: Path | None, kubeconfig: Path | None, node_name: str | None,
+                   cgroup_root: Path | None, bpffs: Path, listen: str, log_format: str) -> Settings:
+    if manifests is not None and kubeconfig is not None:
+        raise UserError("--manifests and --kubeconfig exclude each other; hint: pass one of them "
+                        "(neither means the in-cluster config)")
+    if manifests is not None and not manifests.is_dir():
+        raise UserError(f"--manifests {manifests} is not a directory; hint: pass the directory "
+                        "holding your *.yaml, *.yml and *.json files")
+    if kubeconfig is not None and not kubeconfig.is_file():
+        raise UserError(f"--kubeconfig {kubeconfig} is not a file; hint: pass the path of a kubeconfig")
+    root = cgroup_root if cgroup_root is not None else default_cgroup_root()
+    if not (root / "cgroup.controllers").exists():
+        raise UserError(f"--cgroup-root {root} is not a cgroup2 directory; hint: pass the cgroup2 mount "
+                        "(see /proc/mounts) or a directory below it")
+    return Settings(
+        node_name=node_name or default_node_name(),
+        cgroup_root=root,
+        bpffs=bpffs,
+        listen=parse_listen(listen),
+        manifests=manifests,
+        kubeconfig=kubeconfig,
+        log_format=log_format,
+        leader_namespace=os.environ.get("POD_NAMESPACE") or Settings.leader_namespace,
+    )
+
+
+def kube_api_client(kubeconfig: Path | None):
+    """An ApiClient from --kubeconfig, else from the in-cluster service account."""
+    from kubernetes import client, config
+    from kubernetes.config.config_exception import ConfigException
+
+    configuration = client.Configuration()
+    try:
+        if kubeconfig is not None:
+            config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
+        else:
+            config.load_incluster_config(client_configuration=configuration)
+    except ConfigException as err:
+        where = f"--kubeconfig {kubeconfig}" if kubeconfig else "the in-cluster service account"
+        raise UserError(f"cannot load the Kubernetes config from {where} ({err}); hint: pass "
+                        "--kubeconfig FILE, or --manifests DIR to run without a cluster") from None
+    return client.ApiClient(configuration)
+
+
+class Agent:
+    """One `meshlet run`: build, start, run the loop until a stop signal, stop (never detach)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.stop_event = threading.Event()
+        self.store = Store(expected_sources=[POD_CGROUPS])
+        self.metrics = Metrics()
+        self.health = Health(settings.stale_change_threshold, settings.failing_writes_threshold,
+                             unapplied_since=self.store.unapplied_since, waiting_for=self.store.waiting_for)
+        self.board = RouteStatusBoard()
+        self._stoppers: list = []  # called in reverse order on exit
+        self._status_writer = None  # Kubernetes mode: a BackgroundStatusWriter
+
+    def run(self) -> int:
+        s = self.settings
+        mode = "manifests" if s.manifests else "kubernetes"
+        log.info("agent.starting", mode=mode, node=s.node_name, cgroup_root=str(s.cgroup_root),
+                 bpffs=str(s.bpffs), listen=s.listen_text, manifests=str(s.manifests or "-"))
+        # Blocked before any thread starts, so every thread inherits the mask and the signals
+        # wait for the main thread's sigtimedwait below.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            listener = Listener(s.listen, self.health, self.metrics, self.board)
+            listener.start()
+            self._stoppers.append(listener.stop)
+            datapath = self._open_datapath()
+            from agent.resolve import Resolver
+
+            resolver = Resolver(s.node_name)
+            self._start_sources()
+            loop = SyncLoop(self.store, resolver, datapath, self.health, self.metrics,
+                            min_sync_interval=s.min_sync_interval, full_resync_interval=s.full_resync_interval,
+                            retry_initial=s.retry_initial, retry_max=s.retry_max,
+                            stats_interval=s.stats_interval, on_statuses=self._on_statuses)
+            thread = threading.Thread(target=self._run_loop, args=(loop,), name="sync-loop", daemon=True)
+            thread.start()
+            received = self._wait_for_stop(thread)
+            self.stop_event.set()
+            self.store.poke()
+            thread.join(timeout=10)
+            log.info("agent.stopped", signal=received or "-", detached="no",
+                     note="programs and maps keep serving the last state")
+            return 0 if received else 1
+        finally:
+            for stop in reversed(self._stoppers):
+                try:
+                    stop()
+                except Exception as err:
+                    log.warning("agent.stop_failed", what=getattr(stop, "__qualname__", "?"), error=repr(err))
+
+    def _wait_for_stop(self, loop_thread: threading.Thread) -> str | None:
+        while loop_thread.is_alive():
+            info = signal.sigtimedwait(STOP_SIGNALS, 1.0)
+            if info is not None:
+                return signal.Signals(info.si_signo).name
+        log.error("agent.loop_ended", note="the sync loop ended unexpectedly")
+        return None
+
+    def _run_loop(self, loop: SyncLoop) -> None:
+        try:
+            loop.run(self.stop_event)
+        except BaseException as err:  # the loop catches everything it expects; this is a bug
+            log.error("loop.crashed", error=repr(err))
+            raise
+
+    def _open_datapath(self):
+        from agent.datapath import Datapath
+        from agent.datapath.layout import MapSizes
+
+        datapath = Datapath.open(str(self.settings.bpffs), str(self.settings.cgroup_root), MapSizes())
+        # close() releases our file descriptors only: attachments and pins stay (D1).
+        self._stoppers.append(datapath.close)
+        log.info("datapath.opened", adopted=datapath.adopted)
+        return datapath
+
+    def _start_sources(self) -> None:
+        from agent.sources.cgroups import CgroupsSource
+
+        s = self.settings
+        if s.manifests is not None:
+            from agent.sources.manifests import SOURCE, ManifestsSource
+
+            self.store.expect(SOURCE)
+            source = ManifestsSource(s.manifests, self.store, s.manifests_poll_interval)
+            source.start()
+            self._stoppers.append(source.stop)
+        else:
+            self._start_kubernetes()
+        cgroups = CgroupsSource(s.cgroup_root, self.store, s.cgroup_scan_interval)
+        cgroups.start()
+        self._stoppers.append(cgroups.stop)
+
+    def _start_kubernetes(self) -> None:
+        from agent.runtime.leader import LeaderElector
+        from agent.runtime.status_writer import BackgroundStatusWriter, StatusWriter
+        from agent.sources.kube import KubeSource
+
+        s = self.settings
+        api_client = kube_api_client(s.kubeconfig)
+        source = KubeSource(api_client, s.node_name, self.store)
+        for kind in source.kinds:
+            self.store.expect(kind)
+        source.start()
+        self._stoppers.append(source.stop)
+
+        writer = BackgroundStatusWriter(StatusWriter(api_client))
+        writer.start()
+        self._stoppers.append(writer.stop)
+        self._status_writer = writer
+
+        def started_leading():
+            self.metrics.leader.set(1)
+            writer.activate()
+
+        def stopped_leading():
+            self.metrics.leader.set(0)
+            writer.deactivate()
+
+        # Unique per process: an old and a new agent on one node (a rolling update) must never
+        # both believe they hold the Lease.
+        identity = f"{s.node_name}-{uuid.uuid4().hex[:8]}"
+        elector = LeaderElector(api_client, identity, s.leader_namespace,
+                                on_start=started_leading, on_stop=stopped_leading)
+        thread = threading.Thread(target=elector.run, name="leader", daemon=True)
+        thread.start()
+        self._stoppers.append(elector.stop)
+
+    def _on_statuses(self, statuses: Mapping[RouteId, RouteStatus]) -> None:
+        self.board.publish(statuses)
+        if self._status_writer is not None:
+            self._status_writer.submit(statuses)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--manifests", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="Read objects from the manifests below DIR instead of a cluster (re-read within 1 s).")
+@click.option("--kubeconfig", type=click.Path(path_type=Path), default=None, metavar="FILE",
+              help="Kubeconfig of the cluster. With neither option: the in-cluster config.")
+@click.option("--node-name", default=None, metavar="NAME", help="This node's name [default: $NODE_NAME, else the host name].")
+@click.option("--cgroup-root", type=click.Path(path_type=Path), default=None, metavar="PATH",
+              help="cgroup2 directory to attach to and scan for pods [default: the host's cgroup2 root].")
+@click.option("--bpffs", type=click.Path(path_type=Path), default=DEFAULT_BPFFS, show_default=True, metavar="PATH",
+              help="bpffs directory for the pinned maps and links.")
+@click.option("--listen", default=DEFAULT_LISTEN, show_default=True, metavar="ADDR:PORT",
+              help="HTTP listener: /healthz /readyz /metrics /status/routes.")
+@click.option("--log-format", type=click.Choice(LOG_FORMATS), default="kv", show_default=True,
+              help="key=value lines, or one JSON object per line.")
+def run(manifests, kubeconfig, node_name, cgroup_root, bpffs, listen, log_format):
+    """Run the agent: program every Service frontend into the kernel and keep it right.
+
+    \b
+    Examples:
+      meshlet run --manifests examples/demo --cgroup-root /sys/fs/cgroup/meshlet-lab-demo
+      meshlet run --kubeconfig ~/.kube/config --node-name worker-1
+
+    SIGTERM and SIGINT stop the agent without detaching anything: connections keep flowing on the
+    last programmed state until the next agent adopts it. `meshlet uninstall` detaches.
+    """
+    logs.configure(log_format)
+    settings = build_settings(manifests, kubeconfig, node_name, cgroup_root, bpffs, listen, log_format)
+    code = Agent(settings).run()
+    if code:
+        raise SystemExit(code)

@@ -1,0 +1,249 @@
+"""The control-plane benchmark: resolve + plan + reconcile of N Services x k endpoints, in a child.
+
+Each N runs in its own child process (`python -m bench.controlplane child ...`) so its peak RSS
+(VmHWM) is the agent's work alone and one N's garbage cannot flatter the next. The child:
+
+1. builds the Kubernetes objects (a Node, N Services, N EndpointSlices) as plain dicts, the way
+   the sources hand them to the resolver;
+2. cold sync: upserts them all into agent.resolve.Resolver and commits (resolve), then
+   Datapath.reconcile into empty pinned maps (reconcile, which plans inside); `plan` is also
+   timed on its own for the record (it is part of reconcile, not added twice);
+3. endpoint changes: one EndpointSlice at a time gets one endpoint replaced; each change is
+   timed end to end: upsert + commit (the resolver's delta) + reconcile of that delta;
+4. prints one JSON object, including VmHWM.
+
+`time_to_ready` starts `meshlet run` on a manifests directory and polls /readyz on loopback.
+
+May touch: a cgroup subtree and a bpffs directory made by topology.Lab (the child only writes
+maps; programs are not attached for the cold-sync figure), loopback for /readyz, a temp dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from bench import stats
+from bench.synth import NAMESPACE, PORT_NAME, SERVICE_PORT, TARGET_PORT, Service, make_services, with_endpoint_replaced
+from bench.topology import Lab
+
+NODE_NAME = "bench-node"
+PYTHON = sys.executable
+
+
+# --- objects ----------------------------------------------------------------------------------
+
+
+def node_object() -> dict:
+    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE_NAME, "uid": "node-uid"}}
+
+
+def service_object(svc: Service) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": svc.name, "namespace": NAMESPACE, "uid": f"svc-uid-{svc.index}",
+                     "resourceVersion": "1", "generation": 1},
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": svc.vip,
+            "clusterIPs": [svc.vip],
+            "ipFamilies": ["IPv4"],
+            "ports": [{"name": PORT_NAME, "port": SERVICE_PORT, "protocol": "TCP", "targetPort": TARGET_PORT}],
+        },
+    }
+
+
+def slice_object(svc: Service, generation: int = 1) -> dict:
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"name": f"{svc.name}-abcde", "namespace": NAMESPACE, "uid": f"eps-uid-{svc.index}",
+                     "resourceVersion": str(generation), "generation": generation,
+                     "labels": {"kubernetes.io/service-name": svc.name}},
+        "addressType": "IPv4",
+        "endpoints": [
+            {"addresses": [ip], "conditions": {"ready": True, "serving": True, "terminating": False},
+             "nodeName": NODE_NAME}
+            for ip in svc.endpoints
+        ],
+        "ports": [{"name": PORT_NAME, "port": TARGET_PORT, "protocol": "TCP"}],
+    }
+
+
+def objects(services: list[Service]) -> list[dict]:
+    return [node_object()] + [service_object(s) for s in services] + [slice_object(s) for s in services]
+
+
+# --- child ------------------------------------------------------------------------------------
+
+
+def peak_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def make_resolver():
+    from agent.resolve import Resolver
+
+    return Resolver(NODE_NAME)
+
+
+def child(n: int, k: int, changes: int, bpffs: str, cgroup_root: str) -> dict:
+    from agent.datapath import Datapath
+    from agent.datapath.plan import plan
+
+    services = make_services(n, k, udp_every=0)
+    objs = objects(services)
+    record = {"services": n, "endpoints_per_service": k, "status": "ok"}
+
+    resolver = make_resolver()
+    start = time.perf_counter()
+    for obj in objs:
+        resolver.upsert(obj)
+    resolver.commit()
+    state = resolver.state
+    record["resolve_s"] = time.perf_counter() - start
+    record["frontends"] = len(state.frontends)
+    del objs
+
+    start = time.perf_counter()
+    plan(state, {})
+    record["plan_s"] = time.perf_counter() - start
+
+    datapath = Datapath.open(bpffs, cgroup_root)
+    try:
+        start = time.perf_counter()
+        datapath.reconcile(state, {})
+        record["reconcile_s"] = time.perf_counter() - start
+        record["cold_sync_s"] = record["resolve_s"] + record["reconcile_s"]
+
+        timings = []
+        step = max(1, n // max(changes, 1))
+        for c in range(changes):
+            old = services[(c * step) % n]
+            new = with_endpoint_replaced(old, c)
+            services[old.index] = new
+            obj = slice_object(new, generation=c + 2)
+            start = time.perf_counter()
+            resolver.upsert(obj)
+            delta = resolver.commit()
+            datapath.reconcile(resolver.state, {}, delta=delta)
+            timings.append(time.perf_counter() - start)
+        record["change_ms"] = {key: round(value * 1000, 3) if key != "count" else value
+                               for key, value in stats.summarize_seconds(timings).items()}
+    finally:
+        datapath.close()
+    record["peak_rss_mib"] = round(peak_rss_mib(), 1)
+    return record
+
+
+# --- parent -----------------------------------------------------------------------------------
+
+
+def run_one(n: int, k: int, changes: int, log=sys.stderr) -> dict:
+    from agent.datapath import uninstall
+
+    with Lab() as lab:
+        cgroup_root = lab.cgroup_subtree()
+        bpffs = Path("/sys/fs/bpf") / f"meshlet-bench-{lab.run_id}-cp"
+        lab.directory(bpffs)
+        lab.on_close(f"meshlet pins in {bpffs}", lambda: uninstall(str(bpffs)))
+        print(f"[bench {time.strftime('%H:%M:%S')}] control plane N={n}", file=log, flush=True)
+        cmd = [PYTHON, "-m", "bench.controlplane", "child", "--services", str(n), "--k", str(k),
+               "--changes", str(changes), "--bpffs", str(bpffs), "--cgroup-root", str(cgroup_root)]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,
+                                cwd=Path(__file__).resolve().parent.parent)
+        if result.returncode != 0:
+            tail = result.stderr.strip().splitlines()[-3:]
+            return {"services": n, "endpoints_per_service": k, "status": "failed", "note": " / ".join(tail)}
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run(sizes: list[int], k: int, changes: int) -> list[dict]:
+    try:
+        from agent.datapath import Datapath  # noqa: F401
+        from agent.resolve import Resolver  # noqa: F401
+    except ImportError as err:
+        return [{"services": n, "status": "skipped", "note": f"not importable: {err}"} for n in sizes]
+    return [run_one(n, k, changes) for n in sizes]
+
+
+# --- meshlet run: start to ready ---------------------------------------------------------------
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def time_to_ready(n: int = 1000, k: int = 10, timeout: float = 120.0) -> str | None:
+    """Seconds from `meshlet run --manifests` start to /readyz 200, for N Services; None when the
+    runtime is not there."""
+    if not Path(__file__).resolve().parent.parent.joinpath("agent", "runtime", "cli.py").exists():
+        return None
+    from agent.datapath import uninstall
+
+    with Lab() as lab, tempfile.TemporaryDirectory() as manifests:
+        cgroup_root = lab.cgroup_subtree()
+        bpffs = Path("/sys/fs/bpf") / f"meshlet-bench-{lab.run_id}-run"
+        lab.on_close(f"meshlet pins in {bpffs}", lambda: uninstall(str(bpffs)))
+        Path(manifests, "bench.json").write_text(
+            json.dumps({"apiVersion": "v1", "kind": "List", "items": objects(make_services(n, k, udp_every=0))})
+        )
+        port = _free_loopback_port()
+        cmd = [PYTHON, "-m", "agent", "run", "--manifests", manifests, "--node-name", NODE_NAME,
+               "--cgroup-root", str(cgroup_root), "--bpffs", str(bpffs), "--listen", f"127.0.0.1:{port}"]
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                cwd=Path(__file__).resolve().parent.parent)
+        lab.on_close(f"meshlet run pid {proc.pid}", lambda: _stop(proc))
+        while time.perf_counter() - start < timeout:
+            if proc.poll() is not None:
+                return f"meshlet run exited with {proc.returncode}: {proc.stderr.read().strip()[-300:]}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as answer:
+                    if answer.status == 200:
+                        return f"{time.perf_counter() - start:.2f} s for {n} Services x {k} endpoints"
+            except OSError:
+                pass
+            time.sleep(0.05)
+        return f"not ready within {timeout:.0f} s"
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.controlplane")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("child", help="one measurement (run by the parent in a fresh process)")
+    c.add_argument("--services", type=int, required=True)
+    c.add_argument("--k", type=int, default=10)
+    c.add_argument("--changes", type=int, default=200)
+    c.add_argument("--bpffs", required=True)
+    c.add_argument("--cgroup-root", required=True)
+    args = p.parse_args(argv)
+    print(json.dumps(child(args.services, args.k, args.changes, args.bpffs, args.cgroup_root)))
+
+
+if __name__ == "__main__":
+    main()

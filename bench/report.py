@@ -1,0 +1,263 @@
+"""Results out: the JSON file, the PNG plots and the generated bench/RESULTS.md.
+
+May touch: bench/out/ (JSON, PNG) and bench/RESULTS.md. The markdown is generated from the JSON
+alone (`python -m bench --report-only FILE` regenerates it); hand-written analysis lives after
+ANALYSIS_MARKER in RESULTS.md and is kept across regenerations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from bench import targets
+from bench.modes import ALL_MODES
+
+RESULTS_MD = Path(__file__).with_name("RESULTS.md")
+ANALYSIS_MARKER = "<!-- analysis: everything below this line is hand-written and kept on regeneration -->"
+
+
+def machine_info() -> dict:
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem_kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                   if line.startswith("MemTotal"))
+    os_name = "unknown"
+    if Path("/etc/os-release").exists():
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                os_name = line.split("=", 1)[1].strip('"')
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_kib / 2**20, 1),
+        "kernel": platform.release(),
+        "os": os_name,
+        "python": platform.python_version(),
+        "tools": {tool: _version(tool) for tool in ("iptables-legacy", "iptables-nft", "nft", "gcc")},
+        "loadavg_start": os.getloadavg(),
+    }
+
+
+def _version(tool: str) -> str | None:
+    if not shutil.which(tool):
+        return None
+    out = subprocess.run([tool, "--version"], capture_output=True, text=True)
+    return (out.stdout or out.stderr).splitlines()[0].strip() if (out.stdout or out.stderr) else None
+
+
+def write_json(results: dict, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"results-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(results, indent=1, sort_keys=True))
+    return path
+
+
+# --- plots ------------------------------------------------------------------------------------
+
+
+def plot(results: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stamp = results["stamp"]
+    records = [r for r in results.get("datapath", []) if r.get("connect_us", {}).get("count")]
+    paths = []
+    if records:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for ax, key in zip(axes, ("p50", "p99")):
+            for mode in ALL_MODES:
+                pts = sorted((r["services"], r["connect_us"][key]) for r in records if r["mode"] == mode)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=mode)
+            ax.set_xscale("log")
+            ax.set_xlabel("Services (x10 endpoints)")
+            ax.set_ylabel(f"connect() latency {key} (us)")
+            ax.grid(True, alpha=0.3)
+        axes[0].legend()
+        fig.suptitle("connect() latency, uniformly random Services")
+        paths.append(_save(fig, out_dir / f"connect-latency-{stamp}.png"))
+
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for mode in ALL_MODES:
+            pts = sorted((r["services"], r["positions_us"]["end"]["p50"]) for r in records
+                         if r["mode"] == mode and r["positions_us"]["end"].get("count"))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=mode)
+        ax.set_xscale("log")
+        ax.set_xlabel("Services (x10 endpoints)")
+        ax.set_ylabel("connect() p50 (us), last Service of the chain")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        paths.append(_save(fig, out_dir / f"connect-chain-end-{stamp}.png"))
+
+    applied = [r for r in results.get("datapath", []) if r.get("apply_full_s")]
+    if applied:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for mode in ALL_MODES:
+            pts = sorted((r["services"], r["apply_full_s"]) for r in applied if r["mode"] == mode)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=mode)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("Services (x10 endpoints)")
+        ax.set_ylabel("full apply (s)")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        paths.append(_save(fig, out_dir / f"apply-full-{stamp}.png"))
+
+    cp = [r for r in results.get("controlplane", []) if r.get("cold_sync_s") is not None]
+    if cp:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for key, label in (("resolve_s", "resolve"), ("plan_s", "plan"), ("reconcile_s", "reconcile"),
+                           ("cold_sync_s", "cold sync total")):
+            pts = sorted((r["services"], r[key]) for r in cp if r.get(key) is not None)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("Services (x10 endpoints)")
+        ax.set_ylabel("seconds")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        paths.append(_save(fig, out_dir / f"controlplane-{stamp}.png"))
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+# --- markdown ---------------------------------------------------------------------------------
+
+
+def _fmt(value, digits=1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _apply(r: dict) -> str:
+    if r.get("status") == "timeout":
+        return f"> {r['apply_full_timeout_s']:.0f} s (timed out)"
+    value = r.get("apply_full_s")
+    return "-" if value is None else f"{value:.3f} s"
+
+
+def _relative(path: Path, start: Path) -> str:
+    return os.path.relpath(path.resolve(), start.resolve())
+
+
+def render_markdown(results: dict, plot_paths: list[Path], json_path: Path | None, md_path: Path = RESULTS_MD) -> str:
+    machine = results["machine"]
+    lines = [
+        "# meshlet benchmark results",
+        "",
+        "Generated by `python -m bench` from "
+        + (f"`{_relative(json_path, md_path.parent)}`" if json_path else "a results file")
+        + " (relative to this file); do not edit above the analysis marker.",
+        "",
+        f"- Date: {results['date']}",
+        f"- Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB; {machine['os']}",
+        f"- Kernel: {machine['kernel']}; Python {machine['python']}",
+        "- Tools: " + ", ".join(f"{k}: {v}" for k, v in machine["tools"].items() if v),
+        f"- Command: `{results['command']}`",
+        f"- Load average at start / end: {', '.join(f'{x:.1f}' for x in machine['loadavg_start'])} / "
+        f"{', '.join(f'{x:.1f}' for x in results.get('loadavg_end', ()))}",
+        f"- Note: {results.get('note', '')}",
+        "",
+        "## Targets (issue 6)",
+        "",
+        "| target | status | measured |",
+        "|---|---|---|",
+    ]
+    for v in targets.judge(results.get("datapath", []), results.get("controlplane", [])):
+        lines.append(f"| {v.target} | **{v.status}** | {v.measured} |")
+
+    datapath = results.get("datapath", [])
+    if datapath:
+        lines += [
+            "",
+            "## Datapath",
+            "",
+            "Latencies in microseconds: connect() alone (SYN out to established), per new connection "
+            "to a uniformly random Service; `start/mid/end` = p50 for the Service at 0 %, 50 %, 100 % "
+            "of the KUBE-SERVICES chain (shuffled order). conn/s: TCP_CRR-style (connect, send, recv, "
+            "close) from one client. UDP: new socket, first datagram, its answer. Stream: one "
+            "established connection. Change: one endpoint of one Service replaced (partial apply).",
+            "",
+            "| N | mode | full apply | change p50 | p01 | p50 | p90 | p99 | start/mid/end p50 | conn/s | UDP p50/p99 | stream Gbit/s | wrong/err |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in sorted(datapath, key=lambda r: (r["services"], ALL_MODES.index(r["mode"]))):
+            if not r.get("connect_us", {}).get("count"):
+                lines.append(f"| {r['services']} | {r['mode']} | {_apply(r)} | | | | | | | | | | "
+                             f"{r.get('status')}: {r.get('reason', '')} |")
+                continue
+            c, pos, udp = r["connect_us"], r["positions_us"], r["udp_us"]
+            change = r.get("apply_change", {}).get("p50")
+            errors = sum(r.get("errors", {}).values())
+            lines.append(
+                f"| {r['services']} | {r['mode']} | {_apply(r)} | "
+                f"{'-' if change is None else f'{change * 1000:.1f} ms'} | "
+                f"{_fmt(c['p01'])} | {_fmt(c['p50'])} | {_fmt(c['p90'])} | {_fmt(c['p99'])} | "
+                + "/".join(_fmt(pos[p].get("p50")) for p in ("start", "middle", "end"))
+                + f" | {_fmt(r['conn_per_s'], 0)} | {_fmt(udp.get('p50'))}/{_fmt(udp.get('p99'))} | "
+                f"{_fmt(r.get('stream_gbit_s'), 2)} | {r['wrong_endpoint']}/{errors} |"
+            )
+    cp = results.get("controlplane", [])
+    if cp:
+        lines += [
+            "",
+            "## Control plane",
+            "",
+            "N Services x 10 endpoints. Cold sync = resolve + plan + reconcile into empty pinned maps. "
+            "Change = one endpoint of one Service changed: resolve + reconcile of the delta. "
+            "Peak RSS = VmHWM of the child process that did all of it.",
+            "",
+            "| N | resolve | plan | reconcile | cold sync | change p50 | change p99 | peak RSS | note |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in sorted(cp, key=lambda r: r["services"]):
+            ch = r.get("change_ms", {})
+            lines.append(
+                f"| {r['services']} | {_fmt(r.get('resolve_s'), 3)} s | {_fmt(r.get('plan_s'), 3)} s | "
+                f"{_fmt(r.get('reconcile_s'), 3)} s | {_fmt(r.get('cold_sync_s'), 3)} s | "
+                f"{_fmt(ch.get('p50'), 2)} ms | {_fmt(ch.get('p99'), 2)} ms | "
+                f"{_fmt(r.get('peak_rss_mib'), 0)} MiB | {r.get('note', '')} |"
+            )
+    if results.get("ready"):
+        ready = results["ready"]
+        lines += ["", f"Time from `meshlet run` start to /readyz 200: {ready}"]
+    if plot_paths:
+        lines += ["", "## Plots", ""]
+        lines += [f"![{p.stem}]({_relative(p, md_path.parent)})" for p in plot_paths]
+        lines += ["", "(PNG files are written to bench/out/, which is not committed; rerun to get them.)"]
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(text: str, path: Path = RESULTS_MD) -> None:
+    kept = ""
+    if path.exists():
+        old = path.read_text()
+        if ANALYSIS_MARKER in old:
+            kept = old.split(ANALYSIS_MARKER, 1)[1]
+    path.write_text(text + "\n" + ANALYSIS_MARKER + (kept if kept else "\n"))

@@ -1,0 +1,122 @@
+"""`meshlet run --manifests` end to end, through the kernel, in a lab of pods.
+
+Root only (marked `kernel`). Safety: the lab (agent.lab.pods) makes its own network namespaces
+(no route off the machine) and its own cgroup subtree; the agent runs as a subprocess with
+`--cgroup-root` that subtree and its own bpffs directory /sys/fs/bpf/meshlet-test-<random>, and
+attaches nowhere else. Every test removes its agent (by pid), detaches and unpins (`meshlet
+uninstall` on its own bpffs and subtree), also on failure; the lab removes pods, netns, cgroups.
+
+What a user would check:
+- a change of the manifests reaches new connections within 1 s (SEMANTICS B15);
+- restarting the agent (SIGTERM, then SIGKILL) while a client connects in a loop costs zero
+  failed connections (D1);
+- a new agent that is still listing (its first sync held open) changes nothing: the maps keep
+  serving the old state, and it is not ready (A15, D2).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from runtime_agent_helpers import manifests, write_atomically
+
+pytestmark = pytest.mark.kernel
+
+
+def ip(world, name):
+    return world.pods[f"mesh/{name}"].ipv4
+
+
+def test_manifest_change_reaches_new_connections_within_one_second(world):
+    write_atomically(world.manifests_dir / "echo.yaml", manifests([ip(world, "echo-a")]))
+    agent = world.agent()
+    agent.wait_ready()
+    loop = world.connect_loop()
+    loop.wait_for(10)
+    assert {line.get("peer") for line in loop.lines()} == {"echo-a"}, loop.lines()[:5]
+
+    for target in ("echo-b", "echo-a"):
+        changed_at = time.time()
+        write_atomically(world.manifests_dir / "echo.yaml", manifests([ip(world, target)]))
+        time.sleep(1.5)
+        after = [line for line in loop.lines() if line["t"] > changed_at]
+        assert after and not [line for line in after if "error" in line], after
+        followed = [line["t"] - changed_at for line in after if line["peer"] == target]
+        first = followed[0]
+        assert first < 1.0, f"new connections reached {target} only {first:.2f}s after the change"
+        stragglers = [line for line in after if line["t"] - changed_at > first and line["peer"] != target]
+        assert not stragglers, stragglers
+    code, status = agent.get("/healthz")
+    assert code == 200, status
+
+
+def test_restart_with_sigterm_and_sigkill_loses_no_connection(world):
+    write_atomically(world.manifests_dir / "echo.yaml", manifests([ip(world, "echo-a"), ip(world, "echo-b")]))
+    agent = world.agent()
+    agent.wait_ready()
+    loop = world.connect_loop()
+    loop.wait_for(10)
+
+    assert agent.stop(signal.SIGTERM) == 0, agent.log_text()[-2000:]
+    assert "detached=no" in agent.log_text()
+    served_while_down = len(loop.lines())
+    time.sleep(0.5)  # no agent at all: the kernel keeps serving the pinned state
+    assert len(loop.lines()) > served_while_down
+
+    agent = world.agent()
+    agent.wait_ready()
+    time.sleep(0.3)
+    agent.stop(signal.SIGKILL)
+    agent = world.agent()
+    agent.wait_ready()
+    time.sleep(0.5)
+    lines = loop.lines()
+    loop.stop()
+
+    errors = [line for line in lines if "error" in line]
+    assert not errors, f"{len(errors)} of {len(lines)} connections failed across restarts: {errors[:5]}"
+    assert {line["peer"] for line in lines} == {"echo-a", "echo-b"}
+    assert len(lines) > 50
+
+
+def test_an_agent_still_listing_keeps_the_old_state_serving(world):
+    write_atomically(world.manifests_dir / "echo.yaml", manifests([ip(world, "echo-a")]))
+    first = world.agent()
+    first.wait_ready()
+    assert first.stop(signal.SIGTERM) == 0
+
+    # The next agent reads a directory whose last file is a FIFO: its read blocks until we let
+    # it finish, so its first list is held open while we watch the datapath.
+    held_dir = world.manifests_dir.parent / "held"
+    held_dir.mkdir()
+    write_atomically(held_dir / "echo.yaml", manifests([ip(world, "echo-b")]))
+    fifo = held_dir / "zz-hold.yaml"
+    os.mkfifo(fifo)
+    writer = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # a writer that never writes: reads block
+    try:
+        second = world.agent(held_dir)
+        second.wait_listening()
+        second.wait_until(lambda: "event=attach.done" in second.log_text(), "adopted maps, programs attached")
+        loop = world.connect_loop()
+        loop.wait_for(15)
+        time.sleep(1.0)
+        code, ready = second.get("/readyz")
+        assert code == 503 and "manifests" in " ".join(ready["reasons"]), ready
+        lines = loop.lines()
+        assert lines and all(line.get("peer") == "echo-a" for line in lines), \
+            f"the old state stopped serving while the new agent listed: {lines[:5]}"
+
+        # Let it finish: a regular file takes the FIFO's name, then the writer goes (EOF).
+        write_atomically(held_dir / "zz-hold.yaml.next", "# done\n")
+        os.replace(held_dir / "zz-hold.yaml.next", fifo)
+    finally:
+        os.close(writer)
+    second.wait_until(lambda: second.get("/readyz")[0] == 200, "/readyz 200 after the first list")
+    released_at = time.time()
+    time.sleep(1.0)
+    after = [line for line in loop.lines() if line["t"] > released_at + 0.2]
+    assert after and {line.get("peer") for line in after} == {"echo-b"}, after[:5]
+    assert not [line for line in loop.lines() if "error" in line]

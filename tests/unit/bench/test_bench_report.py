@@ -1,0 +1,56 @@
+"""RESULTS.md is generated from the JSON alone, and keeps the hand-written analysis."""
+
+from pathlib import Path
+
+from bench import report
+
+
+def results():
+    def rec(mode, p50, **extra):
+        r = {"mode": mode, "services": 100, "status": "ok", "apply_full_s": 0.02, "conn_per_s": 9000.0,
+             "connect_us": {"p01": 10.0, "p50": p50, "p90": p50 + 5, "p99": p50 + 20, "count": 10},
+             "positions_us": {p: {"p50": p50, "count": 5} for p in ("start", "middle", "end")},
+             "udp_us": {"p50": 20.0, "p99": 40.0, "count": 5}, "stream_gbit_s": 10.0,
+             "wrong_endpoint": 0, "errors": {}}
+        r.update(extra)
+        return r
+
+    return {
+        "date": "2025-01-01 00:00:00 UTC",
+        "stamp": "20250101-000000",
+        "command": "python -m bench --short",
+        "machine": {"cpu": "test cpu", "cores": 2, "memory_gib": 4.0, "kernel": "6.1", "os": "Debian",
+                    "python": "3.11", "tools": {"nft": "nftables v1"}, "loadavg_start": (1.0, 1.0, 1.0)},
+        "loadavg_end": (2.0, 2.0, 2.0),
+        "note": "2 cores shared with other test runs",
+        "datapath": [
+            rec("direct", 20.0, apply_full_s=None),
+            rec("meshlet", 20.2, apply_change={"p50": 0.0004}),
+            rec("iptables-legacy", 40.0),
+            {"mode": "nftables", "services": 100, "status": "timeout", "reason": "nft did not finish in 5 s",
+             "apply_full_s": None, "apply_full_timeout_s": 5.0},
+        ],
+        "controlplane": [{"services": 1000, "resolve_s": 0.1, "plan_s": 0.05, "reconcile_s": 0.2,
+                          "cold_sync_s": 0.3, "change_ms": {"p50": 0.5, "p99": 1.0, "count": 9},
+                          "peak_rss_mib": 80.0}],
+    }
+
+
+def test_markdown_has_machine_targets_and_every_record(tmp_path):
+    md = tmp_path / "RESULTS.md"
+    text = report.render_markdown(results(), [], None, md)
+    assert "Kernel: 6.1" in text and "2 cores shared" in text
+    assert "| meshlet connect p50 <= 1.03x direct at every N | **met** | N=100: 1.010x" in text
+    assert "| 100 | meshlet | 0.020 s | 0.4 ms | 10.0 | 20.2 |" in text
+    assert "| 100 | nftables | > 5 s (timed out) |" in text
+    assert "| 1000 | 0.100 s | 0.050 s | 0.200 s | 0.300 s | 0.50 ms | 1.00 ms | 80 MiB |" in text
+
+
+def test_regeneration_keeps_the_analysis(tmp_path):
+    md = tmp_path / "RESULTS.md"
+    report.write_markdown("first\n", md)
+    md.write_text(md.read_text() + "\nWhy iptables is slow: a linear chain.\n")
+    report.write_markdown("second\n", md)
+    text = md.read_text()
+    assert text.startswith("second\n") and "first" not in text
+    assert text.count(report.ANALYSIS_MARKER) == 1 and "Why iptables is slow" in text

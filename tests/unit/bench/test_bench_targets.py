@@ -1,0 +1,61 @@
+"""Targets are judged only on what a run measured: met, not met, or not measured."""
+
+from bench import targets
+from bench.targets import MET, NOT_MEASURED, NOT_MET
+
+
+def rec(mode, n, p50, p99=None, stream=10.0, status="ok", **extra):
+    r = {"mode": mode, "services": n, "status": status, "stream_gbit_s": stream,
+         "connect_us": {"p50": p50, "p99": p99 or p50 * 3, "count": 100}}
+    r.update(extra)
+    return r
+
+
+def find(verdicts, words):
+    (v,) = [v for v in verdicts if all(w in v.target for w in words)]
+    return v
+
+
+def test_latency_against_direct_at_every_n():
+    data = [rec("direct", 100, 20.0), rec("meshlet", 100, 20.5), rec("direct", 1000, 20.0), rec("meshlet", 1000, 20.4)]
+    verdicts = targets.judge(data, [])
+    p50 = find(verdicts, ["connect p50", "direct"])
+    assert p50.status == MET and "N=100: 1.025x" in p50.measured and "not run at N=10000,50000" in p50.measured
+    data[-1] = rec("meshlet", 1000, 21.0)  # 1.05x at one N is enough to miss
+    assert find(targets.judge(data, []), ["connect p50", "direct"]).status == NOT_MET
+
+
+def test_throughput_is_higher_is_better():
+    data = [rec("direct", 100, 20, stream=10.0), rec("meshlet", 100, 20, stream=9.95)]
+    assert find(targets.judge(data, []), ["throughput"]).status == MET
+    data[1]["stream_gbit_s"] = 9.8
+    assert find(targets.judge(data, []), ["throughput"]).status == NOT_MET
+
+
+def test_against_firewalls_needs_both_modes():
+    data = [rec("meshlet", 10_000, 25.0), rec("iptables-legacy", 10_000, 60.0), rec("direct", 10_000, 24.0)]
+    verdicts = targets.judge(data, [])
+    assert find(verdicts, ["2.3x", "iptables-legacy"]).status == MET
+    assert find(verdicts, ["4.0x"]).status == NOT_MEASURED
+    data.append({"mode": "nftables", "services": 10_000, "status": "timeout", "reason": "nft did not finish in 600 s"})
+    nft = find(targets.judge(data, []), ["nftables"])
+    assert nft.status == NOT_MEASURED and "did not finish" in nft.measured
+    data[1] = rec("iptables-legacy", 10_000, 50.0)
+    assert find(targets.judge(data, []), ["2.3x"]).status == NOT_MET
+
+
+def test_control_plane_targets():
+    cp = [
+        {"services": 10_000, "cold_sync_s": 0.8, "resolve_s": 0.3, "reconcile_s": 0.5, "peak_rss_mib": 120},
+        {"services": 50_000, "cold_sync_s": 2.5, "change_ms": {"p99": 3.0, "count": 100}, "peak_rss_mib": 260},
+    ]
+    verdicts = targets.judge([], cp)
+    assert find(verdicts, ["cold sync of 10000"]).status == MET
+    assert find(verdicts, ["cold sync of 50000"]).status == NOT_MET
+    assert find(verdicts, ["endpoint change"]).status == MET
+    rss = find(verdicts, ["RSS"])
+    assert rss.status == NOT_MET and "260" in rss.measured
+
+
+def test_nothing_measured_is_never_met():
+    assert {v.status for v in targets.judge([], [])} == {NOT_MEASURED}

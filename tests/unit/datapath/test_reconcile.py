@@ -1,0 +1,261 @@
+"""The reconciler without the kernel: write order, incremental == full, overflow, failed writes.
+
+Maps here are `DictMap`s (an in-memory stand-in for kernel hash maps, named as such) sharing one
+operation log. The central check replays that log one operation at a time and asserts what a
+concurrent connect() could observe after every single write: each frontend names only groups
+that exist, and each group names a complete endpoint set (and its members, with affinity).
+"""
+
+import random
+
+import pytest
+
+from agent.datapath import layout as L
+from agent.datapath import plan as P
+from agent.datapath.reconcile import DictMap, MapFullError, Reconciler
+from agent.model import (
+    BackendGroup,
+    ClientPod,
+    DesiredState,
+    Endpoint,
+    FrontendKey,
+    FrontendState,
+    GroupKey,
+    StateDelta,
+    Verdict,
+    WeightedGroup,
+)
+
+
+def make_maps(log, **sizes):
+    return {name: DictMap(name, sizes.get(name, 10_000), log) for name in L.PLANNED_MAPS}
+
+
+def contents(maps):
+    return {name: dict(m.data) for name, m in maps.items()}
+
+
+def group(svc, n_endpoints, base=0, affinity=0, family=4, verdict=None):
+    key = GroupKey("shop", svc, "http", "TCP", family)
+    eps = tuple(sorted(Endpoint(f"10.244.{base}.{i + 1}" if family == 4 else f"fd00:244::{base}:{i + 1}", 8080)
+                       for i in range(n_endpoints)))
+    if verdict is None:
+        verdict = Verdict.FORWARD if eps else Verdict.REJECT
+    return BackendGroup(key, eps if verdict == Verdict.FORWARD else (), verdict, affinity)
+
+
+def frontend(address, *shares, scope=""):
+    return FrontendKey(address, 80, "TCP", scope), FrontendState(
+        "shop", "web", "http", tuple(WeightedGroup(w, g.key if g else None) for w, g in shares))
+
+
+def state_of(frontends, groups, clients=()):
+    return DesiredState(frontends=dict(frontends), groups={g.key: g for g in groups},
+                        clients={c.uid: c for c in clients})
+
+
+def delta_between(old: DesiredState, new: DesiredState) -> StateDelta:
+    def changed(a, b):
+        return frozenset(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+    return StateDelta(frontends=changed(old.frontends, new.frontends), groups=changed(old.groups, new.groups),
+                      clients=changed(old.clients, new.clients))
+
+
+def reader_problems(data) -> list[str]:
+    """What a connect() would trip over in these map contents (empty list = consistent)."""
+    problems = []
+    for fkey, fval in data["frontends"].items():
+        value = L.FeValue.from_buffer_copy(fval)
+        for i in range(value.nslots):
+            gid = value.slots[i].group_id
+            if not gid:
+                continue
+            graw = data["groups"].get(bytes(L.U64(gid)))
+            if graw is None:
+                problems.append(f"frontend names missing group {gid:#x}")
+                continue
+            g = L.GroupValue.from_buffer_copy(graw)
+            for index in range(g.count):
+                ep = data["endpoints"].get(bytes(L.EpKey(set_id=g.set_id, index=index)))
+                if ep is None:
+                    problems.append(f"group {gid:#x} names a set missing endpoint #{index}")
+                elif g.affinity_timeout_s and P.member_key_bytes(
+                        g.set_id, L.EpValue.from_buffer_copy(ep)) not in data["members"]:
+                    problems.append(f"group {gid:#x} with affinity misses a member")
+    return problems
+
+
+def replay_and_check(before, log):
+    """Apply the logged operations one at a time to `before`, checking the reader's view each time."""
+    data = {name: dict(entries) for name, entries in before.items()}
+    for op in log:
+        if op[0] == "update":
+            _, name, key, value = op
+            if name == "endpoints" and key in data[name]:
+                assert data[name][key] == value, "an endpoint entry of a set was changed in place"
+            data[name][key] = value
+        else:
+            data[op[1]].pop(op[2], None)
+        assert reader_problems(data) == [], f"after {op[0]} {op[1]}"
+
+
+A, B, C = group("a", 3), group("b", 2, base=1), group("c", 1, base=2, affinity=30)
+
+
+def test_a_new_frontend_is_written_after_its_groups_and_their_endpoints():
+    log = []
+    maps = make_maps(log)
+    rec = Reconciler(maps)
+    state = state_of([frontend("10.96.0.1", (1, A), (3, B))], [A, B])
+    rec.full(P.plan(state, {}), state)
+    order = [name for op, name, *_ in log if op == "update" and name != "names"]
+    assert order.index("frontends") > max(i for i, n in enumerate(order) if n in ("groups", "endpoints"))
+    assert order.index("groups") > max(i for i, n in enumerate(order) if n == "endpoints")
+    assert contents(maps) == P.plan(state, {})
+
+
+def test_an_endpoint_change_writes_the_new_set_flips_the_group_then_deletes_the_old_set():
+    log = []
+    maps = make_maps(log)
+    rec = Reconciler(maps)
+    s1 = state_of([frontend("10.96.0.1", (1, A))], [A])
+    rec.full(P.plan(s1, {}), s1)
+    A2 = group("a", 4)
+    s2 = state_of([frontend("10.96.0.1", (1, A2))], [A2])
+    before, log[:] = contents(maps), []
+    stats = rec.apply(s2, delta_between(s1, s2), {})
+    kinds = [(op, name) for op, name, *_ in log if name != "names"]
+    assert kinds == [("update", "endpoints")] * 4 + [("update", "groups")] + [("delete", "endpoints")] * 3
+    assert stats.ops[("frontends", "update")] == 0  # the frontend value did not change
+    replay_and_check(before, log)
+    assert contents(maps) == P.plan(s2, {})
+
+
+def test_scoped_entries_are_written_before_the_default_entry_that_announces_them():
+    log = []
+    maps = make_maps(log)
+    rec = Reconciler(maps)
+    s1 = state_of([frontend("10.96.0.1", (1, A))], [A, B])
+    rec.full(P.plan(s1, {}), s1)
+    s2 = state_of([frontend("10.96.0.1", (1, A)), frontend("10.96.0.1", (1, B), scope="team-a")], [A, B])
+    log[:] = []
+    rec.apply(s2, delta_between(s1, s2), {})
+    fe_writes = [L.FeKey.from_buffer_copy(key).scope for op, name, key, *_ in log
+                 if op == "update" and name == "frontends"]
+    assert fe_writes == [P.scope_id("team-a"), 0]
+
+
+def random_state(rng: random.Random) -> DesiredState:
+    groups = [group(f"s{i}", rng.randint(0, 4), base=rng.randint(0, 3), affinity=rng.choice([0, 0, 10]))
+              for i in range(6)]
+    frontends = []
+    for i in range(5):
+        shares = [(rng.randint(0, 5), rng.choice(groups + [None])) for _ in range(rng.randint(0, 3))]
+        frontends.append(frontend(f"10.96.0.{i}", *shares))
+        if rng.random() < 0.4:
+            frontends.append(frontend(f"10.96.0.{i}", (1, rng.choice(groups)), scope=rng.choice(["team-a", "team-b"])))
+    used = {share.group for _, fs in frontends for share in fs.split if share.group}
+    clients = [ClientPod(f"u{i}", rng.choice(["team-a", "team-b", "default"]), f"p{i}", skip=rng.random() < 0.2)
+               for i in range(rng.randint(0, 3))]
+    return state_of(frontends, [g for g in groups if g.key in used], clients)
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_incremental_writes_equal_the_full_plan_and_readers_never_see_a_half_change(seed):
+    rng = random.Random(seed)
+    log = []
+    maps = make_maps(log)
+    rec = Reconciler(maps)
+    cgroups = {f"u{i}": 1000 + i for i in range(3)}
+    state = random_state(rng)
+    rec.full(P.plan(state, cgroups), state)
+    for step in range(8):
+        new = random_state(rng)
+        before, log[:] = contents(maps), []
+        if step % 3 == 2:
+            rec.full(P.plan(new, cgroups), new)
+        else:
+            rec.apply(new, delta_between(state, new), cgroups)
+        replay_and_check(before, log)
+        assert contents(maps) == P.plan(new, cgroups), f"step {step}"
+        state = new
+
+
+def test_full_reconcile_adopts_pinned_state_and_writes_nothing_when_it_matches():
+    log = []
+    maps = make_maps(log)
+    state = state_of([frontend("10.96.0.1", (1, A), (1, C))], [A, C])
+    Reconciler(maps).full(P.plan(state, {}), state)
+    log[:] = []
+    second = Reconciler(maps)  # a restarted agent on the same (pinned) maps
+    stats = second.full(P.plan(state, {}), state)
+    assert log == [] and sum(stats.ops.values()) == 0
+
+
+def test_a_group_that_does_not_fit_keeps_its_old_state_and_so_do_its_frontends():
+    log = []
+    maps = make_maps(log, endpoints=6)
+    rec = Reconciler(maps)
+    s1 = state_of([frontend("10.96.0.1", (1, A)), frontend("10.96.0.2", (1, B))], [A, B])
+    rec.full(P.plan(s1, {}), s1)  # 5 endpoints of 6
+    before = contents(maps)
+    big = group("d", 4, base=3)  # needs 4 more: no room
+    B2 = group("b", 1, base=1)
+    s2 = state_of([frontend("10.96.0.1", (1, big)), frontend("10.96.0.2", (1, B2))], [big, B2])
+    with pytest.raises(MapFullError) as err:
+        rec.apply(s2, delta_between(s1, s2), {})
+    message = str(err.value)
+    assert "map endpoints is full (MapSizes.endpoints)" in message and "shop/d:http/tcp/v4" in message
+    after = contents(maps)
+    # The frontend that needed the big group still has its old split; the other one moved on.
+    key1 = P.frontend_key_bytes("10.96.0.1", 80, "TCP", "")
+    assert after["frontends"][key1] == before["frontends"][key1]
+    assert P.group_key_bytes(big.key) not in after["groups"]
+    assert after["groups"][P.group_key_bytes(B2.key)] == P.plan_group(B2).value
+    assert reader_problems(after) == []
+    # The old state of `a` is still in use, so it was not swept.
+    assert after["groups"][P.group_key_bytes(A.key)] == before["groups"][P.group_key_bytes(A.key)]
+
+
+def test_a_frontend_that_does_not_fit_is_refused_whole_and_named():
+    maps = make_maps([], frontends=1)
+    rec = Reconciler(maps)
+    state = state_of([frontend("10.96.0.1", (1, A)), frontend("10.96.0.2", (1, A))], [A])
+    with pytest.raises(MapFullError, match=r"map frontends is full \(MapSizes.frontends\).*10.96.0.2:80/tcp"):
+        rec.full(P.plan(state, {}), state)
+    assert len(maps["frontends"].data) == 1 and reader_problems(contents(maps)) == []
+
+
+class FaultyMap(DictMap):
+    """A DictMap whose `fail_on`-th batch update fails half way (as a kernel batch can)."""
+
+    def __init__(self, *args, fail_on: int, **kw):
+        super().__init__(*args, **kw)
+        self.calls = 0
+        self.fail_on = fail_on
+
+    def update_batch(self, entries):
+        self.calls += 1
+        if self.calls == self.fail_on:
+            super().update_batch(entries[: len(entries) // 2])
+            raise OSError(12, "injected failure")  # ENOMEM
+        super().update_batch(entries)
+
+
+@pytest.mark.parametrize("failing", ["endpoints", "groups", "frontends"])
+def test_a_failed_write_leaves_readers_consistent_and_the_next_full_reconcile_repairs(failing):
+    log = []
+    maps = make_maps(log)
+    maps[failing] = FaultyMap(failing, 10_000, log, fail_on=2)
+    rec = Reconciler(maps)
+    s1 = state_of([frontend("10.96.0.1", (1, A)), frontend("10.96.0.2", (1, B))], [A, B])
+    rec.full(P.plan(s1, {}), s1)
+    A2, B2 = group("a", 2, base=5), group("b", 3, base=6)
+    s2 = state_of([frontend("10.96.0.1", (1, A2)), frontend("10.96.0.3", (1, B2), (1, C))], [A2, B2, C])
+    before, log[:] = contents(maps), []
+    with pytest.raises(OSError, match="injected"):
+        rec.apply(s2, delta_between(s1, s2), {})
+    replay_and_check(before, log)
+    rec.full(P.plan(s2, {}), s2)
+    assert contents(maps) == P.plan(s2, {})

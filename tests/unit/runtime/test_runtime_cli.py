@@ -1,0 +1,113 @@
+"""`meshlet run` flags and settings, and the log line formats."""
+
+import io
+import json
+import logging
+import subprocess
+import sys
+
+import pytest
+
+from agent.errors import UserError
+from agent.runtime import logs
+from agent.runtime.cli import build_settings
+from agent.runtime.settings import DEFAULT_BPFFS, default_cgroup_root, parse_listen
+
+
+@pytest.fixture
+def cgroup_dir(tmp_path):
+    root = tmp_path / "cg"
+    root.mkdir()
+    (root / "cgroup.controllers").write_text("")
+    return root
+
+
+def settings(**kw):
+    args = dict(manifests=None, kubeconfig=None, node_name="n1", cgroup_root=None, bpffs=DEFAULT_BPFFS,
+                listen="127.0.0.1:9966", log_format="kv")
+    args.update(kw)
+    return build_settings(**args)
+
+
+def test_defaults_and_flags(tmp_path, cgroup_dir, monkeypatch):
+    monkeypatch.setenv("NODE_NAME", "from-env")
+    s = settings(manifests=tmp_path, node_name=None, cgroup_root=cgroup_dir)
+    assert s.node_name == "from-env" and s.manifests == tmp_path and s.listen == ("127.0.0.1", 9966)
+    assert s.bpffs == DEFAULT_BPFFS and s.kubeconfig is None
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"manifests": "missing"}, "--manifests .* is not a directory"),
+    ({"kubeconfig": "missing"}, "--kubeconfig .* is not a file"),
+    ({"listen": "9966"}, "not ADDR:PORT"),
+    ({"listen": "localhost:9966"}, "not an IP address"),
+])
+def test_bad_flags_are_one_line_user_errors(tmp_path, cgroup_dir, kw, message):
+    kw = {k: (tmp_path / v if k in ("manifests", "kubeconfig") else v) for k, v in kw.items()}
+    with pytest.raises(UserError, match=message):
+        settings(cgroup_root=cgroup_dir, **kw)
+
+
+def test_manifests_and_kubeconfig_exclude_each_other(tmp_path, cgroup_dir):
+    kubeconfig = tmp_path / "kc"
+    kubeconfig.write_text("")
+    with pytest.raises(UserError, match="exclude each other"):
+        settings(manifests=tmp_path, kubeconfig=kubeconfig, cgroup_root=cgroup_dir)
+
+
+def test_cgroup_root_must_be_cgroup2(tmp_path):
+    with pytest.raises(UserError, match="not a cgroup2 directory"):
+        settings(manifests=tmp_path, cgroup_root=tmp_path)
+
+
+def test_cgroup2_root_comes_from_proc_mounts(tmp_path):
+    mounts = tmp_path / "mounts"
+    mounts.write_text("sysfs /sys sysfs rw 0 0\ncgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n"
+                      "cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n")
+    assert str(default_cgroup_root(str(mounts))) == "/sys/fs/cgroup/unified"
+    mounts.write_text("sysfs /sys sysfs rw 0 0\n")
+    with pytest.raises(UserError, match="no cgroup2"):
+        default_cgroup_root(str(mounts))
+
+
+def test_listen_accepts_ipv6_and_port_zero():
+    assert parse_listen("[::1]:0") == ("::1", 0)
+
+
+def _log_line(fmt):
+    out = io.StringIO()
+    logs.configure(fmt, stream=out)
+    try:
+        logs.get_logger("loop").info("sync.done", mode="full", seconds=0.25, note="two words")
+        logging.getLogger("agent.other").warning("plain %s", "text")
+    finally:
+        logs.configure("kv")
+    return out.getvalue().splitlines()
+
+
+def test_key_value_log_lines():
+    event, plain = _log_line("kv")
+    assert " level=info component=loop event=sync.done mode=full seconds=0.25 note=\"two words\"" in event
+    assert 'event=log msg="plain text"' in plain
+
+
+def test_json_log_lines():
+    event, plain = (json.loads(line) for line in _log_line("json"))
+    assert event["event"] == "sync.done" and event["seconds"] == 0.25 and event["component"] == "loop"
+    assert plain["msg"] == "plain text" and plain["level"] == "warning"
+
+
+def test_manifests_mode_never_imports_the_kubernetes_client():
+    code = ("import sys, agent.runtime.cli, agent.sources.manifests, agent.sources.cgroups; "
+            "print('kubernetes' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
+def test_an_unreadable_kubeconfig_is_a_user_error(tmp_path):
+    from agent.runtime.cli import kube_api_client
+
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text("apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\n")
+    with pytest.raises(UserError, match="cannot load the Kubernetes config from --kubeconfig .*hint"):
+        kube_api_client(kubeconfig)

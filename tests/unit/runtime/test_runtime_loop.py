@@ -1,0 +1,179 @@
+"""The sync loop: no write before sync, full then incremental, coalescing, rate limit, retries."""
+
+import threading
+
+from runtime_fakes import Rig, service
+
+from agent.model import FrontendKey
+
+
+def test_nothing_is_written_until_every_source_has_synced(rig):
+    rig.store.replace("manifests", [service("a", "10.96.0.1")])
+    rig.loop.begin()
+    for _ in range(3):
+        delay, for_changes = rig.loop.tick()
+        assert for_changes
+        rig.clock.advance(delay)
+    rig.store.synced("manifests")
+    rig.loop.tick()
+    assert rig.datapath.calls == [] and not rig.resolver.state.frontends and rig.statuses == []
+    rig.store.pod_cgroups({"uid-1": 4242})
+    rig.loop.tick()
+    (write,) = rig.datapath.writes()
+    _, mode, state, pod_cgroups, _ = write
+    assert mode == "full"
+    assert FrontendKey("10.96.0.1", 80, "TCP") in state.frontends
+    assert pod_cgroups == {"uid-1": 4242}
+    assert len(rig.statuses) == 1, "statuses are published once everything is listed"
+
+
+def test_new_maps_attach_after_the_first_full_write():
+    rig = Rig(adopted=False)
+    rig.loop.begin()
+    assert rig.datapath.calls == []
+    rig.sync_all()
+    rig.loop.tick()
+    assert [c[0] for c in rig.datapath.calls] == ["reconcile", "attach"]
+    assert rig.health.readyz().ok
+
+
+def test_adopted_maps_attach_at_once_and_wait_for_sync_to_write():
+    rig = Rig(adopted=True)
+    rig.loop.begin()
+    assert rig.datapath.calls == [("attach",)]
+    assert not rig.health.readyz().ok, "attached but the first sync is not written"
+    rig.loop.tick()
+    assert rig.datapath.writes() == []
+    rig.sync_all()
+    rig.loop.tick()
+    assert [c[1] for c in rig.datapath.writes()] == ["full"]
+    assert rig.health.readyz().ok
+
+
+def test_after_the_first_write_changes_go_as_deltas_and_coalesce(rig):
+    rig.sync_all()
+    rig.loop.tick()
+    rig.clock.advance(1)
+    for i in range(20):  # a burst
+        rig.store.upsert(service(f"s{i}", f"10.96.1.{i}"))
+    rig.loop.tick()
+    writes = rig.datapath.writes()
+    assert [w[1] for w in writes] == ["full", "delta"]
+    delta = writes[1][4]
+    assert len(delta.frontends) == 20
+
+
+def test_rate_limit_holds_a_second_change_until_the_interval_passed(rig):
+    rig.sync_all()
+    rig.loop.tick()
+    rig.clock.advance(1)
+    rig.store.upsert(service("a", "10.96.0.1"))
+    rig.loop.tick()
+    assert len(rig.datapath.writes()) == 2
+    rig.clock.advance(0.01)
+    rig.store.upsert(service("b", "10.96.0.2"))
+    delay, for_changes = rig.loop.tick()
+    assert len(rig.datapath.writes()) == 2, "a sync started less than min_sync_interval ago"
+    assert not for_changes and abs(delay - 0.07) < 1e-6
+    rig.clock.advance(0.03)
+    rig.store.upsert(service("c", "10.96.0.3"))
+    rig.loop.tick()
+    assert len(rig.datapath.writes()) == 2
+    rig.clock.advance(0.041)
+    rig.loop.tick()
+    writes = rig.datapath.writes()
+    assert len(writes) == 3, "b and c coalesce into one sync"
+    assert {k.address for k in writes[2][4].frontends} == {"10.96.0.2", "10.96.0.3"}
+
+
+def test_idle_loop_writes_nothing_until_the_periodic_full_resync(rig):
+    rig.sync_all()
+    rig.loop.tick()
+    for _ in range(59):
+        rig.clock.advance(1)
+        rig.loop.tick()
+    assert len(rig.datapath.writes()) == 1
+    rig.clock.advance(1)
+    rig.loop.tick()
+    assert [w[1] for w in rig.datapath.writes()] == ["full", "full"]
+
+
+def test_failed_write_is_retried_with_capped_backoff_as_a_full_reconcile(rig):
+    rig.sync_all()
+    rig.loop.tick()
+    rig.clock.advance(1)
+    rig.datapath.fail_next = 6
+    rig.store.upsert(service("a", "10.96.0.1"))
+    delays = []
+    for _ in range(6):
+        rig.loop.tick()
+        delay, for_changes = rig.loop.tick()  # nothing happens before the backoff ends
+        assert not for_changes
+        delays.append(round(delay, 6))
+        rig.clock.advance(delay)
+    assert delays == [0.2, 0.4, 0.8, 1.6, 2.0, 2.0]
+    assert [c[:2] for c in rig.datapath.calls[2:]] == [("failed", "delta")] + [("failed", "full")] * 5
+    assert "map frontends is full" in rig.health.healthz().reasons[0]
+    rig.loop.tick()
+    assert rig.datapath.calls[-1][:2] == ("reconcile", "full")
+    assert FrontendKey("10.96.0.1", 80, "TCP") in rig.datapath.calls[-1][2].frontends
+    assert rig.metric("meshlet_write_failures_total") == 6
+    assert rig.metric("meshlet_map_failures_total", map="frontends", reason="full") == 6
+    assert rig.loop.failures == 0
+
+
+def test_a_resolver_exception_is_a_failed_sync_not_a_crash(rig, monkeypatch):
+    rig.sync_all()
+    commit = rig.resolver.commit
+
+    def fail_once():
+        monkeypatch.setattr(rig.resolver, "commit", commit)
+        raise RuntimeError("a resolve bug (stand-in)")
+
+    monkeypatch.setattr(rig.resolver, "commit", fail_once)
+    rig.loop.tick()
+    assert rig.loop.failures == 1 and rig.datapath.writes() == []
+    rig.clock.advance(0.2)
+    rig.loop.tick()
+    assert [w[1] for w in rig.datapath.writes()] == ["full"]
+
+
+def test_a_pod_cgroup_change_alone_is_written_with_the_pod_in_the_delta(rig):
+    rig.sync_all()
+    rig.loop.tick()
+    rig.clock.advance(1)
+    rig.store.pod_cgroups({"uid-1": 77})
+    rig.loop.tick()
+    _, mode, _, pod_cgroups, delta = rig.datapath.writes()[-1]
+    assert mode == "delta" and pod_cgroups == {"uid-1": 77} and delta.clients == {"uid-1"}
+
+
+def test_event_to_map_latency_and_stats_are_recorded(rig):
+    rig.store.replace("manifests", [service("b", "10.96.0.2")])
+    rig.clock.advance(0.15)
+    rig.sync_all()
+    rig.loop.tick()
+    rig.clock.advance(5)
+    rig.store.upsert(service("a", "10.96.0.1"))
+    rig.clock.advance(0.3)
+    rig.loop.tick()
+    assert rig.metric("meshlet_event_to_map_seconds_count") == 2
+    assert rig.metric("meshlet_event_to_map_seconds_bucket", le="0.2") == 1  # the first sync: 0.15 s
+    assert rig.metric("meshlet_event_to_map_seconds_bucket", le="0.3") == 2
+    assert rig.metric("meshlet_frontends_programmed") == 2
+    assert rig.metric("meshlet_objects", kind="Service") == 2
+    assert rig.metric("meshlet_datapath_connections_total", outcome="translated") == 7
+    assert rig.metric("meshlet_map_fill_ratio", map="frontends") == 0.25
+    assert rig.metric("meshlet_syncs_total", mode="incremental", outcome="ok") == 1
+    assert rig.metric("meshlet_source_synced", source="manifests") == 1
+
+
+def test_run_stops_on_the_stop_event():
+    rig = Rig()
+    stop = threading.Event()
+    thread = threading.Thread(target=rig.loop.run, args=(stop,))
+    thread.start()
+    stop.set()
+    rig.store.poke()
+    thread.join(timeout=5)
+    assert not thread.is_alive()

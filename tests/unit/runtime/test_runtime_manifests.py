@@ -1,0 +1,179 @@
+"""The manifests source: parsing, bad documents reported and skipped, changes seen within 1 s."""
+
+import json
+import logging
+import os
+import threading
+import time
+
+import pytest
+
+from agent.sources.manifests import SOURCE, ManifestsSource, order_routes, parse_manifest, split_yaml_documents
+
+SERVICE = """\
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: mesh}
+spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}
+"""
+
+ROUTE = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: %s, namespace: mesh}
+spec: {parentRefs: [{kind: Service, group: "", name: echo}]}
+"""
+
+
+class RecordingSink:
+    """Stand-in for the runtime's Store: records what the source pushes."""
+
+    def __init__(self):
+        self.lists: list[list[dict]] = []
+        self.synced_sources: list[str] = []
+        self.changed = threading.Event()
+        self.synced_event = threading.Event()
+
+    def upsert(self, obj):
+        raise AssertionError("the manifests source only sends full lists")
+
+    delete = upsert
+
+    def replace(self, source, objs):
+        assert source == SOURCE
+        self.lists.append(objs)
+        self.changed.set()
+
+    def synced(self, source):
+        self.synced_sources.append(source)
+        self.synced_event.set()
+
+    def pod_cgroups(self, mapping):
+        raise AssertionError("not a cgroup source")
+
+    def names(self, index=-1):
+        return [(o["kind"], o["metadata"]["name"]) for o in self.lists[index]]
+
+
+def test_bad_document_is_reported_with_file_and_index_and_the_rest_applies(tmp_path, caplog):
+    (tmp_path / "a.yaml").write_text(SERVICE + "---\nkind: [unclosed\n---\n" + ROUTE % "r1"
+                                     + "---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n")
+    sink = RecordingSink()
+    with caplog.at_level(logging.WARNING):
+        assert ManifestsSource(tmp_path, sink).poll_once()
+    assert sink.names() == [("Service", "echo"), ("HTTPRoute", "r1")]
+    bad = [r for r in caplog.records if getattr(r, "meshlet_event", "") == "manifests.bad_document"]
+    assert [(r.meshlet_fields["file"], r.meshlet_fields["index"]) for r in bad] == [("a.yaml", "1"), ("a.yaml", "3")]
+    assert "document starts at line 6" in bad[0].meshlet_fields["error"]
+    assert "Deployment" in bad[1].meshlet_fields["error"]
+
+
+def test_yaml_json_and_lists_below_subdirectories(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "svc.yml").write_text(SERVICE)
+    (tmp_path / "list.json").write_text(json.dumps({
+        "apiVersion": "v1", "kind": "List",
+        "items": [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "mesh"}},
+                  {"kind": "Broken"}],
+    }))
+    (tmp_path / "notes.txt").write_text("kind: Service\n")
+    (tmp_path / ".swap.yaml").write_text(SERVICE.replace("echo", "hidden"))
+    sink = RecordingSink()
+    ManifestsSource(tmp_path, sink).poll_once()
+    assert sink.names() == [("Namespace", "mesh"), ("Service", "echo")]
+    assert parse_manifest("list.json", (tmp_path / "list.json").read_text()).bad[0].index == "0.items[1]"
+
+
+def test_namespaced_object_without_namespace_lands_in_default():
+    (obj,) = parse_manifest("x.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: s}\n").objects
+    assert obj["metadata"]["namespace"] == "default"
+
+
+def test_routes_without_creation_timestamp_are_ordered_by_file_then_position(tmp_path):
+    (tmp_path / "b.yaml").write_text(ROUTE % "first-in-b" + "---\n" + ROUTE % "second-in-b")
+    (tmp_path / "a.yaml").write_text(ROUTE % "in-a")
+    sink = RecordingSink()
+    ManifestsSource(tmp_path, sink).poll_once()
+    stamps = {o["metadata"]["name"]: o["metadata"]["creationTimestamp"] for o in sink.lists[-1]}
+    assert stamps["in-a"] < stamps["first-in-b"] < stamps["second-in-b"]
+
+
+def test_a_given_creation_timestamp_is_kept_and_orders_before_synthetic_ones():
+    given = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "TCPRoute",
+             "metadata": {"name": "old", "namespace": "m", "creationTimestamp": "2024-05-01T00:00:00Z"}}
+    plain = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "TCPRoute", "metadata": {"name": "new", "namespace": "m"}}
+    out = order_routes([plain, given])
+    assert out[1]["metadata"]["creationTimestamp"] == "2024-05-01T00:00:00Z"
+    assert out[0]["metadata"]["creationTimestamp"] > "2024-05-01T00:00:00Z"
+
+
+def test_duplicate_identity_later_file_wins(tmp_path):
+    (tmp_path / "a.yaml").write_text(SERVICE)
+    (tmp_path / "b.yaml").write_text(SERVICE.replace("10.96.0.10", "10.96.0.11"))
+    sink = RecordingSink()
+    ManifestsSource(tmp_path, sink).poll_once()
+    (svc,) = sink.lists[-1]
+    assert svc["spec"]["clusterIP"] == "10.96.0.11"
+
+
+def test_split_keeps_content_on_the_marker_line_and_ignores_empty_documents():
+    docs = split_yaml_documents("---\n--- {a: 1}\n...\n# c\n---\nb: 2\n")
+    assert [text for _, text in docs if text.strip() and not text.strip().startswith("#")] == ["{a: 1}\n", "b: 2\n"]
+
+
+def test_change_is_seen_within_one_second_and_synced_once(tmp_path):
+    (tmp_path / "svc.yaml").write_text(SERVICE)
+    sink = RecordingSink()
+    source = ManifestsSource(tmp_path, sink, poll_interval=0.2)
+    source.start()
+    try:
+        assert sink.synced_event.wait(2)
+        sink.changed.clear()
+        assert sink.synced_sources == [SOURCE]
+        started = time.monotonic()
+        (tmp_path / "route.yaml").write_text(ROUTE % "r1")
+        assert sink.changed.wait(1.0), "a new file was not read within 1 s"
+        assert time.monotonic() - started < 1.0
+        assert ("HTTPRoute", "r1") in sink.names()
+        sink.changed.clear()
+        started = time.monotonic()
+        (tmp_path / "route.yaml").unlink()
+        assert sink.changed.wait(1.0), "a removed file was not noticed within 1 s"
+        assert sink.names() == [("Service", "echo")]
+        assert sink.synced_sources == [SOURCE]
+    finally:
+        source.stop()
+
+
+def test_unchanged_directory_is_not_resent(tmp_path):
+    (tmp_path / "svc.yaml").write_text(SERVICE)
+    sink = RecordingSink()
+    source = ManifestsSource(tmp_path, sink)
+    source.poll_once()
+    source.poll_once()
+    assert len(sink.lists) == 1
+    # Same size, new content: the signature includes mtime, so it is read again.
+    path = tmp_path / "svc.yaml"
+    path.write_text(SERVICE.replace("10.96.0.10", "10.96.0.99"))
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 1_000_000))
+    source.poll_once()
+    assert len(sink.lists) == 2 and sink.lists[-1][0]["spec"]["clusterIP"] == "10.96.0.99"
+
+
+def test_missing_directory_keeps_the_last_list(tmp_path):
+    directory = tmp_path / "m"
+    directory.mkdir()
+    (directory / "svc.yaml").write_text(SERVICE)
+    sink = RecordingSink()
+    source = ManifestsSource(directory, sink)
+    assert source.poll_once()
+    (directory / "svc.yaml").unlink()
+    directory.rmdir()
+    assert source.poll_once()
+    assert len(sink.lists) == 1
+
+
+@pytest.mark.parametrize("text", ["", "# nothing\n", "---\n---\n"])
+def test_empty_files_give_no_objects_and_no_errors(text):
+    contents = parse_manifest("e.yaml", text)
+    assert contents.objects == () and contents.bad == ()
