@@ -68,6 +68,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--apply-timeout", type=float, default=600.0,
                    help="seconds one full rule-set load may take before the mode is reported as timed out")
     p.add_argument("--cp-changes", type=int, default=200, help="endpoint changes timed in the control plane")
+    p.add_argument("--cp-profile", action="store_true",
+                   help="also write a cProfile of each control-plane child to the --out directory")
     p.add_argument("--no-datapath", action="store_true", help="skip the datapath benchmark")
     p.add_argument("--no-controlplane", action="store_true", help="skip the control-plane benchmark")
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("out"), help="JSON/PNG directory")
@@ -109,9 +111,10 @@ def run(args) -> dict:
         )
         results["datapath"] = datapath_bench.run(plan, work)
     if not args.no_controlplane:
-        results["controlplane"] = controlplane.run(args.cp_sizes or scale["cp_sizes"], args.endpoints,
-                                                   args.cp_changes)
-        results["ready"] = controlplane.time_to_ready()
+        cp_sizes = args.cp_sizes or scale["cp_sizes"]
+        results["controlplane"] = controlplane.run(cp_sizes, args.endpoints, args.cp_changes,
+                                                   args.out if args.cp_profile else None)
+        results["ready"] = {str(n): controlplane.time_to_ready(n, args.endpoints) for n in cp_sizes}
     results["loadavg_end"] = os.getloadavg()
     return results
 

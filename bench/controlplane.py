@@ -86,11 +86,19 @@ def objects(services: list[Service]) -> list[dict]:
 # --- child ------------------------------------------------------------------------------------
 
 
-def peak_rss_mib() -> float:
+def _status_mib(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def peak_rss_mib() -> float:
+    return _status_mib("VmHWM")
+
+
+def rss_mib() -> float:
+    return _status_mib("VmRSS")
 
 
 def make_resolver():
@@ -103,9 +111,17 @@ def child(n: int, k: int, changes: int, bpffs: str, cgroup_root: str) -> dict:
     from agent.datapath import Datapath
     from agent.datapath.plan import plan
 
+    record = {"services": n, "endpoints_per_service": k, "status": "ok"}
+    # Where the memory goes: (VmRSS, VmHWM) after each step, in MiB.
+    memory = record["memory_mib"] = {}
+
+    def mark(step: str) -> None:
+        memory[step] = (round(rss_mib(), 1), round(peak_rss_mib(), 1))
+
+    mark("imports")
     services = make_services(n, k, udp_every=0)
     objs = objects(services)
-    record = {"services": n, "endpoints_per_service": k, "status": "ok"}
+    mark("objects built")
 
     resolver = make_resolver()
     start = time.perf_counter()
@@ -116,16 +132,20 @@ def child(n: int, k: int, changes: int, bpffs: str, cgroup_root: str) -> dict:
     record["resolve_s"] = time.perf_counter() - start
     record["frontends"] = len(state.frontends)
     del objs
+    mark("resolved")
 
     start = time.perf_counter()
     plan(state, {})
     record["plan_s"] = time.perf_counter() - start
+    mark("planned")
 
     datapath = Datapath.open(bpffs, cgroup_root)
+    mark("programs compiled")
     try:
         start = time.perf_counter()
         datapath.reconcile(state, {})
         record["reconcile_s"] = time.perf_counter() - start
+        mark("reconciled")
         record["cold_sync_s"] = record["resolve_s"] + record["reconcile_s"]
 
         timings = []
@@ -144,6 +164,7 @@ def child(n: int, k: int, changes: int, bpffs: str, cgroup_root: str) -> dict:
                                for key, value in stats.summarize_seconds(timings).items()}
     finally:
         datapath.close()
+    mark("changes done")
     record["peak_rss_mib"] = round(peak_rss_mib(), 1)
     return record
 
@@ -151,7 +172,7 @@ def child(n: int, k: int, changes: int, bpffs: str, cgroup_root: str) -> dict:
 # --- parent -----------------------------------------------------------------------------------
 
 
-def run_one(n: int, k: int, changes: int, log=sys.stderr) -> dict:
+def run_one(n: int, k: int, changes: int, profile: Path | None = None, log=sys.stderr) -> dict:
     from agent.datapath import uninstall
 
     with Lab() as lab:
@@ -162,6 +183,8 @@ def run_one(n: int, k: int, changes: int, log=sys.stderr) -> dict:
         print(f"[bench {time.strftime('%H:%M:%S')}] control plane N={n}", file=log, flush=True)
         cmd = [PYTHON, "-m", "bench.controlplane", "child", "--services", str(n), "--k", str(k),
                "--changes", str(changes), "--bpffs", str(bpffs), "--cgroup-root", str(cgroup_root)]
+        if profile:
+            cmd += ["--profile", str(profile)]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,
                                 cwd=Path(__file__).resolve().parent.parent)
         if result.returncode != 0:
@@ -170,13 +193,16 @@ def run_one(n: int, k: int, changes: int, log=sys.stderr) -> dict:
         return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def run(sizes: list[int], k: int, changes: int) -> list[dict]:
+def run(sizes: list[int], k: int, changes: int, profile_dir: Path | None = None) -> list[dict]:
     try:
         from agent.datapath import Datapath  # noqa: F401
         from agent.resolve import Resolver  # noqa: F401
     except ImportError as err:
         return [{"services": n, "status": "skipped", "note": f"not importable: {err}"} for n in sizes]
-    return [run_one(n, k, changes) for n in sizes]
+    if profile_dir:
+        profile_dir.mkdir(parents=True, exist_ok=True)
+    return [run_one(n, k, changes, profile_dir / f"controlplane-{n}.pstats" if profile_dir else None)
+            for n in sizes]
 
 
 # --- meshlet run: start to ready ---------------------------------------------------------------
@@ -241,8 +267,17 @@ def main(argv=None) -> None:
     c.add_argument("--changes", type=int, default=200)
     c.add_argument("--bpffs", required=True)
     c.add_argument("--cgroup-root", required=True)
+    c.add_argument("--profile", metavar="FILE", help="write a cProfile of the whole child here")
     args = p.parse_args(argv)
-    print(json.dumps(child(args.services, args.k, args.changes, args.bpffs, args.cgroup_root)))
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        record = profiler.runcall(child, args.services, args.k, args.changes, args.bpffs, args.cgroup_root)
+        profiler.dump_stats(args.profile)
+    else:
+        record = child(args.services, args.k, args.changes, args.bpffs, args.cgroup_root)
+    print(json.dumps(record))
 
 
 if __name__ == "__main__":

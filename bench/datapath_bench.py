@@ -56,7 +56,7 @@ class DatapathPlan:
 class _ModeRun:
     mode: Mode
     record: dict
-    crr: list = field(default_factory=list)  #: (latency_ns) pooled over rounds
+    crr: list = field(default_factory=list)  #: connect() latencies (ns), pooled over rounds
     crr_elapsed_ns: int = 0
     crr_count: int = 0
     round_p50: list = field(default_factory=list)
@@ -128,7 +128,7 @@ def run_size(plan: DatapathPlan, n: int, binary: Path, workdir: Path, skip: dict
             seq = [rng.choice(services) for _ in range(plan.crr_per_round)]
             udp_seq = [rng.choice(udp_services) for _ in range(plan.udp_per_round)] if udp_services else []
             for r in rng.sample(active, len(active)):
-                _measure_round(plan, r, seq, udp_seq, positions, order[0], binary, workdir)
+                _measure_round(plan, r, round_no, seq, udp_seq, positions, order[0], binary, workdir)
 
         _changes(plan, active, services, order, rng, binary, workdir)
         return [_finish(r) for r in runs]
@@ -153,9 +153,9 @@ def _check(r: _ModeRun, sequence, services, position=None, udp=False):
             r.reached.setdefault(position, Counter())[sample.endpoint] += 1
 
 
-def _measure_round(plan, r: _ModeRun, seq, udp_seq, positions, stream_service, binary, workdir):
+def _measure_round(plan, r: _ModeRun, round_no, seq, udp_seq, positions, stream_service, binary, workdir):
     mode = r.mode
-    draw = random.Random(len(r.round_p50))  # the direct mode's endpoint choice, same per round
+    draw = random.Random(round_no)  # the direct mode's endpoint choices
     targets = [mode.address(s, "tcp", draw) for s in seq]
     crr = loadgen.run_sequence(binary, "crr", mode.pair.cli_path, targets, workdir, mode.cgroup)
     _check(r, crr, seq)

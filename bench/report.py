@@ -245,8 +245,9 @@ def render_markdown(results: dict, plot_paths: list[Path], json_path: Path | Non
                 f"{_fmt(r.get('peak_rss_mib'), 0)} MiB | {r.get('note', '')} |"
             )
     if results.get("ready"):
-        ready = results["ready"]
-        lines += ["", f"Time from `meshlet run` start to /readyz 200: {ready}"]
+        lines += ["", "Time from `meshlet run --manifests` start to /readyz 200 (programs attached, first "
+                  "full sync written):", ""]
+        lines += [f"- N={n}: {text}" for n, text in results["ready"].items() if text]
     if plot_paths:
         lines += ["", "## Plots", ""]
         lines += [f"![{p.stem}]({_relative(p, md_path.parent)})" for p in plot_paths]

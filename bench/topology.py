@@ -157,7 +157,8 @@ class Lab:
         return path
 
     def directory(self, path: Path) -> Path:
-        """A directory (e.g. a bpffs dir) removed with its contents' owner's help at close."""
+        """An empty directory (a bpffs dir); whoever fills it must empty it first (registered later,
+        so it runs earlier at close)."""
         path.mkdir(parents=True)
         self.on_close(f"dir {path}", lambda: path.rmdir() if path.exists() else None)
         return path

@@ -417,3 +417,15 @@ def possible_cpus() -> int:
         lo, _, hi = part.partition("-")
         total += (int(hi) if hi else int(lo)) - int(lo) + 1
     return total
+
+
+PROG_GET_FD_BY_ID = 13
+
+
+class _GetIdAttr(ct.Structure):  # bpf_attr: BPF_*_GET_FD_BY_ID
+    _fields_ = [("id", ct.c_uint32), ("next_id", ct.c_uint32), ("open_flags", ct.c_uint32)]
+
+
+def prog_get_fd_by_id(prog_id: int) -> int:
+    attr = _GetIdAttr(id=prog_id)
+    return _bpf(PROG_GET_FD_BY_ID, attr, f"open program id {prog_id}")

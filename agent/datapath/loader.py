@@ -369,3 +369,24 @@ def uninstall(bpffs: str) -> list[str]:
             removed.append(bpffs)
     return removed
 
+
+
+def attached_programs(cgroup_root: str) -> list[str]:
+    """Hooks of ours (by program name) still attached directly to a cgroup."""
+    found = []
+    fd = os.open(cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for hook, attach_type in HOOKS.items():
+            for prog_id in bpfsys.prog_query_cgroup(fd, attach_type):
+                try:
+                    pfd = bpfsys.prog_get_fd_by_id(prog_id)
+                except bpfsys.BpfError:
+                    continue  # gone meanwhile
+                try:
+                    if bpfsys.prog_info(pfd)[1] == hook:
+                        found.append(hook)
+                finally:
+                    os.close(pfd)
+    finally:
+        os.close(fd)
+    return found

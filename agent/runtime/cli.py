@@ -78,6 +78,80 @@ def build_settings(manifests: Path | None, kubeconfig: Path | None, node_name: s
     )
 
 
+class StatusPublisher:
+    """Hands the latest Route statuses to the StatusWriter while this agent leads (Kubernetes mode).
+
+    Writing happens on this object's thread, never on the sync loop's: an API server that is slow
+    or away delays status, never the datapath. Only the newest statuses are ever written; a failed
+    pass is retried with a capped backoff (or sooner, when newer statuses arrive). Each new term as
+    leader starts by forgetting what was written before (another agent may have written since).
+    """
+
+    RETRY_INITIAL = 1.0
+    RETRY_MAX = 30.0
+
+    def __init__(self, writer, metrics: Metrics):
+        self._writer = writer
+        self._metrics = metrics
+        self._lock = threading.Lock()
+        self._latest: Mapping[RouteId, RouteStatus] | None = None
+        self._leading = False
+        self._fresh_term = False
+        self._dirty = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="status-writer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._dirty.set()
+        self._thread.join(timeout=5)
+
+    def publish(self, statuses: Mapping[RouteId, RouteStatus]) -> None:
+        with self._lock:
+            self._latest = statuses
+        self._dirty.set()
+
+    def started_leading(self) -> None:
+        with self._lock:
+            self._leading = True
+            self._fresh_term = True
+        self._metrics.leader.set(1)
+        log.info("status.writer_active")
+        self._dirty.set()
+
+    def stopped_leading(self) -> None:
+        with self._lock:
+            self._leading = False
+        self._metrics.leader.set(0)
+        log.info("status.writer_standby")
+
+    def _run(self) -> None:
+        delay = self.RETRY_INITIAL
+        while not self._stop.is_set():
+            self._dirty.wait()
+            if self._stop.is_set():
+                return
+            self._dirty.clear()
+            with self._lock:
+                statuses, leading, fresh = self._latest, self._leading, self._fresh_term
+                self._fresh_term = False
+            if not leading or statuses is None:
+                continue
+            if fresh:
+                self._writer.forget()
+            try:
+                self._writer.write(statuses)
+                delay = self.RETRY_INITIAL
+            except Exception as err:  # the API server may be away: retry, never give up
+                log.warning("status.retry", routes=len(statuses), retry_in=delay, error=str(err))
+                self._dirty.set()
+                self._stop.wait(delay)
+                delay = min(self.RETRY_MAX, delay * 2)
+
+
 def kube_api_client(kubeconfig: Path | None):
     """An ApiClient from --kubeconfig, else from the in-cluster service account."""
     from kubernetes import client, config
@@ -108,7 +182,7 @@ class Agent:
                              unapplied_since=self.store.unapplied_since, waiting_for=self.store.waiting_for)
         self.board = RouteStatusBoard()
         self._stoppers: list = []  # called in reverse order on exit
-        self._status_writer = None  # Kubernetes mode: a BackgroundStatusWriter
+        self._publisher: StatusPublisher | None = None  # Kubernetes mode only
 
     def run(self) -> int:
         s = self.settings
@@ -191,7 +265,7 @@ class Agent:
 
     def _start_kubernetes(self) -> None:
         from agent.runtime.leader import LeaderElector
-        from agent.runtime.status_writer import BackgroundStatusWriter, StatusWriter
+        from agent.runtime.status_writer import StatusWriter
         from agent.sources.kube import KubeSource
 
         s = self.settings
@@ -202,32 +276,23 @@ class Agent:
         source.start()
         self._stoppers.append(source.stop)
 
-        writer = BackgroundStatusWriter(StatusWriter(api_client))
-        writer.start()
-        self._stoppers.append(writer.stop)
-        self._status_writer = writer
-
-        def started_leading():
-            self.metrics.leader.set(1)
-            writer.activate()
-
-        def stopped_leading():
-            self.metrics.leader.set(0)
-            writer.deactivate()
-
+        publisher = StatusPublisher(StatusWriter(api_client), self.metrics)
+        publisher.start()
+        self._stoppers.append(publisher.stop)
+        self._publisher = publisher
         # Unique per process: an old and a new agent on one node (a rolling update) must never
         # both believe they hold the Lease.
         identity = f"{s.node_name}-{uuid.uuid4().hex[:8]}"
         elector = LeaderElector(api_client, identity, s.leader_namespace,
-                                on_start=started_leading, on_stop=stopped_leading)
+                                on_start=publisher.started_leading, on_stop=publisher.stopped_leading)
         thread = threading.Thread(target=elector.run, name="leader", daemon=True)
         thread.start()
         self._stoppers.append(elector.stop)
 
     def _on_statuses(self, statuses: Mapping[RouteId, RouteStatus]) -> None:
         self.board.publish(statuses)
-        if self._status_writer is not None:
-            self._status_writer.submit(statuses)
+        if self._publisher is not None:
+            self._publisher.publish(statuses)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -7,13 +7,11 @@ travel over real sockets through the same connection pool the agent uses.
 
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
 from kubernetes import client as k8s
 
-# tests/ is on sys.path (pytest puts the directory of tests/conftest.py there).
+# pytest puts tests/ (home of tests/conftest.py) and this directory on sys.path.
+from kube_testing import RecordingSink
 from standin_apiserver import StandInApiServer
 
 
@@ -37,68 +35,6 @@ def api_client(apiserver):
         yield api
     finally:
         api.close()
-
-
-class RecordingSink:
-    """A thread-safe Sink that keeps what a store would, and every call in order, for asserts."""
-
-    def __init__(self):
-        self._lock = threading.Condition()
-        self.calls: list[tuple] = []
-        self.objects: dict[tuple[str, str, str], dict] = {}  # (kind, namespace, name) -> object
-        self.synced_sources: list[str] = []
-
-    @staticmethod
-    def _key(obj: dict) -> tuple[str, str, str]:
-        meta = obj["metadata"]
-        return obj["kind"], meta.get("namespace", ""), meta["name"]
-
-    def upsert(self, obj: dict) -> None:
-        with self._lock:
-            self.calls.append(("upsert", obj["kind"], obj["metadata"]["name"]))
-            self.objects[self._key(obj)] = obj
-            self._lock.notify_all()
-
-    def delete(self, obj: dict) -> None:
-        with self._lock:
-            self.calls.append(("delete", obj["kind"], obj["metadata"]["name"]))
-            self.objects.pop(self._key(obj), None)
-            self._lock.notify_all()
-
-    def replace(self, source: str, objs: list[dict]) -> None:
-        with self._lock:
-            self.calls.append(("replace", source, sorted(o["metadata"]["name"] for o in objs)))
-            for key in [k for k in self.objects if k[0] == source]:
-                del self.objects[key]
-            for obj in objs:
-                self.objects[self._key(obj)] = obj
-            self._lock.notify_all()
-
-    def synced(self, source: str) -> None:
-        with self._lock:
-            self.calls.append(("synced", source))
-            self.synced_sources.append(source)
-            self._lock.notify_all()
-
-    def pod_cgroups(self, mapping: dict[str, int]) -> None:  # the cgroup scan's call; not ours
-        raise AssertionError("the Kubernetes source never reports pod cgroups")
-
-    def names(self, kind: str) -> list[str]:
-        with self._lock:
-            return sorted(k[2] for k in self.objects if k[0] == kind)
-
-    def calls_of(self, what: str, kind: str | None = None) -> list[tuple]:
-        with self._lock:
-            return [c for c in self.calls if c[0] == what and (kind is None or c[1] == kind)]
-
-    def wait_for(self, predicate, timeout: float = 5.0, what: str = "condition") -> None:
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            while not predicate():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"timed out waiting for {what}; calls: {self.calls[-15:]}")
-                self._lock.wait(left)
 
 
 @pytest.fixture

@@ -468,8 +468,8 @@ def test_b14_one_entry_per_parent_ref_verbatim_with_observed_generation():
 ])
 def test_b14_accepted_reasons_are_checked_in_order(case, parents, fields, expected):
     strong = route("GRPCRoute", "strong", [parent("echo")], [rule(backend("echo-v2"))])
-    res = run([*echo_scene(), strong, route("TCPRoute", "r", parents, [rule(backend("echo-v1"), **fields)])])
-    assert accepted(res, "TCPRoute", "r") == expected, case
+    res = run([*echo_scene(), strong, route("HTTPRoute", "r", parents, [rule(backend("echo-v1"), **fields)])])
+    assert accepted(res, "HTTPRoute", "r") == expected, case
 
 
 def test_b14_resolved_refs_names_the_first_reason_and_lists_every_invalid_ref():

@@ -5,6 +5,7 @@ import json
 import logging
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -111,3 +112,54 @@ def test_an_unreadable_kubeconfig_is_a_user_error(tmp_path):
     kubeconfig.write_text("apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\n")
     with pytest.raises(UserError, match="cannot load the Kubernetes config from --kubeconfig .*hint"):
         kube_api_client(kubeconfig)
+
+
+class RecordingStatusWriter:
+    """Stand-in for agent.runtime.status_writer.StatusWriter: records passes, can fail some."""
+
+    def __init__(self, fail: int = 0):
+        import threading
+
+        self.passes: list[dict] = []
+        self.forgets = 0
+        self.fail = fail
+        self.event = threading.Event()
+
+    def forget(self):
+        self.forgets += 1
+
+    def write(self, statuses):
+        self.passes.append(dict(statuses))
+        self.event.set()
+        if self.fail:
+            self.fail -= 1
+            raise RuntimeError("API server away (stand-in)")
+
+
+def test_status_publisher_writes_only_while_leading_and_retries():
+    from agent.model import RouteId
+    from agent.runtime.cli import StatusPublisher
+    from agent.runtime.metrics import Metrics
+
+    writer = RecordingStatusWriter(fail=1)
+    metrics = Metrics()
+    publisher = StatusPublisher(writer, metrics)
+    publisher.RETRY_INITIAL = 0.05
+    publisher.start()
+    try:
+        publisher.publish({RouteId("HTTPRoute", "mesh", "r"): "status-1"})
+        assert not writer.event.wait(0.3), "a standby agent never writes status"
+        publisher.started_leading()
+        deadline = time.monotonic() + 5
+        while len(writer.passes) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(writer.passes) == 2, "a failed pass is retried"
+        assert writer.forgets == 1
+        assert metrics.registry.get_sample_value("meshlet_leader") == 1
+        publisher.stopped_leading()
+        writer.event.clear()
+        publisher.publish({RouteId("HTTPRoute", "mesh", "r"): "status-2"})
+        assert not writer.event.wait(0.3)
+        assert metrics.registry.get_sample_value("meshlet_leader") == 0
+    finally:
+        publisher.stop()

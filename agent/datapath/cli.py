@@ -1,0 +1,119 @@
+"""`meshlet maps dump` and `meshlet uninstall`: read or remove the pinned datapath, no agent needed.
+
+Role: a thin command-line layer over agent.datapath.dump (read-only decoding) and
+agent.datapath.loader.uninstall. Neither command compiles anything or imports bcc. The table and
+the JSON come from the same records (dump.MapsView); JSON keys are the record field names and
+are stable for scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import click
+
+from agent.datapath import dump as D
+
+DEFAULT_BPFFS = "/sys/fs/bpf/meshlet"
+
+#: WHICH -> (column headers, row -> cells)
+COLUMNS = {
+    "frontends": (("FRONTEND", "PROTO", "SCOPE", "VERDICT", "SPLIT", "ROUTE"), lambda r: (
+        _hostport(r.address, r.port), r.protocol, r.scope or "-",
+        r.verdict + (" (has scopes)" if r.has_scopes else ""),
+        ", ".join(f"{s.share:.4g} {s.group}" for s in r.split) or "-", r.route or "-")),
+    "groups": (("GROUP", "VERDICT", "ENDPOINTS", "AFFINITY", "SET"), lambda r: (
+        r.group, r.verdict, str(r.count), f"{r.affinity_timeout}s" if r.affinity_timeout else "-",
+        f"{r.set_id:#018x}")),
+    "endpoints": (("GROUP", "INDEX", "ENDPOINT", "SET"), lambda r: (
+        r.group or "(stale set)", str(r.index), _hostport(r.address, r.port), f"{r.set_id:#018x}")),
+    "members": (("SET", "ENDPOINT", "INDEX"), lambda r: (
+        f"{r.set_id:#018x}", _hostport(r.address, r.port), str(r.index))),
+    "affinity": (("NETNS-COOKIE", "GROUP", "ENDPOINT", "IDLE"), lambda r: (
+        str(r.netns_cookie), r.group, r.endpoint, f"{r.idle_seconds:.1f}s")),
+    "clients": (("CGROUP-ID", "NAMESPACE", "SKIP"), lambda r: (
+        str(r.cgroup_id), r.scope, "yes" if r.skip else "no")),
+    "counters": (("OUTCOME", "CONNECTIONS"), lambda r: (r.outcome, str(r.total))),
+    "names": (("ID", "NAME"), lambda r: (f"{r.id:#018x}", r.name)),
+}
+
+
+def _hostport(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def format_table(headers, rows) -> str:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, row)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in [headers, *rows]]
+    return "\n".join(lines)
+
+
+@click.group()
+def maps():
+    """Read the datapath's pinned maps (no running agent needed).
+
+    \b
+    Example:
+      meshlet maps dump frontends
+      meshlet maps dump -o json | jq '.groups[] | select(.count == 0)'
+    """
+
+
+@maps.command()
+@click.argument("which", required=False, type=click.Choice(D.DUMPABLE))
+@click.option("--bpffs", default=DEFAULT_BPFFS, show_default=True, help="The agent's bpffs directory.")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def dump(which, bpffs, output):
+    """Print the pinned maps, decoded: addresses, ports, verdicts, shares and names.
+
+    WHICH is one map (default: all of them). JSON keys are stable for scripts.
+
+    \b
+    Example:
+      meshlet maps dump frontends --bpffs /sys/fs/bpf/meshlet
+      meshlet maps dump counters -o json
+    """
+    view = D.read_maps(bpffs)
+    if output == "json":
+        click.echo(json.dumps(view.as_json(which), indent=2, sort_keys=True))
+        return
+    tables = [which] if which else list(D.DUMPABLE)
+    for i, table in enumerate(tables):
+        headers, cells = COLUMNS[table]
+        if len(tables) > 1:
+            click.echo(("\n" if i else "") + f"# {table}")
+        click.echo(format_table(headers, [cells(r) for r in getattr(view, table)]))
+
+
+@click.command()
+@click.option("--bpffs", default=DEFAULT_BPFFS, show_default=True, help="The agent's bpffs directory.")
+@click.option("--cgroup-root", default=None,
+              help="The cgroup the agent attached to: checked afterwards for programs still attached.")
+def uninstall(bpffs, cgroup_root):
+    """Detach meshlet's programs and remove every pin under --bpffs.
+
+    Stop the agent first (a running agent would attach again). Connections already established
+    are not affected; new ones are no longer translated.
+
+    \b
+    Example:
+      meshlet uninstall --bpffs /sys/fs/bpf/meshlet --cgroup-root /sys/fs/cgroup
+    """
+    from agent.datapath import loader
+
+    removed = loader.uninstall(bpffs)
+    for path in removed:
+        click.echo(f"removed {path}")
+    if not removed:
+        click.echo(f"nothing pinned under {bpffs}")
+    if cgroup_root:
+        left = loader.attached_programs(cgroup_root)
+        if left:
+            from agent.errors import UserError
+
+            raise UserError(f"programs named like ours are still attached to {cgroup_root}: "
+                            f"{', '.join(left)}; hint: another meshlet with a different --bpffs attached them")
+        click.echo(f"no meshlet program attached to {os.path.abspath(cgroup_root)}")

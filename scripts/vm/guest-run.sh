@@ -1,0 +1,41 @@
+#!/bin/bash
+# Stage 2 of the kernel-matrix VM: PID 1 after switch_root, on the host's filesystem (read-only,
+# over 9p). Mounts what a node has (proc, sys, devtmpfs, a pure cgroup2 hierarchy at
+# /sys/fs/cgroup, bpffs at /sys/fs/bpf) and tmpfs where the tests write (/tmp, /run, /var/tmp),
+# then runs the job the host wrote to the results share and leaves its exit code there.
+# Invariants: nothing here writes the host's filesystem except the results directory the host made
+# for this run; the VM has no network device, so test traffic cannot leave it; the VM always
+# powers off, whatever happens.
+set -u
+results=/run/meshlet-vm
+say() { printf 'meshlet-vm: %s\n' "$*"; }
+power_off() { sync; echo o > /proc/sysrq-trigger; sleep 10; }
+trap power_off EXIT
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /dev/shm 2>/dev/null
+mount -t devpts devpts /dev/pts
+mount -t tmpfs tmpfs /dev/shm
+for dir in /tmp /run /var/tmp /root; do mount -t tmpfs -o mode=1777 tmpfs "$dir"; done
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
+mount -t bpf bpf /sys/fs/bpf
+mkdir -p "$results"
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 results "$results" || { say "cannot mount the results share"; exit 1; }
+ip link set lo up
+say "kernel $(uname -r), cgroup2 at /sys/fs/cgroup, bpffs at /sys/fs/bpf"
+
+# The job: REPO, and JOB (an array: the command to run from REPO), written by run-kernel-tests.sh.
+# shellcheck source=/dev/null
+source "$results/job"
+headers=/lib/modules/$(uname -r)/build
+[ -e "$headers/include/generated/autoconf.h" ] || say "warning: no kernel headers at $headers (bcc cannot compile)"
+cd "$REPO" || exit 1
+# The host tree is read-only: no bytecode files, no pytest cache; HOME is the VM's tmpfs.
+export HOME=/root PYTHONDONTWRITEBYTECODE=1 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+say "running: ${JOB[*]}"
+"${JOB[@]}"
+rc=$?
+echo "$rc" > "$results/rc"
+say "exit code $rc"
