@@ -393,6 +393,10 @@ class StandInApiServer:
             return [r for r in self.requests
                     if r.path.rstrip("/").split("/")[-1] == plural and (watch is None or r.is_watch == watch)]
 
+    def requests_for_path(self, path: str) -> list[RecordedRequest]:
+        with self._lock:
+            return [r for r in self.requests if r.path == path]
+
     def request_lines(self) -> list[str]:
         with self._lock:
             return [f"{r.method} {r.path} {r.query}" for r in self.requests]

@@ -24,7 +24,6 @@ the weights' magnitude, and the last threshold is exactly 2^31.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import socket
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
@@ -88,16 +87,22 @@ def set_id(gid: int, endpoints: Iterable) -> int:
 # --- addresses ---------------------------------------------------------------------------------
 
 
+_MAPPED_PREFIX = b"\0" * 10 + b"\xff\xff"
+
+
 def addr16(address: str) -> bytes:
-    """16 bytes of an address, IPv4 as ::ffff:a.b.c.d (the key form for both socket families)."""
-    ip = ipaddress.ip_address(address)
-    if ip.version == 4:
-        return b"\0" * 10 + b"\xff\xff" + ip.packed
-    return ip.packed
+    """16 bytes of an address, IPv4 as ::ffff:a.b.c.d (the key form for both socket families).
+
+    inet_pton rather than ipaddress: a full plan parses every endpoint (500k at 50k Services),
+    and it is ten times faster. It also refuses what is not an address (OSError).
+    """
+    if ":" in address:
+        return socket.inet_pton(socket.AF_INET6, address)
+    return _MAPPED_PREFIX + socket.inet_pton(socket.AF_INET, address)
 
 
 def family_of(address: str) -> int:
-    return ipaddress.ip_address(address).version
+    return 6 if ":" in address else 4
 
 
 # --- the weighted split ------------------------------------------------------------------------
@@ -159,10 +164,9 @@ def plan_group(group: BackendGroup) -> GroupEntries:
     if not usable:
         return entries
     for index, ep in enumerate(group.endpoints):
-        raw = addr16(ep.address)
-        port = socket.htons(ep.port)
-        ep_value = L.EpValue(port=port, family=family_of(ep.address))
-        ep_value.addr[:] = raw
+        ep_value = L.EpValue.from_buffer_copy(addr16(ep.address) + bytes(4))
+        ep_value.port = socket.htons(ep.port)
+        ep_value.family = family_of(ep.address)
         entries.endpoints[bytes(L.EpKey(set_id=sid, index=index))] = bytes(ep_value)
         if group.affinity_timeout:
             entries.members[member_key_bytes(sid, ep_value)] = bytes(L.U32(index))

@@ -55,6 +55,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 
 from agent.errors import UserError
+from agent.kubelet import LAYOUTS, QOS_CLASSES, pod_cgroup_path
 
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = "/run/netns"
@@ -70,8 +71,6 @@ GATEWAY_LINK_LOCAL = "fe80::1"
 BRIDGE = "br0"
 POD_IFNAME = "eth0"
 
-LAYOUTS = ("systemd", "cgroupfs")
-QOS_CLASSES = ("guaranteed", "burstable", "besteffort")
 
 #: How long a started echo server may take to say `ready` (a cold Python start on a busy CI box).
 ECHO_READY_TIMEOUT = 15.0
@@ -83,22 +82,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 # --- pure naming rules ---------------------------------------------------------------------------
-
-
-def pod_cgroup_path(layout: str, qos: str, uid: str) -> str:
-    """The pod-level cgroup, relative to the cgroup root, as the kubelet names it (SEMANTICS C1)."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown cgroup layout {layout!r}: expected one of {LAYOUTS}")
-    if qos not in QOS_CLASSES:
-        raise ValueError(f"unknown QoS class {qos!r}: expected one of {QOS_CLASSES}")
-    if layout == "systemd":
-        uid_ = uid.replace("-", "_")
-        if qos == "guaranteed":
-            return f"kubepods.slice/kubepods-pod{uid_}.slice"
-        return f"kubepods.slice/kubepods-{qos}.slice/kubepods-{qos}-pod{uid_}.slice"
-    if qos == "guaranteed":
-        return f"kubepods/pod{uid}"
-    return f"kubepods/{qos}/pod{uid}"
 
 
 def container_cgroup_name(layout: str, uid: str) -> str:

@@ -1,14 +1,7 @@
 """The pod cgroups source: which pod (by uid) owns which cgroup on this node (SEMANTICS C1).
 
 Role: scan the cgroup tree below `--cgroup-root` every fraction of a second for the kubelet's pod
-cgroups, in both layouts and for every QoS class:
-
-    systemd driver:  kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid_>.slice
-                     kubepods.slice/kubepods-pod<uid_>.slice               (Guaranteed QoS)
-                     (the uid's "-" written "_", as systemd escapes it)
-    cgroupfs driver: kubepods/burstable/pod<uid>, kubepods/besteffort/pod<uid>
-                     kubepods/pod<uid>                                     (Guaranteed QoS)
-
+cgroups, in both layouts and for every QoS class (the names: agent/kubelet.py),
 and report `sink.pod_cgroups({uid: cgroup id})` when the set changes (and once after the first
 scan, which is this source's "synced"). The cgroup id the BPF programs see
 (`bpf_get_current_ancestor_cgroup_id`) is the inode number of the cgroup's directory on cgroup2.
@@ -21,35 +14,17 @@ kubepods parents may sit at any depth below the root (nested runtimes, test labs
 from __future__ import annotations
 
 import os
-import re
 import threading
 from pathlib import Path
 
+from agent.kubelet import pod_uid_of
 from agent.runtime.logs import get_logger
 from agent.sources import Sink
 
 log = get_logger("cgroups")
 
-_SYSTEMD_POD = re.compile(r"^kubepods(?:-[a-z]+)*-pod(?P<uid>[0-9A-Za-z_]+)\.slice$")
-_CGROUPFS_POD = re.compile(r"^pod(?P<uid>[0-9A-Za-z-]+)$")
-
 #: Deeper than any real layout (root/kubepods.slice/qos/pod is 3); stops a walk through a loop.
 MAX_DEPTH = 12
-
-
-def pod_uid_of(name: str, under_kubepods: bool) -> str | None:
-    """The pod uid a kubelet cgroup directory name encodes, or None if it is not a pod cgroup.
-
-    `under_kubepods`: the directory has a `kubepods` ancestor (required for the cgroupfs form,
-    whose `pod<uid>` name alone is too plain to trust)."""
-    match = _SYSTEMD_POD.match(name)
-    if match:
-        return match["uid"].replace("_", "-")
-    if under_kubepods:
-        match = _CGROUPFS_POD.match(name)
-        if match:
-            return match["uid"]
-    return None
 
 
 def scan_pod_cgroups(root: Path) -> dict[str, int]:

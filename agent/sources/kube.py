@@ -21,6 +21,8 @@ Invariants:
 - a kind's `synced` is called exactly once, after its first complete list; a route kind the
   cluster does not serve counts as listed and empty (a missing CRD is not an error), so every
   name in `KubeSource.kinds` is eventually synced, whatever discovery finds;
+- a route kind that discovery stops listing is emptied only when two rounds in a row agree, so
+  one bad discovery answer never takes every Route out of the datapath;
 - once a kind's watcher is stopped it never calls the sink again (a lock guards each call), so a
   kind whose CRD went away can be emptied without a late event bringing objects back;
 - the sink is called from several threads: it must be thread-safe (the runtime's Store is).
@@ -234,8 +236,7 @@ class KindWatcher:
         finally:
             with self._lock:
                 self._response = None
-            # A watch connection is closed, never handed back to the pool: after a drop or a stop
-            # it is broken anyway, and handing it back would overfill the pool (one per kind).
+            # A watch connection is never reused: after a drop or a stop it is broken anyway.
             resp.close()
         if self._stopped:
             raise _Stopped()
@@ -302,6 +303,7 @@ class KubeSource:
         self._synced: set[str] = set()
         self._stopping = threading.Event()
         self._discovered = False
+        self._unserved_rounds: dict[str, int] = {}  # watched route kind -> discovery rounds without it
         self._discovery = threading.Thread(target=self._discovery_loop, name="kube-discovery", daemon=True)
 
     @property
@@ -374,7 +376,15 @@ class KubeSource:
                 current = self._watchers.get(kind)
             version = served.get(kind)
             if current is not None and current.resource.version == version:
+                self._unserved_rounds.pop(kind, None)
                 continue
+            if current is not None and version is None:
+                # Dropping a kind empties it in the datapath: make sure discovery did not just
+                # hiccup (the next round must agree) before taking its routes away.
+                rounds = self._unserved_rounds[kind] = self._unserved_rounds.get(kind, 0) + 1
+                if rounds < 2:
+                    continue
+            self._unserved_rounds.pop(kind, None)
             if current is not None:
                 # Stopped before anything else is decided: no late event may follow.
                 current.stop()

@@ -38,6 +38,11 @@ ROUTE_PLURALS = {
     "UDPRoute": "udproutes",
 }
 
+#: Connections the client's pool keeps per API server: one long-lived watch per kind (up to ten)
+#: plus discovery, the Lease and status writes. A smaller pool (the client's default is 5 per CPU)
+#: discards a connection at the end of every watch with a warning.
+POOL_SIZE = 32
+
 #: Our connection-level retry: one retry when a pooled connection turned out dead, never a re-read
 #: of a response (the callers own every higher-level retry and its backoff).
 _POOL_RETRIES = urllib3.Retry(total=1, read=0, status=0, redirect=0, raise_on_status=False)
@@ -109,6 +114,10 @@ class ApiHttp:
         self._config = api_client.configuration
         self._pool = api_client.rest_client.pool_manager
         self.request_timeout = request_timeout
+        pool_kw = getattr(self._pool, "connection_pool_kw", None)
+        if isinstance(pool_kw, dict) and pool_kw.get("maxsize", 1) < POOL_SIZE:
+            pool_kw["maxsize"] = POOL_SIZE
+            self._pool.clear()  # pools are made per host on first use: the next one is big enough
 
     def _headers(self, content_type: str | None) -> dict:
         headers = dict(self._client.default_headers)

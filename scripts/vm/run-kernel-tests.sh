@@ -111,7 +111,7 @@ vm() {  # vm ACCEL SECONDS EXTRA-KERNEL-ARGS
     -display none -serial stdio -monitor none -no-reboot -nic none \
     -kernel "$kernel" -initrd "$work/initramfs.cpio.gz" \
     -append "console=ttyS0 panic=-1 quiet loglevel=4 $3" \
-    -virtfs "local,path=/,mount_tag=hostroot,security_model=passthrough,readonly=on" \
+    -virtfs "local,path=/,mount_tag=hostroot,security_model=passthrough,readonly=on,multidevs=remap" \
     -virtfs "local,path=$work/results,mount_tag=results,security_model=passthrough" </dev/null
 }
 

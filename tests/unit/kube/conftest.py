@@ -29,7 +29,6 @@ def apiserver():
 def api_client(apiserver):
     config = k8s.Configuration()
     config.host = apiserver.url
-    config.connection_pool_maxsize = 32
     api = k8s.ApiClient(config)
     try:
         yield api

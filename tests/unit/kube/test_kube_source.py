@@ -232,6 +232,30 @@ def test_a_missing_route_crd_is_no_error_and_is_picked_up_once_installed(apiserv
         time.sleep(0.02)
 
 
+def test_one_bad_discovery_answer_does_not_drop_a_route_kind(apiserver, sink, start_source):
+    apiserver.serve_crd("HTTPRoute", ("v1",))
+    apiserver.create(make("HTTPRoute", "default", "split", spec={}))
+    source = start_source()
+    wait_synced(sink, source)
+    sink.wait_for(lambda: sink.names("HTTPRoute") == ["split"])
+    hiccups = []
+
+    def one_404(method, path, query, body):
+        if path == "/apis/gateway.networking.k8s.io" and not hiccups:
+            hiccups.append(path)
+            return 404, {"kind": "Status", "code": 404, "message": "stand-in: not found (once)"}
+        return None
+
+    apiserver.add_hook(one_404)
+    group_reads = lambda: len(apiserver.requests_for_path("/apis/gateway.networking.k8s.io"))  # noqa: E731
+    wait_until(lambda: hiccups, what="the bad discovery answer")
+    after_hiccup = group_reads()
+    wait_until(lambda: group_reads() >= after_hiccup + 2, what="two more discovery rounds")
+    assert sink.names("HTTPRoute") == ["split"]
+    assert sink.calls_of("replace", "HTTPRoute") == [("replace", "HTTPRoute", ["split"])]
+    assert "HTTPRoute" in source.served_kinds
+
+
 def test_the_best_served_route_version_is_watched(apiserver, sink, start_source):
     apiserver.serve_crd("HTTPRoute", ("v1beta1", "v1"))
     apiserver.serve_crd("GRPCRoute", ("v1alpha2",))

@@ -6,7 +6,8 @@ import pytest
 
 from agent.errors import UserError
 from agent.lab.client import format_address, target
-from agent.lab.pods import AddressPool, container_cgroup_name, netns_name, pod_cgroup_path
+from agent.kubelet import pod_cgroup_path
+from agent.lab.pods import AddressPool, container_cgroup_name, netns_name
 
 UID = "1f2e3d4c-aaaa-4bbb-8ccc-0123456789ab"
 

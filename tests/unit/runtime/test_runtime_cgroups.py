@@ -10,9 +10,11 @@ import uuid
 
 import pytest
 
-from agent.lab.pods import QOS_CLASSES, container_cgroup_name, pod_cgroup_path
+from agent.kubelet import QOS_CLASSES, pod_cgroup_path
+from agent.lab.pods import container_cgroup_name
 from agent.sources import POD_CGROUPS
-from agent.sources.cgroups import CgroupsSource, pod_uid_of, scan_pod_cgroups
+from agent.kubelet import pod_uid_of
+from agent.sources.cgroups import CgroupsSource, scan_pod_cgroups
 
 
 class RecordingSink:
@@ -103,3 +105,12 @@ def test_the_store_counts_the_first_mapping_as_synced():
     assert store.waiting_for() == [POD_CGROUPS]
     store.pod_cgroups({})
     assert store.all_synced()
+
+
+@pytest.mark.parametrize("layout", ("systemd", "cgroupfs"))
+@pytest.mark.parametrize("qos", QOS_CLASSES)
+def test_c1_kubelet_names_read_back_as_written(layout, qos):
+    """The lab writes pod cgroup names and the agent reads them through one module: a round trip."""
+    uid = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+    name = pod_cgroup_path(layout, qos, uid).rsplit("/", 1)[-1]
+    assert pod_uid_of(name, under_kubepods=True) == uid
