@@ -6,6 +6,7 @@
     python -m bench --sizes 100,10000 --modes direct,meshlet,nftables --rounds 5
     python -m bench --report-only bench/out/results-....json   # regenerate RESULTS.md and plots
     python -m bench --cleanup            # remove what a killed run left behind
+    python -m bench --sizes 50000 --no-controlplane --reuse bench/out/results-A.json   # add N=50k
 
 Needs root (network namespaces, cgroups, BPF). Everything runs in namespaces and cgroups the
 bench makes and removes; the root netns is never changed. Errors a user can meet (no root, no
@@ -71,6 +72,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cp-profile", action="store_true",
                    help="also write a cProfile of each control-plane child to the --out directory")
     p.add_argument("--no-datapath", action="store_true", help="skip the datapath benchmark")
+    p.add_argument("--reuse", type=Path, metavar="JSON", action="append", default=[],
+                   help="add the datapath and control-plane records of an earlier results file to this "
+                        "run's (repeatable; RESULTS.md names the files). Combine with --no-datapath / "
+                        "--no-controlplane to measure only what is missing")
     p.add_argument("--no-controlplane", action="store_true", help="skip the control-plane benchmark")
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("out"), help="JSON/PNG directory")
     p.add_argument("--results-md", type=Path, default=report.RESULTS_MD, help="markdown file to write")
@@ -114,7 +119,12 @@ def run(args) -> dict:
         cp_sizes = args.cp_sizes or scale["cp_sizes"]
         results["controlplane"] = controlplane.run(cp_sizes, args.endpoints, args.cp_changes,
                                                    args.out if args.cp_profile else None)
-        results["ready"] = {str(n): controlplane.time_to_ready(n, args.endpoints) for n in cp_sizes}
+
+    for path in args.reuse:
+        earlier = json.loads(path.read_text())
+        results["datapath"] += earlier.get("datapath", [])
+        results["controlplane"] += earlier.get("controlplane", [])
+        results.setdefault("reused", []).append(f"{path.name} ({earlier['date']}, `{earlier['command']}`)")
     results["loadavg_end"] = os.getloadavg()
     return results
 

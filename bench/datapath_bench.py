@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import loadgen, stats
-from bench.modes import MODE_CLASSES, ApplyTimeout, Mode
+from bench.modes import MODE_CLASSES, ApplyFailed, ApplyTimeout, Mode
 from bench.synth import Service, make_services, with_endpoint_replaced
 from bench.topology import Lab
 
@@ -62,6 +62,7 @@ class _ModeRun:
     round_p50: list = field(default_factory=list)
     positions: dict = field(default_factory=lambda: {p: [] for p in POSITIONS})
     udp: list = field(default_factory=list)
+    udp_send: list = field(default_factory=list)
     stream: list = field(default_factory=list)
     reached: dict = field(default_factory=dict)  #: position -> Counter(endpoint)
     wrong_endpoint: int = 0
@@ -110,6 +111,11 @@ def run_size(plan: DatapathPlan, n: int, binary: Path, workdir: Path, skip: dict
                 record.update(status="timeout", reason=str(err), apply_full_s=None,
                               apply_full_timeout_s=plan.apply_timeout)
                 skip[name] = f"its full apply timed out at N={n}"
+                _say(plan, f"N={n} {name}: {err}")
+                mode = None
+            except ApplyFailed as err:
+                record.update(status="failed", reason=str(err), apply_full_s=None)
+                skip[name] = f"its full apply failed at N={n}"
                 _say(plan, f"N={n} {name}: {err}")
                 mode = None
             except Exception as err:  # one broken mode must not hide the others' figures
@@ -175,6 +181,7 @@ def _measure_round(plan, r: _ModeRun, round_no, seq, udp_seq, positions, stream_
         udp = loadgen.run_sequence(binary, "udp", mode.pair.cli_path, targets, workdir, mode.cgroup)
         _check(r, udp, udp_seq, udp=True)
         r.udp += [s.latency_ns for s in udp.samples if not s.errno]
+        r.udp_send += [s.send_ns for s in udp.samples if not s.errno]
     if plan.stream_seconds > 0:
         target = mode.address(stream_service, "tcp", draw)
         r.stream.append(loadgen.run_stream(binary, mode.pair.cli_path, target, plan.stream_seconds, mode.cgroup))
@@ -198,7 +205,7 @@ def _changes(plan, active, services, order, rng, binary, workdir):
                 continue
             try:
                 seconds = r.mode.apply_change(current, old, new)
-            except ApplyTimeout as err:
+            except (ApplyTimeout, ApplyFailed) as err:
                 r.record["change_error"] = str(err)
                 continue
             r.record.setdefault("apply_change_s", []).append(round(seconds, 5))
@@ -225,6 +232,7 @@ def _finish(r: _ModeRun) -> dict:
     record["conn_per_s"] = round(r.crr_count / (r.crr_elapsed_ns / 1e9), 1) if r.crr_elapsed_ns else None
     record["positions_us"] = {p: stats.summarize_ns(v) for p, v in r.positions.items()}
     record["udp_us"] = stats.summarize_ns(r.udp)
+    record["udp_send_us"] = stats.summarize_ns(r.udp_send)
     record["stream_gbit_s"] = round(statistics.median(r.stream) * 8 / 1e9, 3) if r.stream else None
     record["stream_gbit_s_all"] = [round(v * 8 / 1e9, 3) for v in r.stream]
     record["wrong_endpoint"] = r.wrong_endpoint

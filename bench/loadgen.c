@@ -13,8 +13,9 @@
 //   loadgen crr|udp --netns PATH [--cgroup DIR] --targets FILE --out FILE
 //       One new connection (crr: connect, send, recv, close) or one new UDP socket (udp: sendto,
 //       recvfrom, close) per line "IP PORT" of FILE, in order. Writes one line per attempt to
-//       --out: "ERRNO LATENCY_NS ENDPOINT REPLY_SOURCE" where LATENCY_NS is connect() alone (crr)
-//       or sendto..recvfrom (udp). Prints {"count":..,"errors":..,"elapsed_ns":..} on stdout.
+//       --out: "ERRNO LATENCY_NS ENDPOINT REPLY_SOURCE SEND_NS" where LATENCY_NS is connect()
+//       alone (crr) or sendto..recvfrom (udp), and SEND_NS is sendto() alone (udp; 0 for crr).
+//       Prints {"count":..,"errors":..,"elapsed_ns":..} on stdout.
 //   loadgen stream --netns PATH [--cgroup DIR] --target IP --port PORT --seconds S
 //       One TCP connection, writes for S seconds; prints {"bytes":..,"elapsed_ns":..}.
 //
@@ -268,8 +269,10 @@ static int one_crr(const struct target *t, uint64_t *latency, char *endpoint) {
     return err;
 }
 
-// One new UDP socket, one datagram out and its answer; *latency = sendto..recvfrom.
-static int one_udp(const struct target *t, uint64_t *latency, char *endpoint, char *source) {
+// One new UDP socket, one datagram out and its answer; *latency = sendto..recvfrom, *send =
+// sendto() alone (the first datagram's output path: hooks, NAT, veth, all inside the call).
+static int one_udp(const struct target *t, uint64_t *latency, uint64_t *send, char *endpoint,
+                   char *source) {
     int fd = socket(AF_INET, SOCK_DGRAM, 0);
     if (fd < 0) return errno;
     set_timeouts(fd, 2000);
@@ -278,6 +281,7 @@ static int one_udp(const struct target *t, uint64_t *latency, char *endpoint, ch
     socklen_t flen = sizeof(from);
     uint64_t t0 = now_ns();
     if (sendto(fd, "Q", 1, 0, (const struct sockaddr *)&t->addr, sizeof(t->addr)) != 1) err = errno;
+    *send = now_ns() - t0;
     if (!err) {
         ssize_t n = recvfrom(fd, endpoint, REPLY_MAX - 1, 0, (struct sockaddr *)&from, &flen);
         if (n <= 0) err = n < 0 ? errno : EIO;
@@ -299,15 +303,16 @@ static int run_sequence(int udp, const char *targets_path, const char *out_path)
     uint64_t start = now_ns();
     for (size_t i = 0; i < n; i++) {
         char endpoint[REPLY_MAX] = "-", source[REPLY_MAX] = "-";
-        uint64_t latency = 0;
-        int err = udp ? one_udp(&targets[i], &latency, endpoint, source)
+        uint64_t latency = 0, send = 0;
+        int err = udp ? one_udp(&targets[i], &latency, &send, endpoint, source)
                       : one_crr(&targets[i], &latency, endpoint);
         if (err) {
             errors++;
             strcpy(endpoint, "-");
         }
         if (!endpoint[0]) strcpy(endpoint, "-");
-        fprintf(out, "%d %llu %s %s\n", err, (unsigned long long)latency, endpoint, source);
+        fprintf(out, "%d %llu %s %s %llu\n", err, (unsigned long long)latency, endpoint, source,
+                (unsigned long long)send);
     }
     uint64_t elapsed = now_ns() - start;
     fclose(out);

@@ -5,7 +5,10 @@ which enter only the namespaces (and cgroups) they are given.
 
 A sample is one connection attempt: errno (0 = success), latency in ns (connect() alone for TCP,
 sendto..recvfrom for UDP), the endpoint address the server saw the connection arrive on, and for
-UDP the source address of the reply (it must be the address the client sent to).
+UDP the source address of the reply (it must be the address the client sent to) and sendto()
+alone. The UDP round trip includes waking the server process, so on a busy machine it follows
+the scheduler more than the datapath; sendto() alone holds the first datagram's datapath cost
+(hooks, conntrack, NAT, veth delivery all run inside the call).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class Sample:
     latency_ns: int
     endpoint: str  #: "-" when the attempt failed
     reply_source: str  #: UDP only; "-" for TCP
+    send_ns: int = 0  #: UDP only: sendto() alone, the first datagram's whole output path
 
 
 @dataclass(frozen=True)
@@ -74,8 +78,8 @@ def run_sequence(
     summary = json.loads(result.stdout)
     samples = []
     for line in out_file.read_text().splitlines():
-        err, latency, endpoint, source = line.split()
-        samples.append(Sample(int(err), int(latency), endpoint, source))
+        err, latency, endpoint, source, send = line.split()
+        samples.append(Sample(int(err), int(latency), endpoint, source, int(send)))
     return Sequence(samples, summary["elapsed_ns"])
 
 

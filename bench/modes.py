@@ -35,6 +35,13 @@ class ApplyTimeout(Exception):
     """Loading a rule set took longer than the run allows (the figure is then "> timeout")."""
 
 
+class ApplyFailed(Exception):
+    """The tool refused the rule set; str() is one line: the tool, the time it took, its error."""
+
+#: Warnings the tools print on success too; they say nothing about a failure.
+_TOOL_NOISE = ("Ignoring deprecated --wait-interval option.",)
+
+
 class Mode:
     name = ""
     route_services = True  #: the client netns routes the Service range (firewall modes need it)
@@ -81,7 +88,8 @@ class Mode:
                 raise ApplyTimeout(f"{cmd[0]} did not finish in {self.apply_timeout:.0f} s")
             seconds = time.perf_counter() - start
         if proc.returncode != 0:
-            raise RuntimeError(f"{cmd[0]} failed in {self.pair.cli}: {err.strip()[:500]}")
+            lines = [line.strip() for line in err.splitlines() if line.strip() and line.strip() not in _TOOL_NOISE]
+            raise ApplyFailed(f"{cmd[0]} failed after {seconds:.0f} s: {' / '.join(lines)[:300]}")
         return seconds
 
 
@@ -89,6 +97,12 @@ class Direct(Mode):
     name = "direct"
     route_services = False
     applies = False
+
+    def setup(self):
+        super().setup()
+        # The same cgroup depth as the meshlet client, without programs: the two clients then
+        # differ only by meshlet's hooks (cgroup depth alone changes per-task accounting costs).
+        self.cgroup = self.lab.child_cgroup(self.lab.cgroup_subtree("direct"), "client")
 
     def address(self, service, proto, rng):
         return rng.choice(service.endpoints), TARGET_PORT
@@ -110,7 +124,7 @@ class Meshlet(Mode):
         from agent.datapath import Datapath, uninstall
 
         super().setup()
-        root = self.lab.cgroup_subtree()
+        root = self.lab.cgroup_subtree("meshlet")
         self.cgroup = self.lab.child_cgroup(root, "client")
         bpffs = Path("/sys/fs/bpf") / f"meshlet-bench-{self.lab.run_id}"
         self.lab.directory(bpffs)

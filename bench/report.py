@@ -147,6 +147,11 @@ def _save(fig, path: Path) -> Path:
 # --- markdown ---------------------------------------------------------------------------------
 
 
+def _cell(text) -> str:
+    """Free text (an error message) made safe for one markdown table cell."""
+    return " ".join(str(text).split()).replace("|", "/")
+
+
 def _fmt(value, digits=1) -> str:
     if value is None:
         return "-"
@@ -183,6 +188,7 @@ def render_markdown(results: dict, plot_paths: list[Path], json_path: Path | Non
         f"- Load average at start / end: {', '.join(f'{x:.1f}' for x in machine['loadavg_start'])} / "
         f"{', '.join(f'{x:.1f}' for x in results.get('loadavg_end', ()))}",
         f"- Note: {results.get('note', '')}",
+        *[f"- Records added from an earlier run: {reused}" for reused in results.get("reused", [])],
         "",
         "## Targets (issue 6)",
         "",
@@ -190,7 +196,7 @@ def render_markdown(results: dict, plot_paths: list[Path], json_path: Path | Non
         "|---|---|---|",
     ]
     for v in targets.judge(results.get("datapath", []), results.get("controlplane", [])):
-        lines.append(f"| {v.target} | **{v.status}** | {v.measured} |")
+        lines.append(f"| {v.target} | **{v.status}** | {_cell(v.measured)} |")
 
     datapath = results.get("datapath", [])
     if datapath:
@@ -201,18 +207,20 @@ def render_markdown(results: dict, plot_paths: list[Path], json_path: Path | Non
             "Latencies in microseconds: connect() alone (SYN out to established), per new connection "
             "to a uniformly random Service; `start/mid/end` = p50 for the Service at 0 %, 50 %, 100 % "
             "of the KUBE-SERVICES chain (shuffled order). conn/s: TCP_CRR-style (connect, send, recv, "
-            "close) from one client. UDP: new socket, first datagram, its answer. Stream: one "
+            "close) from one client. UDP send: sendto() of a new socket's first datagram (its whole output "
+            "path runs inside the call); UDP rtt: sendto..recvfrom of the answer (includes waking the "
+            "server process: scheduler-bound on a busy machine). Stream: one "
             "established connection. Change: one endpoint of one Service replaced (partial apply).",
             "",
-            "| N | mode | full apply | change p50 | p01 | p50 | p90 | p99 | start/mid/end p50 | conn/s | UDP p50/p99 | stream Gbit/s | wrong/err |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| N | mode | full apply | change p50 | p01 | p50 | p90 | p99 | start/mid/end p50 | conn/s | UDP send p50/p99 | UDP rtt p50 | stream Gbit/s | wrong/err |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in sorted(datapath, key=lambda r: (r["services"], ALL_MODES.index(r["mode"]))):
             if not r.get("connect_us", {}).get("count"):
-                lines.append(f"| {r['services']} | {r['mode']} | {_apply(r)} | | | | | | | | | | "
-                             f"{r.get('status')}: {r.get('reason', '')} |")
+                lines.append(f"| {r['services']} | {r['mode']} | {_apply(r)} | | | | | | | | | | | "
+                             f"{r.get('status')}: {_cell(r.get('reason', ''))} |")
                 continue
-            c, pos, udp = r["connect_us"], r["positions_us"], r["udp_us"]
+            c, pos, udp, send = r["connect_us"], r["positions_us"], r["udp_us"], r.get("udp_send_us", {})
             change = r.get("apply_change", {}).get("p50")
             errors = sum(r.get("errors", {}).values())
             lines.append(
@@ -220,7 +228,8 @@ def render_markdown(results: dict, plot_paths: list[Path], json_path: Path | Non
                 f"{'-' if change is None else f'{change * 1000:.1f} ms'} | "
                 f"{_fmt(c['p01'])} | {_fmt(c['p50'])} | {_fmt(c['p90'])} | {_fmt(c['p99'])} | "
                 + "/".join(_fmt(pos[p].get("p50")) for p in ("start", "middle", "end"))
-                + f" | {_fmt(r['conn_per_s'], 0)} | {_fmt(udp.get('p50'))}/{_fmt(udp.get('p99'))} | "
+                + f" | {_fmt(r['conn_per_s'], 0)} | {_fmt(send.get('p50'))}/{_fmt(send.get('p99'))} | "
+                f"{_fmt(udp.get('p50'))} | "
                 f"{_fmt(r.get('stream_gbit_s'), 2)} | {r['wrong_endpoint']}/{errors} |"
             )
     cp = results.get("controlplane", [])
@@ -229,12 +238,15 @@ def render_markdown(results: dict, plot_paths: list[Path], json_path: Path | Non
             "",
             "## Control plane",
             "",
-            "N Services x 10 endpoints. Cold sync = resolve + plan + reconcile into empty pinned maps. "
-            "Change = one endpoint of one Service changed: resolve + reconcile of the delta. "
-            "Peak RSS = VmHWM of the child process that did all of it.",
+            "N Services x 10 endpoints, in a child process. Cold sync = resolve (upsert every object, "
+            "commit) + reconcile into empty pinned maps (reconcile plans inside; plan is also timed on "
+            "its own). Change = one EndpointSlice's endpoint replaced: upsert + commit + reconcile of "
+            "the delta. Child RSS = VmHWM of that child (it also holds the input objects). `meshlet run` "
+            "= the real agent on a manifests directory with the same objects: seconds to /readyz 200 "
+            "and its own VmHWM.",
             "",
-            "| N | resolve | plan | reconcile | cold sync | change p50 | change p99 | peak RSS | note |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| N | resolve | plan | reconcile | cold sync | change p50 | change p99 | child RSS | meshlet run ready | agent peak RSS | note |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in sorted(cp, key=lambda r: r["services"]):
             ch = r.get("change_ms", {})
@@ -242,12 +254,15 @@ def render_markdown(results: dict, plot_paths: list[Path], json_path: Path | Non
                 f"| {r['services']} | {_fmt(r.get('resolve_s'), 3)} s | {_fmt(r.get('plan_s'), 3)} s | "
                 f"{_fmt(r.get('reconcile_s'), 3)} s | {_fmt(r.get('cold_sync_s'), 3)} s | "
                 f"{_fmt(ch.get('p50'), 2)} ms | {_fmt(ch.get('p99'), 2)} ms | "
-                f"{_fmt(r.get('peak_rss_mib'), 0)} MiB | {r.get('note', '')} |"
+                f"{_fmt(r.get('peak_rss_mib'), 0)} MiB | {_fmt(r.get('agent_ready_s'), 2)} s | "
+                f"{_fmt(r.get('agent_peak_rss_mib'), 0)} MiB | {_cell(r.get('note', ''))} {_cell(r.get('agent_note', ''))} |"
             )
-    if results.get("ready"):
-        lines += ["", "Time from `meshlet run --manifests` start to /readyz 200 (programs attached, first "
-                  "full sync written):", ""]
-        lines += [f"- N={n}: {text}" for n, text in results["ready"].items() if text]
+        stages = [r for r in cp if r.get("memory_mib")]
+        if stages:
+            lines += ["", "Child memory after each step, VmRSS MiB (VmHWM):", ""]
+            for r in sorted(stages, key=lambda r: r["services"]):
+                lines.append(f"- N={r['services']}: " + ", ".join(
+                    f"{step} {rss:.0f} ({hwm:.0f})" for step, rss, hwm in r["memory_mib"]))
     if plot_paths:
         lines += ["", "## Plots", ""]
         lines += [f"![{p.stem}]({_relative(p, md_path.parent)})" for p in plot_paths]

@@ -143,9 +143,9 @@ class Lab:
 
     # --- cgroups ------------------------------------------------------------------------------
 
-    def cgroup_subtree(self) -> Path:
+    def cgroup_subtree(self, purpose: str) -> Path:
         """A fresh cgroup under the cgroup2 mount (never the mount's root itself)."""
-        root = cgroup2_mount() / f"meshlet-bench-{self.run_id}"
+        root = cgroup2_mount() / f"meshlet-bench-{self.run_id}-{purpose}"
         root.mkdir()
         self.on_close(f"cgroup {root}", lambda: _remove_cgroup(root))
         return root

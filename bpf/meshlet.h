@@ -26,6 +26,9 @@
 #define NAME_LEN 96       /* bytes of a human name in the names map */
 #define MAX_POD_DEPTH 8   /* cgroup levels below the root searched for a pod cgroup */
 
+_Static_assert((SOCK_XLATS & (SOCK_XLATS - 1)) == 0, "SOCK_XLATS is a power of two (slot mask)");
+_Static_assert(MAX_SLOTS <= 255, "fe_value.nslots is a __u8");
+
 /* Verdicts: the values of agent.model.Verdict (layout.py asserts they agree). */
 #define VERDICT_FORWARD 0
 #define VERDICT_REJECT 1

@@ -95,6 +95,7 @@ class RecordedRequest:
     method: str
     path: str
     query: dict[str, str]
+    headers: dict[str, str] = field(default_factory=dict)  #: names in lower case
     at: float = field(default_factory=time.monotonic)
 
     @property
@@ -512,7 +513,7 @@ class StandInApiServer:
         query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
         body = handler.read_body()
         with self._lock:
-            self.requests.append(RecordedRequest(method, parts.path, query))
+            self.requests.append(RecordedRequest(method, parts.path, query, {k.lower(): v for k, v in handler.headers.items()}))
             hooks = list(self._hooks)
         try:
             for hook in hooks:

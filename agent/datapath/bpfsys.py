@@ -59,6 +59,10 @@ MAP_TYPE_NAMES = {
 BPF_F_NO_PREALLOC = 1
 BPF_ANY = 0
 
+#: Entries per batch call: bounds the buffers we build and each call's time in the kernel
+#: (which reschedules between elements anyway), while keeping syscalls few.
+BATCH_CHUNK = 8192
+
 
 class BpfError(OSError):
     """A failed bpf(2) call: `errno` is the kernel's, `what` says which command on what."""
@@ -371,12 +375,17 @@ class Map:
             first = False
 
     def update_batch(self, entries: list[tuple[bytes, bytes]]) -> None:
-        """Write many entries in one call (BPF_MAP_UPDATE_BATCH); one by one if not supported.
+        """Write many entries, BATCH_CHUNK per BPF_MAP_UPDATE_BATCH call; one by one if the kernel
+        has no batch ops for the map.
 
         Not atomic as a whole: the kernel applies entries in order and stops at the first error
         (attr.count then says how many were written). The reconciler checks capacity first so
         a batch does not fail half way for lack of room.
         """
+        for start in range(0, len(entries), BATCH_CHUNK):
+            self._update_batch(entries[start : start + BATCH_CHUNK])
+
+    def _update_batch(self, entries: list[tuple[bytes, bytes]]) -> None:
         if not entries:
             return
         ks, vs = self.info.key_size, self.info.value_size
@@ -392,7 +401,11 @@ class Map:
                 self.update(k, v)
 
     def delete_batch(self, keys: list[bytes]) -> None:
-        """Delete many keys; a key already gone is not an error."""
+        """Delete many keys, BATCH_CHUNK per call; a key already gone is not an error."""
+        for start in range(0, len(keys), BATCH_CHUNK):
+            self._delete_batch(keys[start : start + BATCH_CHUNK])
+
+    def _delete_batch(self, keys: list[bytes]) -> None:
         if not keys:
             return
         ks = self.info.key_size

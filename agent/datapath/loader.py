@@ -259,7 +259,7 @@ def compile_and_load(bpffs: str, level: int, sizes: L.MapSizes) -> Programs:
     except Exception as err:
         bpf.cleanup()
         raise UserError(f"the kernel refused the {hook} program: {err}; hint: meshlet needs Linux "
-                        ">= 5.19 (bpf_set_retval at the socket hooks)") from None
+                        ">= 5.18 (bpf_set_retval at the socket hooks)") from None
     return Programs(bpf, fds)
 
 

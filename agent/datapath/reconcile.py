@@ -40,7 +40,7 @@ from typing import Iterable, Mapping, Protocol
 
 from agent.datapath import layout as L
 from agent.datapath import plan as P
-from agent.errors import TransientError, UserError
+from agent.errors import TransientError
 from agent.model import DEFAULT_SCOPE, DesiredState, FrontendKey, StateDelta
 
 
@@ -322,7 +322,7 @@ class Reconciler:
         old_groups: the touched groups' values before this write (incremental), whose sets are
         the only candidates for step 7; None sweeps every set no group names (full).
         """
-        full: dict[str, list[str]] = {}
+        full: dict[str, list[str]] = {}  # map -> what kept its old state for lack of room there
         mirror = self.mirror
 
         # 1-2. New endpoint sets, then the group flips, admitted group by group while they fit.
@@ -355,7 +355,7 @@ class Reconciler:
             write_sets["endpoints"] += eps
             write_sets["members"] += members
         for name in ("endpoints", "members", "groups"):
-            self._update(name, write_sets[name], stats, full)
+            self._update(name, write_sets[name], stats)
 
         # 3. Clients and names.
         for name in ("clients", "names"):
@@ -367,15 +367,16 @@ class Reconciler:
                 skip_keys = {k for k, _ in skipped}
                 changed = [kv for kv in changed if kv[0] not in skip_keys]
                 full.setdefault(name, []).append(f"{len(skipped)} {name} entries")
-            self._update(name, changed, stats, full)
+            self._update(name, changed, stats)
 
-        # 4. Frontends: scoped before default, only those whose groups are all in the map.
+        # 4. Frontends: scoped before default, only those whose groups are all in their new
+        # state (a frontend needing a refused group keeps its old value).
         changed = [(k, v) for k, v in want["frontends"].items() if mirror["frontends"].get(k) != v]
         changed.sort(key=lambda kv: (not _is_scoped(kv[0]), kv[0]))
         ready, room_fe = [], self._room("frontends")
         for key, value in changed:
             groups = _frontend_groups(value)
-            if any(g not in mirror["groups"] for g in groups):
+            if any(g not in mirror["groups"] or g in refused_groups for g in groups):
                 full.setdefault("groups", []).append(f"frontend {self._frontend_name(key)}")
                 continue
             if key not in mirror["frontends"]:
@@ -384,7 +385,7 @@ class Reconciler:
                     continue
                 room_fe -= 1
             ready.append((key, value))
-        self._update("frontends", ready, stats, full)
+        self._update("frontends", ready, stats)
 
         # 5. Stale frontends.
         self._delete("frontends", [k for k in drop["frontends"] if k not in want["frontends"]], stats)
@@ -448,8 +449,7 @@ class Reconciler:
     def _new_keys(self, name: str, entries: list[tuple[bytes, bytes]]) -> int:
         return sum(1 for k, _ in entries if k not in self.mirror[name])
 
-    def _update(self, name: str, entries: list[tuple[bytes, bytes]], stats: ReconcileStats,
-                full: dict[str, list[str]]) -> None:
+    def _update(self, name: str, entries: list[tuple[bytes, bytes]], stats: ReconcileStats) -> None:
         if not entries:
             return
         try:

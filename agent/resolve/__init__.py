@@ -276,7 +276,7 @@ class Resolver:
             else:
                 self._views.pop(sid, None)
             # Accepted (B2, B3, B6) of every route on this parent may have moved.
-            pass
+            self._dirty_routes.update(route_ids)
         self._dirty_frontends.update(self._dirty_parents)
         self._dirty_parents = set()
 

@@ -37,8 +37,7 @@ LEASES = ResourceKind("Lease", "coordination.k8s.io", "v1", "leases")
 class LeaderElector:
     def __init__(self, api_client, identity: str, namespace: str, on_start: Callable[[], None],
                  on_stop: Callable[[], None], lease_name: str = "meshlet-status-writer",
-                 lease_seconds: float = 15, renew_seconds: float = 5, retry_seconds: float = 2,
-                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time):
+                 lease_seconds: float = 15, renew_seconds: float = 5, retry_seconds: float = 2):
         if not 0 < renew_seconds * 2 <= lease_seconds:
             raise ValueError(f"renew_seconds ({renew_seconds}) must be at most half of lease_seconds ({lease_seconds})")
         if not 0 < retry_seconds < lease_seconds - renew_seconds:
@@ -53,8 +52,6 @@ class LeaderElector:
         self.renew_deadline = lease_seconds - renew_seconds
         self._on_start = on_start
         self._on_stop = on_stop
-        self._clock = clock
-        self._wall_clock = wall_clock
         # Each request is bounded well inside the renew deadline, so a hung API server cannot
         # keep us leading past it.
         self._http = ApiHttp(api_client, request_timeout=max(0.2, min(renew_seconds / 2, 10.0)))
@@ -101,7 +98,7 @@ class LeaderElector:
     def _next_wait(self) -> float:
         if not self._leader:
             return self.retry_seconds
-        now = self._clock()
+        now = time.monotonic()
         due = self._renewed_at + self.renew_seconds - now
         if due <= 0:  # the renewal failed: try again soon, and never sleep past the deadline
             due = min(self.retry_seconds, self._renewed_at + self.renew_deadline - now)
@@ -113,11 +110,11 @@ class LeaderElector:
         try:
             if not self._leader:
                 self._try_acquire()
-            elif self._clock() - self._renewed_at >= self.renew_seconds:
+            elif time.monotonic() - self._renewed_at >= self.renew_seconds:
                 self._renew()
         except ApiError as err:
             log.warning("leader.api_error", identity=self.identity, status=err.status, error=err.message)
-        if self._leader and self._clock() - self._renewed_at > self.renew_deadline:
+        if self._leader and time.monotonic() - self._renewed_at > self.renew_deadline:
             self._step_down(f"could not renew the Lease for {self.renew_deadline:g}s")
 
     def _try_acquire(self) -> None:
@@ -135,20 +132,20 @@ class LeaderElector:
             return
         # Free, expired, or ours from an earlier run of this identity: take it.
         transitions = int(spec.get("leaseTransitions") or 0) + (1 if holder != self.identity else 0)
-        now_text = format_micro_time(self._wall_clock())
+        now_text = format_micro_time(time.time())
         lease["spec"] = {**spec, "holderIdentity": self.identity, "leaseDurationSeconds": self._duration(),
                          "acquireTime": now_text, "renewTime": now_text, "leaseTransitions": transitions}
         self._write(lease, taking_over_from=holder)
 
     def _create(self) -> None:
-        now_text = format_micro_time(self._wall_clock())
+        now_text = format_micro_time(time.time())
         lease = {
             "apiVersion": LEASES.api_version, "kind": "Lease",
             "metadata": {"name": self.lease_name, "namespace": self.namespace},
             "spec": {"holderIdentity": self.identity, "leaseDurationSeconds": self._duration(),
                      "acquireTime": now_text, "renewTime": now_text, "leaseTransitions": 0},
         }
-        sent = self._clock()
+        sent = time.monotonic()
         try:
             created = self._http.json("POST", LEASES.collection_path(self.namespace), body=lease)
         except ApiError as err:
@@ -159,9 +156,9 @@ class LeaderElector:
 
     def _renew(self) -> None:
         lease = dict(self._lease)
-        lease["spec"] = {**(lease.get("spec") or {}), "renewTime": format_micro_time(self._wall_clock()),
+        lease["spec"] = {**(lease.get("spec") or {}), "renewTime": format_micro_time(time.time()),
                          "leaseDurationSeconds": self._duration()}
-        sent = self._clock()
+        sent = time.monotonic()
         try:
             self._lease = self._http.json("PUT", self._path, body=lease)
             self._renewed_at = sent
@@ -184,7 +181,7 @@ class LeaderElector:
         self._lease = current  # still ours (our earlier write landed after all): renew next round
 
     def _write(self, lease: dict, taking_over_from: str) -> None:
-        sent = self._clock()
+        sent = time.monotonic()
         try:
             written = self._http.json("PUT", self._path, body=lease)
         except ApiError as err:
@@ -199,7 +196,7 @@ class LeaderElector:
         lease = dict(self._lease)
         # An empty holder is free for the taking at once (what client-go writes on release too).
         lease["spec"] = {**(lease.get("spec") or {}), "holderIdentity": "", "leaseDurationSeconds": 1,
-                         "renewTime": format_micro_time(self._wall_clock())}
+                         "renewTime": format_micro_time(time.time())}
         try:
             self._http.json("PUT", self._path, body=lease)
             log.info("leader.released", identity=self.identity)
@@ -215,13 +212,13 @@ class LeaderElector:
         version = (lease.get("metadata") or {}).get("resourceVersion")
         if version != self._observed_version:
             self._observed_version = version
-            self._observed_at = self._clock()
+            self._observed_at = time.monotonic()
 
     def _expired(self, spec: dict) -> bool:
         duration = spec.get("leaseDurationSeconds")
         if not isinstance(duration, (int, float)) or duration <= 0:
             duration = self.lease_seconds
-        return self._clock() - self._observed_at >= duration
+        return time.monotonic() - self._observed_at >= duration
 
     def _became_leader(self, lease: dict, sent: float, previous: str) -> None:
         self._lease = lease

@@ -21,7 +21,7 @@ Invariants (B14):
 from __future__ import annotations
 
 import time
-from typing import Callable, Mapping
+from typing import Mapping
 
 from agent.errors import TransientError
 from agent.model import CONTROLLER_NAME, RouteId, RouteStatus
@@ -107,11 +107,9 @@ class StatusWriter:
     as leader starts: another agent may have written meanwhile.
     """
 
-    def __init__(self, api_client, max_attempts: int = 5, request_timeout: float = 10.0,
-                 wall_clock: Callable[[], float] = time.time):
+    def __init__(self, api_client, max_attempts: int = 5, request_timeout: float = 10.0):
         self._http = ApiHttp(api_client, request_timeout)
         self._max_attempts = max_attempts
-        self._wall_clock = wall_clock
         self._versions: dict[str, str] | None = None  # route kind -> served version (discovery)
         self._done: dict[RouteId, RouteStatus] = {}  # what we know stands on the API objects
 
@@ -178,7 +176,7 @@ class StatusWriter:
                 return "stale"
             current = obj.get("status") if isinstance(obj.get("status"), dict) else {}
             existing = current.get("parents") if isinstance(current.get("parents"), list) else []
-            parents = merge_parents(existing, status, format_time(self._wall_clock()))
+            parents = merge_parents(existing, status, format_time(time.time()))
             if parents == existing:
                 return "unchanged"
             obj["status"] = {**current, "parents": parents}

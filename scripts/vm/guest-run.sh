@@ -34,7 +34,7 @@ headers=/lib/modules/$(uname -r)/build
 [ -e "$headers/include/generated/autoconf.h" ] || say "warning: no kernel headers at $headers (bcc cannot compile)"
 cd "$REPO" || exit 1
 # The host tree is read-only: no bytecode files, no pytest cache; HOME is the VM's tmpfs.
-export HOME=/root PYTHONDONTWRITEBYTECODE=1 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export MESHLET_IN_VM=1 HOME=/root PYTHONDONTWRITEBYTECODE=1 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 say "running: ${JOB[*]}"
 "${JOB[@]}"
 rc=$?

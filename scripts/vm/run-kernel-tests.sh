@@ -127,7 +127,7 @@ fi
 
 {
   printf 'REPO=%q\n' "$repo"
-  printf 'JOB=(env MESHLET_REQUIRE_KERNEL=%q %q -m pytest -p no:cacheprovider' "${MESHLET_REQUIRE_KERNEL:-1}" "$python"
+  printf 'JOB=(env MESHLET_REQUIRE_KERNEL=%q %q -m pytest -p no:cacheprovider --color=no' "${MESHLET_REQUIRE_KERNEL:-1}" "$python"
   printf ' %q' "${pytest_args[@]}"
   printf ')\n'
 } > "$work/results/job"

@@ -62,7 +62,7 @@ def test_every_mode_ran_without_errors(smoke):
         assert r["wrong_endpoint"] == 0, mode
         assert r["wrong_udp_reply_source"] == 0, mode
         assert r["connect_us"]["count"] == 200
-        assert r["udp_us"]["count"] == 60
+        assert r["udp_us"]["count"] == 60 and r["udp_send_us"]["count"] == 60
         assert r["stream_gbit_s"] > 0
 
 

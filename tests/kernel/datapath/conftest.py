@@ -5,7 +5,8 @@ namespaces and cgroup subtree; the datapath is attached to that subtree only, wi
 bpffs directory of its own (/sys/fs/bpf/meshlet-test-<random>). Teardown uninstalls (detaches
 the links, removes the pins) and removes the lab, also when a test fails.
 
-Each test writes the whole desired state it needs with a full reconcile (which sweeps what the
+Helpers come as fixtures (`shares` builds states), not imports: test modules never import this
+file. Each test writes the whole desired state it needs with a full reconcile (which sweeps what the
 previous test left), so tests do not depend on each other's order. Frontends live in
 10.96.0.0/16 and fd00:96::/64: addresses that exist nowhere, so an untranslated connection fails
 (ENETUNREACH from the lab's node) instead of reaching anything.
@@ -40,6 +41,7 @@ class Shares:
     """Builds DesiredStates over the lab's pods for one test."""
 
     pods: dict
+    ECHO_PORT = ECHO_PORT
 
     def group(self, service: str, names, family: int = 4, protocol: str = "TCP", affinity: int = 0,
               verdict: Verdict | None = None, namespace: str = "shop") -> BackendGroup:
@@ -73,9 +75,9 @@ class Shares:
     def cgroups(self) -> dict[str, int]:
         return {p.uid: p.cgroup_id for p in self.pods.values()}
 
-
-def fe(address: str, port: int, protocol: str = "TCP", scope: str = "") -> FrontendKey:
-    return FrontendKey(address, port, protocol, scope)
+    @staticmethod
+    def fe(address: str, port: int, protocol: str = "TCP", scope: str = "") -> FrontendKey:
+        return FrontendKey(address, port, protocol, scope)
 
 
 @pytest.fixture(scope="session")

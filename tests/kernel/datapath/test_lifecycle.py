@@ -11,7 +11,6 @@ import pickle
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 
 import pytest
@@ -19,7 +18,6 @@ import pytest
 from agent.datapath import Datapath, MapSizes, bpfsys, loader, uninstall
 from agent.datapath import layout as L
 from agent.errors import UserError
-from conftest import fe
 
 pytestmark = pytest.mark.kernel
 
@@ -66,7 +64,7 @@ def test_every_mirror_matches_the_struct_bcc_compiled(datapath):
 
 def test_an_established_connection_survives_a_table_change(datapath, shares, client):
     web = shares.group("web", ["web-1"])
-    datapath.reconcile(shares.state({fe(SVC4, 80): shares.split((1, web))}, [web]), {})
+    datapath.reconcile(shares.state({shares.fe(SVC4, 80): shares.split((1, web))}, [web]), {})
     script = textwrap.dedent(f"""
         import socket, sys
         s = socket.create_connection(("{SVC4}", 80), timeout=10)
@@ -82,7 +80,7 @@ def test_an_established_connection_survives_a_table_change(datapath, shares, cli
     try:
         assert proc.stdout.readline().strip() == "web-1"
         moved = shares.group("web", ["web-2", "web-3"])
-        datapath.reconcile(shares.state({fe(SVC4, 80): shares.split((1, moved))}, [moved]), {})
+        datapath.reconcile(shares.state({shares.fe(SVC4, 80): shares.split((1, moved))}, [moved]), {})
         out, err = proc.communicate("go\n", timeout=20)
     finally:
         if proc.poll() is None:
@@ -106,7 +104,7 @@ def link_ids(bpffs):
 
 def test_replacing_the_programs_under_a_connect_loop_fails_no_connection(datapath, shares, client, lab, bpffs):
     web = shares.group("web", ["web-1", "web-2", "web-3"])
-    datapath.reconcile(shares.state({fe(SVC4, 80): shares.split((1, web))}, [web]), {})
+    datapath.reconcile(shares.state({shares.fe(SVC4, 80): shares.split((1, web))}, [web]), {})
     before = link_ids(bpffs)
     loop = client.popen([sys.executable, "-m", "agent.lab.client", "tcp", SVC4, "80", "--count", "3000"],
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
@@ -144,7 +142,7 @@ ADOPT = textwrap.dedent("""
 
 def test_another_process_adopts_the_pinned_maps_and_finds_nothing_to_write(datapath, shares, lab, bpffs):
     web = shares.group("web", ["web-1", "web-2"], affinity=30)
-    state = shares.state({fe(SVC4, 80): shares.split((1, web))}, [web], shares.clients())
+    state = shares.state({shares.fe(SVC4, 80): shares.split((1, web))}, [web], shares.clients())
     datapath.reconcile(state, shares.cgroups())
     done = subprocess.run([sys.executable, "-c", ADOPT], cwd=REPO, capture_output=True, timeout=120,
                           input=pickle.dumps((bpffs, lab.cgroup_root, datapath.sizes, state, shares.cgroups())))

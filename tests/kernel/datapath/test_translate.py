@@ -12,7 +12,6 @@ import time
 import pytest
 
 from agent.model import Verdict
-from conftest import ECHO_PORT, fe
 
 pytestmark = pytest.mark.kernel
 
@@ -29,7 +28,7 @@ def test_tcp_to_a_frontend_reaches_an_endpoint_and_getpeername_shows_the_fronten
         datapath, shares, client, address, extra):
     family = 6 if ":" in address else 4
     web = shares.group("web", ["web-1"], family=family)
-    write(datapath, shares, {fe(address, 80): shares.split((1, web))}, [web])
+    write(datapath, shares, {shares.fe(address, 80): shares.split((1, web))}, [web])
     before = datapath.counters()["translated"]
     result = client.client("tcp", address, 80, 5, *extra)
     assert result["peers"] == {"web-1": 5}, result
@@ -43,7 +42,7 @@ def test_tcp_to_a_frontend_reaches_an_endpoint_and_getpeername_shows_the_fronten
 def test_udp_flows_are_translated_and_replies_come_from_the_frontend(datapath, shares, client, address):
     family = 6 if ":" in address else 4
     dns = shares.group("dns", ["web-1", "web-2", "web-3"], family=family, protocol="UDP")
-    write(datapath, shares, {fe(address, 53, "UDP"): shares.split((1, dns), service="dns")}, [dns])
+    write(datapath, shares, {shares.fe(address, 53, "UDP"): shares.split((1, dns), service="dns")}, [dns])
     shown = f"[{address}]:53" if family == 6 else f"{address}:53"
 
     connected = client.client("udp", address, 53, 30)
@@ -66,7 +65,7 @@ def test_weights_are_reproduced_over_2400_connections(datapath, shares, client):
     a = shares.group("a", ["web-1"])
     b = shares.group("b", ["web-2", "web-3"])
     # 1 : 2 : 1 over a, b and a rejected share (an invalid backendRef, SEMANTICS B13).
-    write(datapath, shares, {fe(SVC4, 80): shares.split((1, a), (2, b), (1, None))}, [a, b])
+    write(datapath, shares, {shares.fe(SVC4, 80): shares.split((1, a), (2, b), (1, None))}, [a, b])
     n = 2400
     result = client.client("tcp", SVC4, 80, n, timeout=300)
     got = {"web-1": result["peers"].get("web-1", 0),
@@ -81,7 +80,7 @@ def test_weights_are_reproduced_over_2400_connections(datapath, shares, client):
 
 def test_client_ip_affinity_sticks_slides_and_expires(datapath, shares, client):
     web = shares.group("web", ["web-1", "web-2", "web-3"], affinity=1)
-    write(datapath, shares, {fe(SVC4, 80): shares.split((1, web))}, [web])
+    write(datapath, shares, {shares.fe(SVC4, 80): shares.split((1, web))}, [web])
     first = client.client("tcp", SVC4, 80, 40)
     assert first["errors"] == {} and len(first["peers"]) == 1, first
     (chosen,) = first["peers"]
@@ -102,7 +101,7 @@ def test_client_ip_affinity_sticks_slides_and_expires(datapath, shares, client):
     (now,) = again
     others = [p for p in ("web-1", "web-2", "web-3") if p != now]
     web2 = shares.group("web", others, affinity=1)
-    write(datapath, shares, {fe(SVC4, 80): shares.split((1, web2))}, [web2])
+    write(datapath, shares, {shares.fe(SVC4, 80): shares.split((1, web2))}, [web2])
     assert now not in client.client("tcp", SVC4, 80, 10)["peers"]
 
 
@@ -110,8 +109,8 @@ def test_a_consumer_scope_wins_for_its_namespace_only(datapath, shares, lab):
     default = shares.group("web", ["web-1"])
     consumer_view = shares.group("web-v2", ["web-2"])
     write(datapath, shares, {
-        fe(SVC4, 80): shares.split((1, default)),
-        fe(SVC4, 80, scope="team-a"): shares.split((1, consumer_view)),
+        shares.fe(SVC4, 80): shares.split((1, default)),
+        shares.fe(SVC4, 80, scope="team-a"): shares.split((1, consumer_view)),
     }, [default, consumer_view])
     assert lab.pod("team-a/consumer").client("tcp", SVC4, 80, 5)["peers"] == {"web-2": 5}
     assert lab.pod("default/client").client("tcp", SVC4, 80, 5)["peers"] == {"web-1": 5}
@@ -127,10 +126,10 @@ def test_verdicts_fail_at_once_with_their_errno(datapath, shares, client, kind, 
     empty = shares.group("gone", [], protocol=proto)
     local = shares.group("local", [], protocol=proto, verdict=Verdict.UNREACHABLE)
     write(datapath, shares, {
-        fe("10.96.0.21", 80, proto): shares.split(),  # no backendRefs / all weights 0
-        fe("10.96.0.22", 80, proto): shares.split((1, empty)),  # no endpoints (A9)
-        fe("10.96.0.23", 80, proto): shares.split((1, None)),  # only an invalid backendRef (B13)
-        fe("10.96.0.24", 80, proto): shares.split((1, local)),  # none usable here (A7)
+        shares.fe("10.96.0.21", 80, proto): shares.split(),  # no backendRefs / all weights 0
+        shares.fe("10.96.0.22", 80, proto): shares.split((1, empty)),  # no endpoints (A9)
+        shares.fe("10.96.0.23", 80, proto): shares.split((1, None)),  # only an invalid backendRef (B13)
+        shares.fe("10.96.0.24", 80, proto): shares.split((1, local)),  # none usable here (A7)
     }, [empty, local])
     before = datapath.counters()
     for address in ("10.96.0.21", "10.96.0.22", "10.96.0.23"):
@@ -144,7 +143,7 @@ def test_verdicts_fail_at_once_with_their_errno(datapath, shares, client, kind, 
 
 def test_a_skipped_pod_is_never_translated(datapath, shares, lab):
     web = shares.group("web", ["web-1"], family=6)
-    write(datapath, shares, {fe(SVC6, 80): shares.split((1, web))}, [web], skip=("skipper",))
+    write(datapath, shares, {shares.fe(SVC6, 80): shares.split((1, web))}, [web], skip=("skipper",))
     before = datapath.counters()["skipped"]
     result = lab.pod("quiet/skipper").client("tcp", SVC6, 80, 2)
     # Untranslated, the connection goes to the frontend address itself, which the lab's node
@@ -156,15 +155,15 @@ def test_a_skipped_pod_is_never_translated(datapath, shares, lab):
 
 def test_a_pod_connecting_to_its_own_service_may_pick_itself(datapath, shares, lab):
     web = shares.group("web", ["web-1"])
-    write(datapath, shares, {fe(SVC4, 80): shares.split((1, web))}, [web])
+    write(datapath, shares, {shares.fe(SVC4, 80): shares.split((1, web))}, [web])
     assert lab.pod("shop/web-1").client("tcp", SVC4, 80, 3)["peers"] == {"web-1": 3}
 
 
 def test_traffic_to_other_addresses_is_untouched(datapath, shares, client, lab):
     web = shares.group("web", ["web-1"])
-    write(datapath, shares, {fe(SVC4, 80): shares.split((1, web))}, [web])
+    write(datapath, shares, {shares.fe(SVC4, 80): shares.split((1, web))}, [web])
     web3 = lab.pod("shop/web-3")
-    result = client.client("tcp", web3.ipv4, ECHO_PORT, 3)
-    assert result["peers"] == {"web-3": 3} and result["getpeername"] == [f"{web3.ipv4}:{ECHO_PORT}"]
+    result = client.client("tcp", web3.ipv4, shares.ECHO_PORT, 3)
+    assert result["peers"] == {"web-3": 3} and result["getpeername"] == [f"{web3.ipv4}:{shares.ECHO_PORT}"]
     # Same address, another port: not a frontend either.
     assert client.client("tcp", SVC4, 81, 1)["errors"] == {"ENETUNREACH": 1}

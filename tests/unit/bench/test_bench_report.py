@@ -32,7 +32,8 @@ def results():
         ],
         "controlplane": [{"services": 1000, "resolve_s": 0.1, "plan_s": 0.05, "reconcile_s": 0.2,
                           "cold_sync_s": 0.3, "change_ms": {"p50": 0.5, "p99": 1.0, "count": 9},
-                          "peak_rss_mib": 80.0}],
+                          "peak_rss_mib": 80.0, "agent_ready_s": 1.5, "agent_peak_rss_mib": 120.0,
+                          "memory_mib": [["imports", 25.0, 25.0], ["resolved", 60.0, 61.0]]}],
     }
 
 
@@ -43,7 +44,8 @@ def test_markdown_has_machine_targets_and_every_record(tmp_path):
     assert "| meshlet connect p50 <= 1.03x direct at every N | **met** | N=100: 1.010x" in text
     assert "| 100 | meshlet | 0.020 s | 0.4 ms | 10.0 | 20.2 |" in text
     assert "| 100 | nftables | > 5 s (timed out) |" in text
-    assert "| 1000 | 0.100 s | 0.050 s | 0.200 s | 0.300 s | 0.50 ms | 1.00 ms | 80 MiB |" in text
+    assert "| 1000 | 0.100 s | 0.050 s | 0.200 s | 0.300 s | 0.50 ms | 1.00 ms | 80 MiB | 1.50 s | 120 MiB |" in text
+    assert "- N=1000: imports 25 (25), resolved 60 (61)" in text
 
 
 def test_regeneration_keeps_the_analysis(tmp_path):

@@ -59,3 +59,9 @@ def test_control_plane_targets():
 
 def test_nothing_measured_is_never_met():
     assert {v.status for v in targets.judge([], [])} == {NOT_MEASURED}
+
+
+def test_rss_prefers_the_real_agents_figure():
+    cp = [{"services": 1000, "peak_rss_mib": 300, "agent_peak_rss_mib": 140}]
+    rss = find(targets.judge([], cp), ["RSS"])
+    assert rss.status == MET and "140" in rss.measured

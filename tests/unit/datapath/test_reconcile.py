@@ -259,3 +259,16 @@ def test_a_failed_write_leaves_readers_consistent_and_the_next_full_reconcile_re
     replay_and_check(before, log)
     rec.full(P.plan(s2, {}), s2)
     assert contents(maps) == P.plan(s2, {})
+
+
+def test_a_changed_group_that_does_not_fit_keeps_its_old_set_and_its_frontends_their_old_split():
+    maps = make_maps([], endpoints=5)
+    rec = Reconciler(maps)
+    s1 = state_of([frontend("10.96.0.1", (1, A)), frontend("10.96.0.2", (1, B))], [A, B])
+    rec.full(P.plan(s1, {}), s1)  # 3 + 2 endpoints: full
+    before = contents(maps)
+    A2 = group("a", 3, base=7)  # a new set of 3 next to the old one: no room until the old goes
+    s2 = state_of([frontend("10.96.0.1", (1, A2), (1, None)), frontend("10.96.0.2", (1, B))], [A2, B])
+    with pytest.raises(MapFullError, match="shop/a:http/tcp/v4"):
+        rec.apply(s2, delta_between(s1, s2), {})
+    assert contents(maps) == before, "nothing of the group or of the frontend needing it was written"

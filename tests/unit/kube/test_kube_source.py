@@ -288,6 +288,20 @@ def test_an_unavailable_server_is_retried_until_it_answers(apiserver, sink, star
     assert sink.names("Namespace") == ["default"]
 
 
+def test_requests_carry_the_clients_credentials(apiserver, api_client, sink):
+    api_client.configuration.api_key = {"authorization": "Bearer stand-in-token"}
+    source = KubeSource(api_client, "node-a", sink, **FAST)
+    source.start()
+    try:
+        wait_synced(sink, source)
+        apiserver.wait_for_watches("Service")
+    finally:
+        source.stop()
+    assert apiserver.requests
+    assert {r.headers.get("authorization") for r in apiserver.requests} == {"Bearer stand-in-token"}
+    assert all(r.headers.get("accept") == "application/json" for r in apiserver.requests)
+
+
 def test_backoff_doubles_with_jitter_up_to_the_cap():
     backoff = Backoff(1.0, 8.0)
     delays = [backoff.next_delay() for _ in range(6)]

@@ -158,3 +158,15 @@ def test_same_objects_in_any_order_give_the_same_bytes(seed):
     assert render_state(again.state) == render_state(reference.state)
     assert render_statuses(again.statuses) == render_statuses(reference.statuses)
     assert again.problems == reference.problems
+
+
+def test_a3_a_deleted_or_relabelled_slice_takes_its_endpoints_along():
+    resolver = committed([*echo_scene(), slice_("echo-b", "echo", [ep("10.244.0.20")])])
+    resolver.delete(slice_("echo-b", "echo", []))
+    assert {str(g) for g in resolver.commit().groups} == {"mesh/echo:http/tcp/v4"}
+    assert render_state(resolver.state) == render_state(resolve(echo_scene(), NODE).state)
+    resolver.upsert(slice_("echo-a", "echo-v1", [ep("10.244.0.10")]))  # now labelled for echo-v1
+    resolver.commit()
+    moved = [o for o in echo_scene() if o["metadata"]["name"] != "echo-a"]
+    moved.append(slice_("echo-a", "echo-v1", [ep("10.244.0.10")]))
+    assert render_state(resolver.state) == render_state(resolve(moved, NODE).state)

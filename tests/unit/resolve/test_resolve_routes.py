@@ -116,6 +116,15 @@ def test_b3_attached_ports(case, ref_kw, kind, attached):
     assert accepted(res, kind, "r") == expected, case
 
 
+def test_b3_a_parent_ref_attaches_only_to_the_service_it_names():
+    other = service("other", ip="10.96.0.20", ports=[port(8080, "admin")])
+    r = http_route("r", [parent("echo", port=8080), parent("other")], [rule(backend("echo-v1"))])
+    res = run([*echo_scene(), other, r])
+    assert split(res, FE) == [(1, ECHO)]  # echo has no port 8080; the ref to "other" is not echo's
+    assert split(res, "10.96.0.20:8080/tcp") == [(1, V1)]
+    assert [c["Accepted"][1] for c in conditions(res, "HTTPRoute", "r")] == ["NoMatchingParent", "Accepted"]
+
+
 def test_b3_no_matching_port_says_what_the_parent_has():
     res = run([*echo_scene(), http_route("r", [parent("echo", port=81)], [rule(backend("echo-v1"))])])
     message = conditions(res, "HTTPRoute", "r")[0]["Accepted"][2]
