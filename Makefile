@@ -11,7 +11,10 @@ setup:
 demo: setup
 	$(PY) -m agent demo
 
-test: setup
+# The test target also sets up the kernel-matrix VM (qemu, Debian's 6.1 kernel and headers):
+# tests/vm boots it and runs the kernel tests inside, beside the run on the host kernel.
+test:
+	WITH_VM=1 bash scripts/setup.sh
 	$(PY) -m pytest -q tests
 
 test-unit: setup

@@ -15,6 +15,9 @@ A frontend with scope "" is the default (producer) view every client gets; a fro
 N is the consumer view for clients whose pod is in namespace N (SEMANTICS B5). A scoped entry
 exists only where namespace N has at least one accepted consumer route for that Service port.
 
+The per-Service and per-endpoint classes are slotted: a 50k-Service state holds a million of
+them, and a slotted instance is half the size of one with a __dict__.
+
 Invariants (resolve guarantees them, plan relies on them):
 - every GroupKey named by a FrontendState is in DesiredState.groups;
 - a BackendGroup's endpoints are sorted, unique, of the group's family, and non-empty iff its
@@ -59,7 +62,7 @@ class Verdict(enum.IntEnum):
     UNREACHABLE = 2  #: endpoints exist, none usable from this node: EHOSTUNREACH (A7)
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class Endpoint:
     address: str
     port: int
@@ -68,7 +71,7 @@ class Endpoint:
         return f"[{self.address}]:{self.port}" if ":" in self.address else f"{self.address}:{self.port}"
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class GroupKey:
     """One Service port seen through one address family: the unit of endpoint selection."""
 
@@ -83,7 +86,7 @@ class GroupKey:
         return f"{self.namespace}/{self.service}{port}/{self.protocol.lower()}/v{self.family}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BackendGroup:
     key: GroupKey
     endpoints: tuple[Endpoint, ...]  #: the usable set for this node (A6-A8), sorted
@@ -91,7 +94,7 @@ class BackendGroup:
     affinity_timeout: int = 0  #: seconds of ClientIP affinity; 0 = none (A11)
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class RouteRef:
     """A Route rule, named for humans and for `meshlet explain`."""
 
@@ -104,7 +107,7 @@ class RouteRef:
         return f"{self.kind} {self.namespace}/{self.name} rule {self.rule}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class WeightedGroup:
     """One share of a split: `group` None means the share is rejected (an invalid backendRef)."""
 
@@ -112,7 +115,7 @@ class WeightedGroup:
     group: GroupKey | None
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class FrontendKey:
     address: str
     port: int
@@ -125,7 +128,7 @@ class FrontendKey:
         return f"{addr}:{self.port}/{self.protocol.lower()}{scope}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FrontendState:
     """What a new connection to a frontend gets.
 

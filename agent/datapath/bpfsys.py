@@ -389,8 +389,8 @@ class Map:
         if not entries:
             return
         ks, vs = self.info.key_size, self.info.value_size
-        keys = ct.create_string_buffer(b"".join(k for k, _ in entries), ks * len(entries))
-        values = ct.create_string_buffer(b"".join(v for _, v in entries), vs * len(entries))
+        keys = ct.create_string_buffer(b"".join([k for k, _ in entries]), ks * len(entries))
+        values = ct.create_string_buffer(b"".join([v for _, v in entries]), vs * len(entries))
         attr = _BatchAttr(keys=ct.addressof(keys), values=ct.addressof(values), count=len(entries), map_fd=self.fd)
         try:
             _bpf(MAP_UPDATE_BATCH, attr, f"batch write map {self.name}")

@@ -19,17 +19,28 @@ slot with group_id 0, zero weights are dropped (an empty interval can never be d
 would only waste a slot). Thresholds are cumulative weights scaled to 2^31 with exact integer
 arithmetic, floor(C_k * 2^31 / W): each share's probability is within 2^-31 of w_k / W whatever
 the weights' magnitude, and the last threshold is exactly 2^31.
+
+Bytes are packed with struct.Struct formats (`_packer` below), not by filling layout's ctypes
+objects: a full plan writes ~10 entries per Service (500k at 50k Services) and a precompiled
+pack is several times faster than building and copying a ctypes structure. layout's ctypes
+classes stay the one mirror of bpf/meshlet.h: each format is checked against its class at import
+(same size) and by a unit test (same bytes). plan() pauses the garbage collector while it
+builds a full image (agent.gcpause).
 """
 
 from __future__ import annotations
 
+import ctypes as ct
 import hashlib
+import operator
 import socket
+import struct
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from agent.datapath import layout as L
 from agent.errors import UserError
+from agent.gcpause import gc_paused
 from agent.model import (
     DEFAULT_SCOPE,
     BackendGroup,
@@ -53,6 +64,36 @@ class PlanError(UserError):
 
 def empty_image() -> MapImage:
     return {name: {} for name in L.PLANNED_MAPS}
+
+
+# --- packers -------------------------------------------------------------------------------------
+
+
+def _packer(mirror: type, fmt: str) -> struct.Struct:
+    """A struct.Struct for layout class `mirror`. "=": native byte order like ctypes, no implicit
+    padding (every pad byte of the C struct is an explicit "x"), so the bytes match field by
+    field; the size check catches a field added to one but not the other."""
+    packer = struct.Struct("=" + fmt)
+    if packer.size != ct.sizeof(mirror):
+        raise AssertionError(f"plan's format for {mirror.__name__} is {packer.size} bytes, layout says "
+                             f"{ct.sizeof(mirror)}: update both together")
+    return packer
+
+
+_U64 = _packer(L.U64, "Q")
+_U32 = _packer(L.U32, "I")
+_EP_KEY = _packer(L.EpKey, "QI4x")  # set_id, index
+_EP_VALUE = _packer(L.EpValue, "16sHBx")  # addr, port (network order), family
+_MEMBER_KEY = _packer(L.MemberKey, "Q16sH6x")  # set_id, addr, port (network order)
+_GROUP_VALUE = _packer(L.GroupValue, "QIIB7x")  # set_id, count, affinity_timeout_s, verdict
+_FE_KEY = _packer(L.FeKey, "16sHBxI")  # addr, port (network order), proto, scope
+_FE_SLOT = _packer(L.FeSlot, "I4xQ")  # threshold, group_id
+# fe_value is packed in parts (frontend_value_bytes): its head, then MAX_SLOTS slots. The
+# _packer call only checks that head + slots is the size layout gives FeValue.
+_FE_VALUE_HEAD = struct.Struct("=BBH4xQ")  # verdict, nslots, flags, route_id
+_FE_VALUE_SIZE = _packer(L.FeValue, f"{_FE_VALUE_HEAD.size}x{L.MAX_SLOTS * _FE_SLOT.size}x").size
+_CLIENT_VALUE = _packer(L.ClientValue, "II")  # scope, flags
+_NAME_VALUE = _packer(L.NameValue, f"{L.NAME_LEN}s")  # zero-padded, always NUL-terminated (see _name_entry)
 
 
 # --- ids ---------------------------------------------------------------------------------------
@@ -80,7 +121,7 @@ def scope_id(namespace: str) -> int:
 
 
 def set_id(gid: int, endpoints: Iterable) -> int:
-    text = ",".join(str(ep) for ep in endpoints).encode()
+    text = ",".join([str(ep) for ep in endpoints]).encode()
     return _hash64(b"set", gid.to_bytes(8, "little") + text)
 
 
@@ -103,6 +144,35 @@ def addr16(address: str) -> bytes:
 
 def family_of(address: str) -> int:
     return 6 if ":" in address else 4
+
+
+# --- reading entries back (the reconciler's reference tracking) --------------------------------
+
+
+def group_value_fields(value: bytes) -> tuple[int, int, int, int]:
+    """(set_id, count, affinity_timeout_s, verdict) of a groups-map value."""
+    return _GROUP_VALUE.unpack(value)
+
+
+def key_set_id(key: bytes) -> int:
+    """set_id of an endpoints-map or members-map key (both start with it)."""
+    return _U64.unpack_from(key)[0]
+
+
+def frontend_value_refs(value: bytes) -> tuple[int, tuple[int, ...]]:
+    """(route_id, group id of each used slot, 0 for a rejected share) of a frontends-map value."""
+    _verdict, nslots, _flags, route = _FE_VALUE_HEAD.unpack_from(value)
+    slot = _FE_SLOT.size
+    return route, tuple(_FE_SLOT.unpack_from(value, _FE_VALUE_HEAD.size + i * slot)[1] for i in range(nslots))
+
+
+def frontend_key_scope(key: bytes) -> int:
+    """Client scope id of a frontends-map key (0 = the default view)."""
+    return _FE_KEY.unpack(key)[3]
+
+
+def client_value_scope(value: bytes) -> int:
+    return _CLIENT_VALUE.unpack(value)[0]
 
 
 # --- the weighted split ------------------------------------------------------------------------
@@ -143,12 +213,21 @@ class GroupEntries:
 
 
 def _name_entry(ident: int, text: str) -> tuple[bytes, bytes]:
-    raw = text.encode()[: L.NAME_LEN - 1]
-    return bytes(L.U64(ident)), bytes(L.NameValue(raw))
+    raw = text.encode()[: L.NAME_LEN - 1]  # the last byte stays NUL: C reads it as a string
+    return _U64.pack(ident), _NAME_VALUE.pack(raw)
+
+
+def u64_bytes(value: int) -> bytes:
+    """A __u64 map key or value (group ids, name ids, cgroup ids)."""
+    return _U64.pack(value)
 
 
 def group_key_bytes(key: GroupKey) -> bytes:
-    return bytes(L.U64(group_id(key)))
+    return _U64.pack(group_id(key))
+
+
+def ep_key_bytes(sid: int, index: int) -> bytes:
+    return _EP_KEY.pack(sid, index)
 
 
 def plan_group(group: BackendGroup) -> GroupEntries:
@@ -156,34 +235,42 @@ def plan_group(group: BackendGroup) -> GroupEntries:
     usable = group.verdict == Verdict.FORWARD and bool(group.endpoints)
     sid = set_id(gid, group.endpoints) if usable else 0
     verdict = group.verdict if group.verdict != Verdict.FORWARD or usable else Verdict.REJECT
-    value = L.GroupValue(set_id=sid, count=len(group.endpoints) if usable else 0,
-                         affinity_timeout_s=group.affinity_timeout, verdict=int(verdict))
-    entries = GroupEntries(key=bytes(L.U64(gid)), value=bytes(value))
+    value = _GROUP_VALUE.pack(sid, len(group.endpoints) if usable else 0, group.affinity_timeout, int(verdict))
+    entries = GroupEntries(key=_U64.pack(gid), value=value)
     name_key, name_value = _name_entry(gid, str(group.key))
     entries.names[name_key] = name_value
     if not usable:
         return entries
+    endpoints, members = entries.endpoints, entries.members
+    # The loop body runs once per endpoint of the cluster on a full plan: methods bound to locals.
+    pack_key, pack_value, htons = _EP_KEY.pack, _EP_VALUE.pack, socket.htons
     for index, ep in enumerate(group.endpoints):
-        ep_value = L.EpValue.from_buffer_copy(addr16(ep.address) + bytes(4))
-        ep_value.port = socket.htons(ep.port)
-        ep_value.family = family_of(ep.address)
-        entries.endpoints[bytes(L.EpKey(set_id=sid, index=index))] = bytes(ep_value)
+        address = ep.address
+        addr = addr16(address)
+        port = htons(ep.port)
+        endpoints[pack_key(sid, index)] = pack_value(addr, port, family_of(address))
         if group.affinity_timeout:
-            entries.members[member_key_bytes(sid, ep_value)] = bytes(L.U32(index))
+            members[_MEMBER_KEY.pack(sid, addr, port)] = _U32.pack(index)
     return entries
 
 
-def member_key_bytes(sid: int, endpoint: L.EpValue) -> bytes:
-    """The members-map key of an endpoint of set `sid` (same address and port bytes)."""
-    member = L.MemberKey(set_id=sid, port=endpoint.port)
-    member.addr[:] = bytes(endpoint.addr)
-    return bytes(member)
+def member_key_bytes(sid: int, endpoint: L.EpValue | bytes) -> bytes:
+    """The members-map key of an endpoint of set `sid` (same address and port bytes); `endpoint`
+    is an endpoints-map value, as a layout.EpValue or as its bytes."""
+    raw = bytes(endpoint)
+    addr, port, _family = _EP_VALUE.unpack(raw)
+    return _MEMBER_KEY.pack(sid, addr, port)
 
 
 def frontend_key_bytes(address: str, port: int, protocol: str, scope: str) -> bytes:
-    key = L.FeKey(port=socket.htons(port), proto=L.PROTO_NUMBERS[protocol], scope=scope_id(scope))
-    key.addr[:] = addr16(address)
-    return bytes(key)
+    return _FE_KEY.pack(addr16(address), socket.htons(port), L.PROTO_NUMBERS[protocol], scope_id(scope))
+
+
+def frontend_value_bytes(verdict: int, flags: int, route: int, slots: list[tuple[int, int]]) -> bytes:
+    """A fe_value: the head, the used slots, and zeros for the unused ones."""
+    head = _FE_VALUE_HEAD.pack(verdict, len(slots), flags, route)
+    used = b"".join(_FE_SLOT.pack(threshold, gid) for threshold, gid in slots)
+    return head + used + bytes(_FE_VALUE_SIZE - len(head) - len(used))
 
 
 def plan_frontend(key: FrontendKey, fe: FrontendState, has_scopes: bool) -> tuple[bytes, bytes, dict[bytes, bytes]]:
@@ -196,20 +283,18 @@ def plan_frontend(key: FrontendKey, fe: FrontendState, has_scopes: bool) -> tupl
         raise PlanError(
             f"frontend {key} splits over {len(slots)} backend groups; the datapath holds at most "
             f"{L.MAX_SLOTS}: reduce the route's backendRefs")
-    value = L.FeValue(verdict=L.VERDICT_FORWARD if slots else L.VERDICT_REJECT, nslots=len(slots),
-                      flags=L.FE_HAS_SCOPES if has_scopes and key.scope == DEFAULT_SCOPE else 0)
     names: dict[bytes, bytes] = {}
+    rid = 0
     if fe.route is not None:
-        value.route_id = route_id(fe.route)
-        nk, nv = _name_entry(value.route_id, str(fe.route))
+        rid = route_id(fe.route)
+        nk, nv = _name_entry(rid, str(fe.route))
         names[nk] = nv
-    for i, (threshold, gid) in enumerate(slots):
-        value.slots[i].threshold = threshold
-        value.slots[i].group_id = gid
     if key.scope != DEFAULT_SCOPE:
         nk, nv = _name_entry(scope_id(key.scope), key.scope)
         names[nk] = nv
-    return frontend_key_bytes(key.address, key.port, key.protocol, key.scope), bytes(value), names
+    value = frontend_value_bytes(L.VERDICT_FORWARD if slots else L.VERDICT_REJECT,
+                                 L.FE_HAS_SCOPES if has_scopes and key.scope == DEFAULT_SCOPE else 0, rid, slots)
+    return frontend_key_bytes(key.address, key.port, key.protocol, key.scope), value, names
 
 
 #: A frontend family: the default entry and every consumer-scope entry of one (address, port,
@@ -252,13 +337,13 @@ def plan_frontend_family(state: DesiredState, fam: FamilyId, scopes: Iterable[st
 
 
 def client_key_bytes(cgroup_id: int) -> bytes:
-    return bytes(L.U64(cgroup_id))
+    return _U64.pack(cgroup_id)
 
 
 def plan_client(pod: ClientPod, cgroup_id: int) -> tuple[bytes, bytes, dict[bytes, bytes]]:
-    value = L.ClientValue(scope=scope_id(pod.namespace), flags=L.CLIENT_SKIP if pod.skip else 0)
-    nk, nv = _name_entry(value.scope, pod.namespace)
-    return client_key_bytes(cgroup_id), bytes(value), {nk: nv}
+    scope = scope_id(pod.namespace)
+    nk, nv = _name_entry(scope, pod.namespace)
+    return client_key_bytes(cgroup_id), _CLIENT_VALUE.pack(scope, L.CLIENT_SKIP if pod.skip else 0), {nk: nv}
 
 
 def check_scope_ids(namespaces: Iterable[str]) -> None:
@@ -277,15 +362,26 @@ def check_scope_ids(namespaces: Iterable[str]) -> None:
 # --- the whole image ---------------------------------------------------------------------------
 
 
+#: GroupKey's own order (its fields in order), as a C-level tuple key: sorting 50k GroupKeys with
+#: the dataclass's __lt__ costs a Python call per comparison.
+_group_order = operator.attrgetter("namespace", "service", "port_name", "protocol", "family")
+_DEFAULT_ONLY = {DEFAULT_SCOPE}
+
+
 def plan(state: DesiredState, pod_cgroups: Mapping[str, int]) -> MapImage:
     """The full image of the planned maps for a state and the pod cgroup ids (uid -> id)."""
+    with gc_paused():  # builds ~10 entries per Service at once: see agent.gcpause
+        return _plan(state, pod_cgroups)
+
+
+def _plan(state: DesiredState, pod_cgroups: Mapping[str, int]) -> MapImage:
     image = empty_image()
     check_scope_ids([k.scope for k in state.frontends if k.scope != DEFAULT_SCOPE]
                     + [pod.namespace for pod in state.clients.values()])
     group_ids: dict[int, GroupKey] = {}
-    for gk in sorted(state.groups):
+    for gk in sorted(state.groups, key=_group_order):
         entries = plan_group(state.groups[gk])
-        gid = group_id(gk)
+        gid = _U64.unpack(entries.key)[0]  # group_id(gk), without hashing it again
         if gid in group_ids:
             raise PlanError(f"backend groups {group_ids[gid]} and {gk} hash to the same id {gid:#x}")
         group_ids[gid] = gk
@@ -294,8 +390,15 @@ def plan(state: DesiredState, pod_cgroups: Mapping[str, int]) -> MapImage:
         image["members"].update(entries.members)
         image["names"].update(entries.names)
     for fam, scopes in sorted(scopes_by_family(state.frontends).items()):
-        entries, _owned, names = plan_frontend_family(state, fam, scopes)
-        image["frontends"].update(entries)
+        if scopes == _DEFAULT_ONLY:
+            # Most families: one default entry, no scoped sibling to flag. Same entry as
+            # plan_frontend_family gives, without its set algebra.
+            key = FrontendKey(*fam)
+            kb, vb, names = plan_frontend(key, state.frontends[key], has_scopes=False)
+            image["frontends"][kb] = vb
+        else:
+            entries, _owned, names = plan_frontend_family(state, fam, scopes)
+            image["frontends"].update(entries)
         image["names"].update(names)
     for uid in sorted(state.clients):
         cgroup = pod_cgroups.get(uid)

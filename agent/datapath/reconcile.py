@@ -7,7 +7,8 @@ and at every full reconcile, updated on every write) so an incremental change co
 proportion to the change, not to the table.
 
 It touches maps only through the `MapIO` interface: bpfsys.Map in the agent, `DictMap` (an
-in-memory stand-in, named as such) in the unit tests and the benchmark.
+in-memory stand-in, named as such) in the unit tests and the benchmark. A full reconcile runs
+with the garbage collector paused (agent.gcpause): it adds a mirror entry per map entry.
 
 Write order (the one rule of this module; each step uses batch operations):
 
@@ -41,6 +42,7 @@ from typing import Iterable, Mapping, Protocol
 from agent.datapath import layout as L
 from agent.datapath import plan as P
 from agent.errors import TransientError
+from agent.gcpause import gc_paused
 from agent.model import DEFAULT_SCOPE, DesiredState, FrontendKey, StateDelta
 
 
@@ -109,37 +111,38 @@ class ReconcileStats:
 
 def _group_set(value: bytes) -> tuple[int, int]:
     """(set_id, count) of a groups-map value."""
-    g = L.GroupValue.from_buffer_copy(value)
-    return g.set_id, g.count
+    sid, count, _affinity, _verdict = P.group_value_fields(value)
+    return sid, count
 
 
-def _ep_set(key: bytes) -> int:
-    """set_id of an endpoints or members key (its first 8 bytes, host order)."""
-    return int.from_bytes(key[:8], "little")
+#: set_id of an endpoints or members key (its first 8 bytes, host order).
+_ep_set = P.key_set_id
 
 
 def _frontend_groups(value: bytes) -> set[bytes]:
     """groups-map keys a frontend value names (rejected shares, id 0, name none)."""
-    fe = L.FeValue.from_buffer_copy(value)
-    return {bytes(L.U64(fe.slots[i].group_id)) for i in range(fe.nslots) if fe.slots[i].group_id}
+    _route, gids = P.frontend_value_refs(value)
+    return {P.u64_bytes(gid) for gid in gids if gid}
 
 
-def _name_ids(name: str, key: bytes, value: bytes) -> set[bytes]:
-    """names-map keys an entry of a planned map shows a name for (group, route, scope ids)."""
+#: The maps whose entries name other entries (groups and names); _track ignores the others.
+_REFERRING_MAPS = ("groups", "frontends", "clients")
+
+
+def _references(name: str, key: bytes, value: bytes) -> tuple[set[bytes], set[bytes]]:
+    """(groups keys, names keys) an entry of a planned map refers to: the groups a frontend
+    splits over, and the ids whose names it shows (group, route, scope ids). One decode of the
+    entry for both, because _track runs for every frontend of the state on a full sync."""
     if name == "groups":
-        return {key}
+        return set(), {key}
     if name == "frontends":
-        ids = set()
-        scope = L.FeKey.from_buffer_copy(key).scope
-        route = L.FeValue.from_buffer_copy(value).route_id
-        if scope:
-            ids.add(bytes(L.U64(scope)))
-        if route:
-            ids.add(bytes(L.U64(route)))
-        return ids
+        route, gids = P.frontend_value_refs(value)
+        scope = P.frontend_key_scope(key)
+        names = {P.u64_bytes(ident) for ident in (scope, route) if ident}
+        return {P.u64_bytes(gid) for gid in gids if gid}, names
     if name == "clients":
-        return {bytes(L.U64(L.ClientValue.from_buffer_copy(value).scope))}
-    return set()
+        return set(), {P.u64_bytes(P.client_value_scope(value))}
+    return set(), set()
 
 
 class _Refs:
@@ -165,11 +168,11 @@ class _Refs:
 
 
 def _has_affinity(group_value: bytes) -> bool:
-    return L.GroupValue.from_buffer_copy(group_value).affinity_timeout_s > 0
+    return P.group_value_fields(group_value)[2] > 0
 
 
 def _is_scoped(key: bytes) -> bool:
-    return L.FeKey.from_buffer_copy(key).scope != 0
+    return P.frontend_key_scope(key) != 0
 
 
 class Reconciler:
@@ -203,16 +206,16 @@ class Reconciler:
     def _track(self, name: str, key: bytes, old: bytes | None, new: bytes | None) -> None:
         """Keep the reference indexes in step with one entry going from `old` to `new`."""
         if old is not None:
-            if name == "frontends":
-                for g in _frontend_groups(old):
-                    self._users.remove(g, key)
-            for n in _name_ids(name, key, old):
+            groups, names = _references(name, key, old)
+            for g in groups:
+                self._users.remove(g, key)
+            for n in names:
                 self._named.remove(n, (name, key))
         if new is not None:
-            if name == "frontends":
-                for g in _frontend_groups(new):
-                    self._users.add(g, key)
-            for n in _name_ids(name, key, new):
+            groups, names = _references(name, key, new)
+            for g in groups:
+                self._users.add(g, key)
+            for n in names:
                 self._named.add(n, (name, key))
 
     def counts(self) -> dict[str, int]:
@@ -222,6 +225,10 @@ class Reconciler:
 
     def full(self, image: P.MapImage, state: DesiredState | None = None) -> ReconcileStats:
         """Make the maps equal the image: write what differs, sweep every stale entry."""
+        with gc_paused():  # the mirror gains an entry per map entry: see agent.gcpause
+            return self._full(image, state)
+
+    def _full(self, image: P.MapImage, state: DesiredState | None) -> ReconcileStats:
         stats = ReconcileStats("full")
         start = time.monotonic()
         self.adopt()  # a full reconcile also repairs what changed behind our back
@@ -326,11 +333,16 @@ class Reconciler:
         mirror = self.mirror
 
         # 1-2. New endpoint sets, then the group flips, admitted group by group while they fit.
-        by_set: dict[int, tuple[list, list]] = {}
-        for name in ("endpoints", "members"):
-            for key, value in want[name].items():
-                if mirror[name].get(key) != value:
-                    by_set.setdefault(_ep_set(key), ([], []))[name == "members"].append((key, value))
+        by_set: dict[int, tuple[list, list]] = {}  # set id -> (endpoints entries, members entries)
+        for name, slot in (("endpoints", 0), ("members", 1)):
+            current = mirror[name]
+            for key, value in want[name].items():  # every endpoint of the state on a full sync
+                if current.get(key) != value:
+                    sid = _ep_set(key)
+                    lists = by_set.get(sid)
+                    if lists is None:
+                        lists = by_set[sid] = ([], [])
+                    lists[slot].append((key, value))
         room = {name: self._room(name) for name in ("endpoints", "members", "groups")}
         write_sets: dict[str, list] = {"endpoints": [], "members": [], "groups": []}
         refused_groups: set[bytes] = set()
@@ -435,19 +447,20 @@ class Reconciler:
         for value in group_values:
             sid, count = _group_set(value)
             for index in range(count):
-                key = bytes(L.EpKey(set_id=sid, index=index))
+                key = P.ep_key_bytes(sid, index)
                 ep = endpoints.get(key)
                 if ep is None:
                     continue
                 out["endpoints"].append(key)
-                out["members"].append(P.member_key_bytes(sid, L.EpValue.from_buffer_copy(ep)))
+                out["members"].append(P.member_key_bytes(sid, ep))
         return out
 
     def _room(self, name: str) -> int:
         return self.maps[name].max_entries - len(self.mirror[name])
 
     def _new_keys(self, name: str, entries: list[tuple[bytes, bytes]]) -> int:
-        return sum(1 for k, _ in entries if k not in self.mirror[name])
+        mirror = self.mirror[name]
+        return sum(1 for k, _ in entries if k not in mirror)
 
     def _update(self, name: str, entries: list[tuple[bytes, bytes]], stats: ReconcileStats) -> None:
         if not entries:
@@ -459,9 +472,10 @@ class Reconciler:
             self._reindex(name)
             raise
         mirror = self.mirror[name]
-        for key, value in entries:
-            self._track(name, key, mirror.get(key), value)
-            mirror[key] = value
+        if name in _REFERRING_MAPS:
+            for key, value in entries:
+                self._track(name, key, mirror.get(key), value)
+        mirror.update(entries)
         stats.ops[(name, "update")] += len(entries)
 
     def _delete(self, name: str, keys: list[bytes], stats: ReconcileStats) -> None:
@@ -476,7 +490,9 @@ class Reconciler:
             raise
         mirror = self.mirror[name]
         for key in keys:
-            self._track(name, key, mirror.pop(key), None)
+            old = mirror.pop(key)
+            if name in _REFERRING_MAPS:
+                self._track(name, key, old, None)
         stats.ops[(name, "delete")] += len(keys)
 
     def _reindex(self, name: str) -> None:

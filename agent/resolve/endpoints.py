@@ -12,16 +12,18 @@ Invariants:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 from agent.model import BackendGroup, Endpoint, GroupKey, Verdict
-from agent.resolve.objects import ServiceRecord, SliceEndpoint, SliceRecord
+from agent.resolve.objects import EndpointTraits, ServiceRecord, SliceRecord
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """One `IP:port` of a Service port, after merging every slice that lists it."""
+class Candidate(NamedTuple):
+    """One `IP:port` of a Service port, after merging every slice that lists it.
+
+    A NamedTuple: one is built per endpoint of every group a commit recomputes (all of them on
+    a cold sync), and a tuple is much cheaper to build than a frozen dataclass.
+    """
 
     endpoint: Endpoint
     ready: bool
@@ -57,26 +59,31 @@ def slice_port_number(slice_: SliceRecord, port_name: str, protocol: str) -> int
 
 
 def merge_slices(slices: Iterable[SliceRecord], port_name: str, protocol: str, family: int) -> list[Candidate]:
-    """A3: every slice of the Service in `family` merged; the same `IP:port` counts once."""
-    best: dict[Endpoint, Candidate] = {}
+    """A3: every slice of the Service in `family` merged; the same `IP:port` counts once.
+
+    The result is sorted by endpoint and unique, and every later step only filters it, so the
+    usable set comes out sorted without sorting again.
+    """
+    # Keyed by (address, port), the order Endpoint sorts in: comparing plain tuples is much
+    # cheaper than comparing Endpoint dataclasses, and each Candidate is built once, at the end.
+    best: dict[tuple[str, int], EndpointTraits] = {}
     for slice_ in slices:
         if slice_.family != family:
             continue
         number = slice_port_number(slice_, port_name, protocol)
         if number is None:
             continue
-        for raw in slice_.endpoints:
-            candidate = _candidate(raw, number)
-            held = best.get(candidate.endpoint)
-            if held is None or candidate.preference() > held.preference():
-                best[candidate.endpoint] = candidate
-    return [best[ep] for ep in sorted(best)]
+        for address, traits in zip(slice_.addresses, slice_.traits):
+            ident = (address, number)
+            held = best.get(ident)
+            if held is None or _candidate(ident, traits).preference() > _candidate(ident, held).preference():
+                best[ident] = traits
+    return [_candidate(ident, best[ident]) for ident in sorted(best)]
 
 
-def _candidate(raw: SliceEndpoint, port: int) -> Candidate:
+def _candidate(ident: tuple[str, int], traits: EndpointTraits) -> Candidate:
     # A5 defaults (ready and serving unset = true) were applied when the slice was read.
-    return Candidate(Endpoint(raw.address, port), raw.ready, raw.serving, raw.terminating,
-                     raw.node_name, raw.for_nodes, raw.for_zones)
+    return Candidate(Endpoint(*ident), *traits)
 
 
 def serving_terminating(candidates: Iterable[Candidate]) -> list[Candidate]:
@@ -123,10 +130,12 @@ def has_any_endpoint(candidates: list[Candidate]) -> bool:
 
 def select_endpoints(candidates: list[Candidate], local_only: bool, node_name: str,
                      zone: str | None) -> tuple[tuple[Endpoint, ...], Verdict]:
-    """A6-A9: the usable endpoints for a client on this node and the verdict."""
+    """A6-A9: the usable endpoints for a client on this node and the verdict. `candidates` as
+    merge_slices gives them: sorted by endpoint, one per endpoint."""
     usable = local_set(candidates, node_name) if local_only else cluster_set(candidates, node_name, zone)
     if usable:
-        return tuple(sorted({c.endpoint for c in usable})), Verdict.FORWARD
+        # Sorted and unique already: `candidates` is (merge_slices), and the sets only filter it.
+        return tuple(c.endpoint for c in usable), Verdict.FORWARD
     if local_only and has_any_endpoint(candidates):
         # A7: kube-proxy drops silently (clients hang); we fail fast with EHOSTUNREACH.
         return (), Verdict.UNREACHABLE

@@ -6,8 +6,12 @@ human line per problem what was wrong and what was done about it.
 May touch: nothing but its arguments (pure; no I/O, no clock).
 Invariants:
 - no function here raises on any input, however malformed (wrong types, missing fields, garbage);
-- every record is a frozen, comparable dataclass, so "this update changed nothing" is a plain
-  equality check and the incremental resolver can skip it;
+- every record is a frozen, comparable value (a slotted dataclass; EndpointTraits, shared by
+  many endpoints, a NamedTuple), so "this update changed nothing" is a plain equality check and
+  the incremental resolver can skip it;
+- a record keeps only the fields resolve reads, never the raw dict, and what repeats once per
+  endpoint (conditions, node name, hints) is interned (EndpointTraits): the resolver holds every
+  object of the cluster, so its records are a large part of the agent's memory.
 - addresses are in `ipaddress` canonical text (model invariant), ports are 1-65535, protocols are
   one of model.PROTOCOLS.
 """
@@ -18,7 +22,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 from agent.model import (
     DEFAULT_AFFINITY_TIMEOUT,
@@ -55,7 +59,7 @@ MAX_AFFINITY_TIMEOUT = 86400
 DEFAULT_NAMESPACE = "default"
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class ObjectKey:
     kind: str
     namespace: str  #: "" for cluster-scoped kinds
@@ -71,14 +75,14 @@ ServiceId = tuple[str, str]  #: (namespace, name)
 # --- records ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServicePort:
     name: str
     port: int
     protocol: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServiceRecord:
     namespace: str
     name: str
@@ -100,9 +104,14 @@ class ServiceRecord:
         return not self.not_balanced
 
 
-@dataclass(frozen=True)
-class SliceEndpoint:
-    address: str
+class EndpointTraits(NamedTuple):
+    """Everything resolve reads of a slice endpoint except its address (A5 defaults applied).
+
+    Interned (`_intern_traits`): a cluster has few distinct combinations (conditions x node x
+    hints), so the 500k endpoints of 50k Services share a few hundred of these instead of
+    holding one record each.
+    """
+
     ready: bool
     serving: bool
     terminating: bool
@@ -111,24 +120,65 @@ class SliceEndpoint:
     for_zones: tuple[str, ...] | None
 
 
-@dataclass(frozen=True)
+#: The intern table of EndpointTraits, keyed by the plain tuple of their fields (a plain tuple is
+#: cheaper to build than the NamedTuple, which is then built once per distinct value).
+#: Interning only saves memory and time (equal values stay equal), so the table may be dropped at
+#: any time: it is, when node churn has made it large.
+_TRAITS: dict[tuple, EndpointTraits] = {}
+_TRAITS_LIMIT = 65536
+
+
+#: Intern table of the tuples of records that many objects hold alike: a Service's ports (most
+#: Services of a cluster have the same one or two), a slice's ports and its endpoints' traits.
+#: Sharing them saves memory, and objects the garbage collector must track: on a cold sync its
+#: passes over the objects being built were the biggest cost of resolve. Same rules as _TRAITS.
+_SHARED: dict[tuple, tuple] = {}
+
+
+def _shared(value: tuple) -> tuple:
+    """The one instance of a tuple of (hashable, immutable) records equal to `value`."""
+    held = _SHARED.get(value)
+    if held is None:
+        if len(_SHARED) >= _TRAITS_LIMIT:
+            _SHARED.clear()
+        held = _SHARED[value] = value
+    return held
+
+
+def endpoint_traits(ready: bool, serving: bool, terminating: bool, node_name: str | None,
+                    for_nodes: tuple[str, ...] | None, for_zones: tuple[str, ...] | None) -> EndpointTraits:
+    """The interned EndpointTraits with these fields."""
+    fields = (ready, serving, terminating, node_name, for_nodes, for_zones)
+    traits = _TRAITS.get(fields)
+    if traits is None:
+        if len(_TRAITS) >= _TRAITS_LIMIT:
+            _TRAITS.clear()
+        traits = _TRAITS[fields] = EndpointTraits(*fields)
+    return traits
+
+
+@dataclass(frozen=True, slots=True)
 class SlicePort:
     name: str
     protocol: str
     port: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SliceRecord:
     namespace: str
     name: str
     service: str | None  #: the kubernetes.io/service-name label
     family: int | None  #: 4 or 6; None for FQDN slices, which no socket hook can use
     ports: tuple[SlicePort, ...]
-    endpoints: tuple[SliceEndpoint, ...]
+    #: Endpoint i is (addresses[i], traits[i]). Two parallel tuples rather than one record per
+    #: endpoint: a tuple of strings is one untracked object for the garbage collector, and the
+    #: traits are shared (EndpointTraits), so a slice costs a few objects whatever its size.
+    addresses: tuple[str, ...]  #: canonical, of `family`, in the slice's order
+    traits: tuple[EndpointTraits, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PodRecord:
     namespace: str
     name: str
@@ -137,7 +187,7 @@ class PodRecord:
     skip_annotation: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ParentRefRecord:
     raw: tuple[tuple[str, Any], ...]  #: the parentRef verbatim, items sorted by key
     namespace: str
@@ -151,7 +201,7 @@ class ParentRefRecord:
         return (self.namespace, self.name)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BackendRefRecord:
     group: str
     kind: str
@@ -162,12 +212,12 @@ class BackendRefRecord:
     problem: str  #: "" when well-formed; else why it names no Service port (B10)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RuleRecord:
     backend_refs: tuple[BackendRefRecord, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RouteRecord:
     id: RouteId
     generation: int
@@ -192,9 +242,12 @@ class RouteRecord:
 
 
 class _Notes:
-    """Collects the problems found while reading one object, each prefixed with what it is."""
+    """Collects the problems found while reading one object, each prefixed with what it is.
 
-    def __init__(self, what: str):
+    `what` is formatted only when there is a problem: most objects have none, and a cold sync
+    reads every object of the cluster."""
+
+    def __init__(self, what: object):
         self.what = what
         self.lines: list[str] = []
 
@@ -322,7 +375,7 @@ def parse_node_zone(obj: dict) -> str | None:
 
 
 def parse_pod(key: ObjectKey, obj: dict) -> tuple[PodRecord | None, list[str]]:
-    notes = _Notes(str(key))
+    notes = _Notes(key)
     meta = _dict(obj.get("metadata"))
     spec = _dict(obj.get("spec"), notes, "spec")
     uid = _str(meta.get("uid"), notes, "metadata.uid")
@@ -343,7 +396,7 @@ def parse_pod(key: ObjectKey, obj: dict) -> tuple[PodRecord | None, list[str]]:
 
 
 def parse_service(key: ObjectKey, obj: dict) -> tuple[ServiceRecord, list[str]]:
-    notes = _Notes(str(key))
+    notes = _Notes(key)
     meta = _dict(obj.get("metadata"))
     spec = _dict(obj.get("spec"), notes, "spec")
     labels = _labels(meta)
@@ -364,7 +417,7 @@ def parse_service(key: ObjectKey, obj: dict) -> tuple[ServiceRecord, list[str]]:
             not_balanced=not_balanced,
             external_name=external_name,
             addresses=tuple(addresses),
-            ports=_service_ports(spec, notes),
+            ports=_shared(_service_ports(spec, notes)),
             local_only=spec.get("internalTrafficPolicy") == "Local",
             affinity_timeout=_affinity_timeout(spec, notes),
         ),
@@ -452,7 +505,7 @@ def _affinity_timeout(spec: dict, notes: _Notes) -> int:
 
 
 def parse_slice(key: ObjectKey, obj: dict) -> tuple[SliceRecord, list[str]]:
-    notes = _Notes(str(key))
+    notes = _Notes(key)
     meta = _dict(obj.get("metadata"))
     service = _labels(meta).get(SERVICE_NAME_LABEL)
     address_type = obj.get("addressType")
@@ -471,26 +524,70 @@ def parse_slice(key: ObjectKey, obj: dict) -> tuple[SliceRecord, list[str]]:
             ports.append(SlicePort(name, protocol, number))
         elif raw.get("port") is not None:
             notes.add(f"ports[{i}] is not a valid named port; ignored")
-    endpoints: list[SliceEndpoint] = []
+    addresses: list[str] = []
+    traits: list[EndpointTraits] = []
     if family is not None:
         for i, raw in enumerate(_list(obj.get("endpoints"), notes, "endpoints")):
-            endpoint = _slice_endpoint(_dict(raw), family, notes, f"endpoints[{i}]")
+            endpoint = _plain_slice_endpoint(raw, family)
+            if endpoint is None:
+                endpoint = _slice_endpoint(_dict(raw), family, notes, f"endpoints[{i}]")
             if endpoint is not None:
-                endpoints.append(endpoint)
+                addresses.append(endpoint[0])
+                traits.append(endpoint[1])
     return (
         SliceRecord(
             namespace=key.namespace,
             name=key.name,
             service=service if isinstance(service, str) and service else None,
             family=family,
-            ports=tuple(ports),
-            endpoints=tuple(endpoints),
+            ports=_shared(tuple(ports)),
+            addresses=tuple(addresses),
+            traits=_shared(tuple(traits)),
         ),
         notes.lines,
     )
 
 
-def _slice_endpoint(raw: dict, family: int, notes: _Notes, where: str) -> SliceEndpoint | None:
+def _plain_slice_endpoint(raw: Any, family: int) -> tuple[str, EndpointTraits] | None:
+    """The fast path of `_slice_endpoint` for the shape the API server sends: every field of the
+    right type, no topology hints. None when anything is unusual: the caller then takes the
+    checked path, which reads the same fields the same way and says what was wrong.
+
+    Why two paths: a cold sync reads every endpoint of the cluster (500k at 50k Services), and
+    the checked path's field-name strings and helper calls were half of resolve's time.
+    """
+    if type(raw) is not dict or "hints" in raw:
+        return None
+    addresses = raw.get("addresses")
+    conditions = raw.get("conditions", {})
+    node_name = raw.get("nodeName")
+    if type(addresses) is not list or not addresses or type(conditions) is not dict:
+        return None
+    if node_name is not None and type(node_name) is not str:
+        return None
+    ready = conditions.get("ready")
+    serving = conditions.get("serving")
+    terminating = conditions.get("terminating")
+    # `in` on a tuple compares with ==, so 1 and 0 would pass for True and False: check identity.
+    if not (ready is True or ready is False or ready is None) \
+            or not (serving is True or serving is False or serving is None) \
+            or not (terminating is True or terminating is False or terminating is None):
+        return None
+    address = addresses[0]
+    if family == 4 and type(address) is str and _CANONICAL_V4.fullmatch(address):
+        pass  # already canonical: the common case, no parse needed
+    else:
+        parsed = canonical_ip(address)
+        if parsed is None or parsed[1] != family:
+            return None
+        address = parsed[0]
+    # SEMANTICS A5, as in _slice_endpoint.
+    return address, endpoint_traits(ready is not False, serving is not False, terminating is True, node_name,
+                                    None, None)
+
+
+def _slice_endpoint(raw: dict, family: int, notes: _Notes, where: str) -> tuple[str, EndpointTraits] | None:
+    """(address, traits) of one endpoint, or None (with a note) when it has no usable address."""
     addresses = _list(raw.get("addresses"), notes, f"{where}.addresses")
     # The addresses of one endpoint are fungible (API docs); like kube-proxy we use the first.
     parsed = canonical_ip(addresses[0]) if addresses else None
@@ -502,8 +599,7 @@ def _slice_endpoint(raw: dict, family: int, notes: _Notes, where: str) -> SliceE
     serving = _flag(conditions.get("serving"), notes, f"{where}.conditions.serving")
     terminating = _flag(conditions.get("terminating"), notes, f"{where}.conditions.terminating")
     hints = _dict(raw.get("hints"), notes, f"{where}.hints")
-    return SliceEndpoint(
-        address=parsed[0],
+    return parsed[0], endpoint_traits(
         # SEMANTICS A5: ready and serving default to true, terminating to false.
         ready=ready is not False,
         serving=serving is not False,
@@ -515,6 +611,8 @@ def _slice_endpoint(raw: dict, family: int, notes: _Notes, where: str) -> SliceE
 
 
 def _hint_names(value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
     names = tuple(sorted({h["name"] for h in _list(value) if isinstance(h, dict) and isinstance(h.get("name"), str)}))
     return names or None
 
@@ -543,7 +641,7 @@ def _timestamp(value: Any) -> float | None:
 
 
 def parse_route(key: ObjectKey, obj: dict) -> tuple[RouteRecord, list[str]]:
-    notes = _Notes(str(key))
+    notes = _Notes(key)
     meta = _dict(obj.get("metadata"))
     spec = _dict(obj.get("spec"), notes, "spec")
     generation = meta.get("generation")

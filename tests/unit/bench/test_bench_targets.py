@@ -65,3 +65,10 @@ def test_rss_prefers_the_real_agents_figure():
     cp = [{"services": 1000, "peak_rss_mib": 300, "agent_peak_rss_mib": 140}]
     rss = find(targets.judge([], cp), ["RSS"])
     assert rss.status == MET and "140" in rss.measured
+
+
+def test_cold_sync_adds_resolve_and_reconcile_only():
+    cp = [{"services": 10_000, "resolve_s": 0.4, "plan_s": 0.2, "reconcile_s": 0.5, "cold_sync_s": 0.9}]
+    v = find(targets.judge([], cp), ["cold sync of 10000"])
+    assert v.status == MET
+    assert v.measured == "0.900 s (resolve 0.400 + reconcile 0.500, plan 0.200 inside)"

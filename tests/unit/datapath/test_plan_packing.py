@@ -1,0 +1,85 @@
+"""plan packs map entries with struct formats for speed; layout's ctypes classes are the mirror of
+bpf/meshlet.h. These tests build the same entries both ways and compare the bytes, so the two
+can never drift apart (the kernel tests check layout against what bcc compiled)."""
+
+import socket
+
+from agent.datapath import layout as L
+from agent.datapath import plan as P
+from agent.model import (
+    BackendGroup,
+    ClientPod,
+    Endpoint,
+    FrontendKey,
+    FrontendState,
+    GroupKey,
+    RouteRef,
+    Verdict,
+    WeightedGroup,
+)
+
+GROUP = GroupKey("shop", "web", "http", "TCP", 4)
+GROUP6 = GroupKey("shop", "web", "http", "TCP", 6)
+
+
+def test_group_entries_match_the_ctypes_layout():
+    group = BackendGroup(GROUP, (Endpoint("10.244.0.5", 8080), Endpoint("10.244.1.7", 65535)),
+                         Verdict.FORWARD, affinity_timeout=10800)
+    entries = P.plan_group(group)
+    gid = P.group_id(GROUP)
+    sid = P.set_id(gid, group.endpoints)
+    assert entries.key == bytes(L.U64(gid))
+    assert entries.value == bytes(L.GroupValue(set_id=sid, count=2, affinity_timeout_s=10800,
+                                               verdict=Verdict.FORWARD))
+    expected_eps, expected_members = {}, {}
+    for index, ep in enumerate(group.endpoints):
+        value = L.EpValue(port=socket.htons(ep.port), family=4)
+        value.addr[:] = P.addr16(ep.address)
+        expected_eps[bytes(L.EpKey(set_id=sid, index=index))] = bytes(value)
+        member = L.MemberKey(set_id=sid, port=socket.htons(ep.port))
+        member.addr[:] = P.addr16(ep.address)
+        expected_members[bytes(member)] = bytes(L.U32(index))
+        assert P.member_key_bytes(sid, value) == bytes(member) == P.member_key_bytes(sid, bytes(value))
+    assert entries.endpoints == expected_eps
+    assert entries.members == expected_members
+    assert entries.names == {bytes(L.U64(gid)): bytes(L.NameValue(str(GROUP).encode()))}
+
+
+def test_ipv6_endpoint_and_rejecting_group_match_the_ctypes_layout():
+    v6 = P.plan_group(BackendGroup(GROUP6, (Endpoint("fd00::5", 80),), Verdict.FORWARD))
+    (key, value), = v6.endpoints.items()
+    decoded = L.EpValue.from_buffer_copy(value)
+    assert bytes(decoded.addr) == socket.inet_pton(socket.AF_INET6, "fd00::5")
+    assert (decoded.port, decoded.family) == (socket.htons(80), 6)
+    assert v6.members == {}
+    reject = P.plan_group(BackendGroup(GROUP, (), Verdict.UNREACHABLE))
+    assert reject.value == bytes(L.GroupValue(verdict=Verdict.UNREACHABLE))
+    assert reject.endpoints == {}
+
+
+def test_frontend_entries_match_the_ctypes_layout():
+    route = RouteRef("HTTPRoute", "shop", "canary", 0)
+    fe = FrontendState("shop", "web", "http", (WeightedGroup(90, GROUP), WeightedGroup(10, None)), route)
+    key, value, names = P.plan_frontend(FrontendKey("10.96.0.10", 80, "TCP", "consumer-ns"), fe, has_scopes=True)
+    expected_key = L.FeKey(port=socket.htons(80), proto=6, scope=P.scope_id("consumer-ns"))
+    expected_key.addr[:] = P.addr16("10.96.0.10")
+    assert key == bytes(expected_key)
+    expected = L.FeValue(verdict=L.VERDICT_FORWARD, nslots=2, flags=0, route_id=P.route_id(route))
+    for i, (threshold, gid) in enumerate(P.split_slots(fe.split)):
+        expected.slots[i].threshold = threshold
+        expected.slots[i].group_id = gid
+    assert value == bytes(expected)
+    assert names[bytes(L.U64(P.route_id(route)))] == bytes(L.NameValue(str(route).encode()))
+
+    empty = FrontendState("shop", "web", "http", ())
+    _key, value, _names = P.plan_frontend(FrontendKey("10.96.0.10", 80, "TCP"), empty, has_scopes=True)
+    assert value == bytes(L.FeValue(verdict=L.VERDICT_REJECT, flags=L.FE_HAS_SCOPES))
+
+
+def test_client_and_long_name_match_the_ctypes_layout():
+    key, value, names = P.plan_client(ClientPod("uid-1", "n" * 200, "pod", skip=True), 4242)
+    assert key == bytes(L.U64(4242))
+    scope = P.scope_id("n" * 200)
+    assert value == bytes(L.ClientValue(scope=scope, flags=L.CLIENT_SKIP))
+    # A name longer than the field is cut, and the field still ends with a NUL.
+    assert names == {bytes(L.U64(scope)): bytes(L.NameValue(b"n" * (L.NAME_LEN - 1)))}
