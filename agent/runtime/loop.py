@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, Mapping, Protocol
+from typing import Callable, Iterable, Mapping, Protocol
 
 from agent.model import DesiredState, RouteId, RouteStatus, StateDelta
 from agent.runtime.health import Health
@@ -42,7 +42,7 @@ class Resolver(Protocol):
     state: DesiredState
     statuses: Mapping[RouteId, RouteStatus]
 
-    def upsert(self, obj: dict) -> None: ...
+    def upsert_many(self, objs: Iterable[dict]) -> None: ...
 
     def delete(self, obj: dict) -> None: ...
 
@@ -207,8 +207,7 @@ class SyncLoop:
     def _resolve(self, batch: Batch) -> StateDelta:
         for obj in batch.deletes:
             self.resolver.delete(obj)
-        for obj in batch.upserts:
-            self.resolver.upsert(obj)
+        self.resolver.upsert_many(batch.upserts)  # collector paused: a first list is large
         delta = self.resolver.commit()
         self._log_problems()
         if delta.routes or not self._published_statuses:
