@@ -8,8 +8,8 @@ affinity, and the verdict. Then cross-check with the agent's /status/routes when
 answers, and say so when none does.
 
 The walk (`explain_connection`) is pure: a map image (map name -> {key bytes: value bytes}, the
-form agent.datapath.plan produces and the pinned maps hold) in, an `Explanation` out; only
-`read_pinned_image` and `agent_routes` do I/O. The byte layout comes from
+form the pinned maps hold and agent.datapath.plan's Plan.expand() gives) in, an `Explanation`
+out; only `read_pinned_image` and `agent_routes` do I/O. The byte layout comes from
 agent.datapath.layout and the namespace -> scope id hash from agent.datapath.plan: one home each.
 
 The client: `--from NS/POD`. The scope is decided by namespace (SEMANTICS B5), so NS alone is

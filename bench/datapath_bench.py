@@ -68,6 +68,7 @@ class _ModeRun:
     wrong_endpoint: int = 0
     wrong_source: int = 0
     errors: Counter = field(default_factory=Counter)
+    program: Counter = field(default_factory=Counter)  #: "<hook> ns" / "<hook> runs" over the crr rounds
 
 
 def _say(plan: DatapathPlan, text: str) -> None:
@@ -163,7 +164,11 @@ def _measure_round(plan, r: _ModeRun, round_no, seq, udp_seq, positions, stream_
     mode = r.mode
     draw = random.Random(round_no)  # the direct mode's endpoint choices
     targets = [mode.address(s, "tcp", draw) for s in seq]
+    before = mode.program_stats() if hasattr(mode, "program_stats") else {}
     crr = loadgen.run_sequence(binary, "crr", mode.pair.cli_path, targets, workdir, mode.cgroup)
+    for hook, (ns, runs) in (mode.program_stats() if before else {}).items():
+        r.program[f"{hook} ns"] += ns - before[hook][0]
+        r.program[f"{hook} runs"] += runs - before[hook][1]
     _check(r, crr, seq)
     ok = [s.latency_ns for s in crr.samples if not s.errno]
     r.crr += ok
@@ -239,6 +244,9 @@ def _finish(r: _ModeRun) -> dict:
     record["wrong_udp_reply_source"] = r.wrong_source
     record["errors"] = {str(k): v for k, v in sorted(r.errors.items())}
     record["reached_at_positions"] = {p: dict(sorted(c.items())) for p, c in r.reached.items()}
+    runs = r.program.get("connect4 runs")
+    if runs:
+        record["program_ns_per_connect"] = round(r.program["connect4 ns"] / runs, 1)
     if record.get("apply_change_s"):
         record["apply_change"] = stats.summarize_seconds(record["apply_change_s"])
     return record

@@ -210,14 +210,17 @@ def render_markdown(results: dict, plot_paths: list[Path], json_path: Path | Non
             "close) from one client. UDP send: sendto() of a new socket's first datagram (its whole output "
             "path runs inside the call); UDP rtt: sendto..recvfrom of the answer (includes waking the "
             "server process: scheduler-bound on a busy machine). Stream: one "
-            "established connection. Change: one endpoint of one Service replaced (partial apply).",
+            "established connection. Change: one endpoint of one Service replaced (partial apply). prog: "
+            "mean time inside meshlet's connect4 program per connect() (the kernel's bpf_stats "
+            "counters, over the connect rounds): the part of the meshlet-direct difference that is "
+            "the program itself.",
             "",
-            "| N | mode | full apply | change p50 | p01 | p50 | p90 | p99 | start/mid/end p50 | conn/s | UDP send p50/p99 | UDP rtt p50 | stream Gbit/s | wrong/err |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| N | mode | full apply | change p50 | p01 | p50 | p90 | p99 | start/mid/end p50 | conn/s | UDP send p50/p99 | UDP rtt p50 | stream Gbit/s | prog ns | wrong/err |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in sorted(datapath, key=lambda r: (r["services"], ALL_MODES.index(r["mode"]))):
             if not r.get("connect_us", {}).get("count"):
-                lines.append(f"| {r['services']} | {r['mode']} | {_apply(r)} | | | | | | | | | | | "
+                lines.append(f"| {r['services']} | {r['mode']} | {_apply(r)} | | | | | | | | | | | | "
                              f"{r.get('status')}: {_cell(r.get('reason', ''))} |")
                 continue
             c, pos, udp, send = r["connect_us"], r["positions_us"], r["udp_us"], r.get("udp_send_us", {})
@@ -230,7 +233,8 @@ def render_markdown(results: dict, plot_paths: list[Path], json_path: Path | Non
                 + "/".join(_fmt(pos[p].get("p50")) for p in ("start", "middle", "end"))
                 + f" | {_fmt(r['conn_per_s'], 0)} | {_fmt(send.get('p50'))}/{_fmt(send.get('p99'))} | "
                 f"{_fmt(udp.get('p50'))} | "
-                f"{_fmt(r.get('stream_gbit_s'), 2)} | {r['wrong_endpoint']}/{errors} |"
+                f"{_fmt(r.get('stream_gbit_s'), 2)} | {_fmt(r.get('program_ns_per_connect'), 0)} | "
+                f"{r['wrong_endpoint']}/{errors} |"
             )
     cp = results.get("controlplane", [])
     if cp:
@@ -242,10 +246,12 @@ def render_markdown(results: dict, plot_paths: list[Path], json_path: Path | Non
             "commit) + reconcile into empty pinned maps (reconcile plans inside; plan is also timed on "
             "its own). Change = one EndpointSlice's endpoint replaced: upsert + commit + reconcile of "
             "the delta. Child RSS = VmHWM of that child (it also holds the input objects). `meshlet run` "
-            "= the real agent on a manifests directory with the same objects: seconds to /readyz 200 "
-            "and its own VmHWM.",
+            "= the real agent in Kubernetes mode, listing and watching the same objects from the "
+            "tests' stand-in API server (not Kubernetes: it speaks the list/watch protocol, with "
+            "paged lists, from the bench process): seconds to /readyz 200 and its own VmHWM. The "
+            "results file also holds the same agent on a manifests directory (agent_manifests_*).",
             "",
-            "| N | resolve | plan | reconcile | cold sync | change p50 | change p99 | child RSS | meshlet run ready | agent peak RSS | note |",
+            "| N | resolve | plan | reconcile | cold sync | change p50 | change p99 | child RSS | meshlet run ready (stand-in API server) | agent peak RSS (stand-in API server) | note |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in sorted(cp, key=lambda r: r["services"]):

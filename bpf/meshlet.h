@@ -40,6 +40,9 @@ _Static_assert(MAX_SLOTS <= 255, "fe_value.nslots is a __u8");
 /* client_value.flags */
 #define CLIENT_SKIP 1     /* namespace or pod opted out (SEMANTICS C2): never translated */
 
+/* config_value.flags */
+#define CONFIG_CLIENT_SKIPS 1 /* some client entry has CLIENT_SKIP: every translation looks */
+
 /* Index of the per-CPU outcome counters. */
 #define OUT_TRANSLATED 0
 #define OUT_REJECTED 1
@@ -125,6 +128,15 @@ struct affinity_value {
 struct client_value {
     __u32 scope;          /* id of the pod's namespace (never 0) */
     __u32 flags;          /* CLIENT_SKIP */
+};
+
+/* config: one entry (index 0), node-wide facts the programs need. CONFIG_CLIENT_SKIPS lets a
+ * connect skip the search for the client's pod (a walk down the task's cgroups with a helper
+ * call and a hash lookup per level: 2-3 levels on a kubelet node) when its answer could change
+ * nothing: the frontend has no consumer scopes and no pod on this node opted out. */
+struct config_value {
+    __u32 flags;          /* CONFIG_CLIENT_SKIPS */
+    __u32 pad;
 };
 
 /* names: group / route / scope id -> human name; read only by `meshlet maps dump`. */

@@ -6,8 +6,8 @@
  * recvmsg4/6 and getpeername4/6 show the frontend instead of the endpoint (SEMANTICS A12).
  *
  * Cost model: traffic to an address that is not a frontend pays one hash lookup and nothing
- * else. Only after that lookup hits do we look for the client's pod (cgroup walk), its scope
- * and the socket's storage.
+ * else. Only after that lookup hits do we look for the client's pod (cgroup walk, and only when
+ * a consumer scope or an opt-out could change the answer) and the socket's storage.
  *
  * Consistency: the agent never modifies a value in place. A frontend's whole split is one map
  * value, a group's current endpoint set is one value (set_id, count), and the maps holding
@@ -52,6 +52,7 @@ BPF_TABLE_PINNED("lru_hash", struct affinity_key, struct affinity_value, affinit
 BPF_TABLE_PINNED("hash", __u64, struct client_value, clients, CLIENTS_MAX,
                  PIN_DIR "/clients", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, counters, OUT_COUNT, PIN_DIR "/counters");
+BPF_TABLE_PINNED("array", __u32, struct config_value, config, 1, PIN_DIR "/config");
 BPF_TABLE_PINNED("hash", __u64, struct name_value, names, NAMES_MAX,
                  PIN_DIR "/names", BPF_F_NO_PREALLOC);
 /* Socket-local storage, pinned too: a restarted or upgraded agent's programs keep reading
@@ -128,6 +129,14 @@ static __always_inline int same_addr(const __u8 *stored, const struct addr16 *a)
 {
     const __u32 *w = (const __u32 *)stored;
     return w[0] == a->w[0] && w[1] == a->w[1] && w[2] == a->w[2] && w[3] == a->w[3];
+}
+
+/* Does some pod on this node opt out of translation (config, written by the agent)? */
+static __always_inline int clients_may_skip(void)
+{
+    __u32 zero = 0;
+    struct config_value *c = config.lookup(&zero);
+    return c && (c->flags & CONFIG_CLIENT_SKIPS);
 }
 
 /* The client's pod: the first cgroup below the root, going down from the root towards the
@@ -279,7 +288,10 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, int v6, int is_s
     if (!fe)
         return 0; /* not a frontend: the only cost non-service traffic pays */
 
-    struct client_value *client = find_client();
+    /* The pod matters only for a consumer view or an opt-out (see struct config_value). */
+    struct client_value *client = NULL;
+    if ((fe->flags & FE_HAS_SCOPES) || clients_may_skip())
+        client = find_client();
     __u32 scope = 0;
     if (client) {
         if (client->flags & CLIENT_SKIP) {
@@ -373,7 +385,11 @@ static __always_inline void reverse(struct bpf_sock_addr *ctx, int v6)
 static __always_inline int verdict(int err)
 {
     if (err) {
+#ifdef HAVE_SET_RETVAL
         bpf_set_retval(err);
+#endif
+        /* Without bpf_set_retval (Linux < 5.18: the loader then leaves HAVE_SET_RETVAL out,
+         * agent/datapath/features.py), returning 0 still fails the call at once, with EPERM. */
         return 0;
     }
     return 1;

@@ -261,6 +261,22 @@ class StandInApiServer:
                 self.delete(*key)
             self._crds.pop(kind, None)
 
+    def load(self, objs: list[dict]) -> int:
+        """Store many objects at once, as if created long ago and the history compacted since (a
+        benchmark's cluster): no events, no copies (the caller hands them over). The new version."""
+        with self._lock:
+            for obj in objs:
+                resource, key = self._identify(obj)
+                meta = obj.setdefault("metadata", {})
+                meta.setdefault("uid", str(uuid.uuid4()))
+                meta.setdefault("creationTimestamp", _now_text())
+                meta["generation"] = 1
+                meta["resourceVersion"] = str(self._bump())
+                obj["apiVersion"] = obj.get("apiVersion") or self._default_api_version(resource)
+                self._objects[key] = obj
+            self._floor = self._rv
+            return self._rv
+
     def create(self, obj: dict) -> dict:
         with self._lock:
             resource, key = self._identify(obj)
@@ -667,11 +683,10 @@ class StandInApiServer:
                     if namespace is not None and key[1] != namespace:
                         continue
                     if selector(obj):
-                        item = copy.deepcopy(obj)
-                        # The real server leaves apiVersion/kind out of built-in list items.
-                        item.pop("apiVersion", None)
-                        item.pop("kind", None)
-                        items.append(item)
+                        # The real server leaves apiVersion/kind out of built-in list items. A
+                        # shallow copy is enough: a stored object is replaced, never changed in
+                        # place, and a page is only serialized.
+                        items.append({k: v for k, v in obj.items() if k not in ("apiVersion", "kind")})
             meta: dict = {"resourceVersion": str(rv)}
             if limit and len(items) > limit:
                 token = uuid.uuid4().hex

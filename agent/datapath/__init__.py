@@ -1,27 +1,30 @@
 """The datapath: meshlet's socket programs and their maps, behind one small facade.
 
 Role: what the runtime, the lab and the benchmark use. `Datapath.open` checks the machine
-(preflight), checks the pinned maps' layout, creates or adopts them, compiles and loads the
-programs (not attached); `reconcile` writes a DesiredState into the maps (agent/datapath/
-reconcile.py, the only writer); `attach` points our pinned cgroup links at the programs
-(created, or updated in place); `close` drops our fds and never detaches (SEMANTICS D1).
+(preflight), probes the kernel's features (refusing a kernel without the required ones, turning
+off what is optional; `support` says which), checks the pinned maps' layout, creates or adopts
+them, compiles and loads the programs (not attached); `reconcile` writes a DesiredState into
+the maps (agent/datapath/reconcile.py, the only writer); `attach` points our pinned cgroup
+links at the programs (created, or updated in place); `close` drops our fds and never detaches (SEMANTICS D1).
 `uninstall` is the only thing that detaches (D5).
 
 Start-up order the caller must keep (D1): when `adopted` is False (new maps, nothing to serve
 from), write the first full reconcile BEFORE `attach()`; when True, attaching at once is safe:
 the new programs serve the state the previous agent left.
 
-Modules: layout (structs, map specs, sizes), plan (pure: state -> bytes), reconcile (map
-writes), loader (preflight, compile, pins, links), bpfsys (raw bpf(2)), dump (read-only decoding
-for the CLI and `explain`), cli (`meshlet maps`, `meshlet uninstall`).
+Modules: features (kernel probe and what follows from it), layout (structs, map specs, sizes),
+plan (pure: state -> bytes), reconcile (map writes), loader (preflight, compile, pins, links),
+bpfsys (raw bpf(2)), dump (read-only decoding for the CLI and `explain`), cli (`meshlet maps`,
+`meshlet uninstall`).
 """
 
 from __future__ import annotations
 
 import os
+import platform
 from typing import Mapping
 
-from agent.datapath import bpfsys, loader
+from agent.datapath import bpfsys, features, loader
 from agent.datapath import layout as L
 from agent.datapath import plan as P
 from agent.datapath.layout import MapSizes
@@ -35,7 +38,7 @@ class Datapath:
     """One compiled and loaded datapath on a bpffs directory and a cgroup root."""
 
     def __init__(self, bpffs: str, cgroup_root: str, sizes: MapSizes, programs: loader.Programs,
-                 maps: dict[str, bpfsys.Map], adopted: bool):
+                 maps: dict[str, bpfsys.Map], adopted: bool, support: features.Support):
         self.bpffs = bpffs
         self.cgroup_root = cgroup_root
         self.sizes = sizes
@@ -44,22 +47,29 @@ class Datapath:
         #: True when pinned maps existed and our links were pinned: the programs were serving
         #: from these maps, so attaching the new ones at once serves the same state.
         self.adopted = adopted
+        #: What the kernel has and what was turned off for lack of it (the start-up report).
+        self.support = support
         self.reconciler = Reconciler({name: maps[name] for name in L.PLANNED_MAPS})
 
     @classmethod
-    def open(cls, bpffs: str, cgroup_root: str, sizes: MapSizes | None = None) -> "Datapath":
+    def open(cls, bpffs: str, cgroup_root: str, sizes: MapSizes | None = None,
+             kernel_features: Mapping[str, bool] | None = None) -> "Datapath":
+        """kernel_features: what the kernel has, by features.NAMES; None probes it (tests pass
+        a stand-in result to load the programs an older kernel would get)."""
         sizes = sizes or MapSizes()
         level = loader.preflight(bpffs, cgroup_root)
+        probed = features.probe() if kernel_features is None else kernel_features
+        support = features.decide(probed, platform.release())
         found = loader.check_pinned_maps(bpffs, sizes)
-        links_pinned = all(os.path.exists(os.path.join(loader.links_dir(bpffs), hook)) for hook in loader.HOOKS)
-        programs = loader.compile_and_load(bpffs, level, sizes)
+        links_pinned = all(os.path.exists(os.path.join(loader.links_dir(bpffs), hook)) for hook in support.hooks)
+        programs = loader.compile_and_load(bpffs, level, sizes, support)
         maps: dict[str, bpfsys.Map] = {}
         try:
             for name in L.MAP_SPECS:
                 if name != "sockets":  # socket storage: only the programs use it
                     maps[name] = bpfsys.Map.open_pinned(loader.map_pin(bpffs, name))
             adopted = set(L.PLANNED_MAPS) <= set(found) and links_pinned
-            return cls(bpffs, cgroup_root, sizes, programs, maps, adopted)
+            return cls(bpffs, cgroup_root, sizes, programs, maps, adopted, support)
         except BaseException:
             for m in maps.values():
                 m.close()
@@ -89,7 +99,8 @@ class Datapath:
 
     def fill(self) -> dict[str, tuple[int, int]]:
         """Map -> (entries, max_entries) for every sized map."""
-        out = {name: (n, self.maps[name].max_entries) for name, n in self.reconciler.counts().items()}
+        out = {name: (n, self.maps[name].max_entries) for name, n in self.reconciler.counts().items()
+               if L.MAP_SPECS[name].size_field}  # not config: one entry, always there
         out["affinity"] = (len(self.maps["affinity"].keys()), self.maps["affinity"].max_entries)
         return out
 

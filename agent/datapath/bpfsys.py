@@ -1,7 +1,8 @@
 """The bpf(2) system calls bcc does not give us, in one place, with ctypes.
 
 Role: open pinned maps and links, read map info, batch and per-CPU map I/O, create, update and
-pin cgroup links, and query what is attached to a cgroup. `meshlet maps dump` and `uninstall`
+pin cgroup links, and query what is attached to a cgroup; plus the few raw calls the kernel
+feature probe (features.py) needs: load a program, create a map, load BTF. `meshlet maps dump` and `uninstall`
 use only this module (no compile, no bcc import), the reconciler does all its map I/O here.
 
 It touches only the kernel objects it is handed (fds, pin paths). Every failure raises BpfError
@@ -28,13 +29,16 @@ _libc.syscall.restype = ct.c_long
 _NR_BPF = {"x86_64": 321, "aarch64": 280, "arm64": 280, "ppc64le": 361, "s390x": 351, "riscv64": 280}
 
 # enum bpf_cmd
+MAP_CREATE = 0
 MAP_LOOKUP_ELEM = 1
 MAP_UPDATE_ELEM = 2
 MAP_DELETE_ELEM = 3
 MAP_GET_NEXT_KEY = 4
+PROG_LOAD = 5
 OBJ_PIN = 6
 OBJ_GET = 7
 PROG_QUERY = 16
+BTF_LOAD = 18
 OBJ_GET_INFO_BY_FD = 15
 MAP_LOOKUP_BATCH = 24
 MAP_UPDATE_BATCH = 26
@@ -100,6 +104,26 @@ class _ObjAttr(ct.Structure):  # bpf_attr: BPF_OBJ_PIN / BPF_OBJ_GET
 
 class _InfoAttr(ct.Structure):  # bpf_attr: info
     _fields_ = [("bpf_fd", ct.c_uint32), ("info_len", ct.c_uint32), ("info", ct.c_uint64)]
+
+
+class _MapCreateAttr(ct.Structure):  # bpf_attr: BPF_MAP_CREATE
+    _fields_ = [("map_type", ct.c_uint32), ("key_size", ct.c_uint32), ("value_size", ct.c_uint32),
+                ("max_entries", ct.c_uint32), ("map_flags", ct.c_uint32), ("inner_map_fd", ct.c_uint32),
+                ("numa_node", ct.c_uint32), ("map_name", ct.c_char * 16), ("map_ifindex", ct.c_uint32),
+                ("btf_fd", ct.c_uint32), ("btf_key_type_id", ct.c_uint32), ("btf_value_type_id", ct.c_uint32)]
+
+
+class _ProgLoadAttr(ct.Structure):  # bpf_attr: BPF_PROG_LOAD
+    _fields_ = [("prog_type", ct.c_uint32), ("insn_cnt", ct.c_uint32), ("insns", ct.c_uint64),
+                ("license", ct.c_uint64), ("log_level", ct.c_uint32), ("log_size", ct.c_uint32),
+                ("log_buf", ct.c_uint64), ("kern_version", ct.c_uint32), ("prog_flags", ct.c_uint32),
+                ("prog_name", ct.c_char * 16), ("prog_ifindex", ct.c_uint32),
+                ("expected_attach_type", ct.c_uint32)]
+
+
+class _BtfLoadAttr(ct.Structure):  # bpf_attr: BPF_BTF_LOAD
+    _fields_ = [("btf", ct.c_uint64), ("btf_log_buf", ct.c_uint64), ("btf_size", ct.c_uint32),
+                ("btf_log_size", ct.c_uint32), ("btf_log_level", ct.c_uint32)]
 
 
 class _LinkCreateAttr(ct.Structure):  # bpf_attr: link_create (cgroup target)
@@ -218,6 +242,60 @@ def link_update(link_fd: int, new_prog_fd: int) -> None:
 def link_detach(link_fd: int) -> None:
     attr = _LinkDetachAttr(link_fd=link_fd)
     _bpf(LINK_DETACH, attr, "detach link")
+
+
+#: Size of one `struct bpf_insn` (opcode, registers, offset, immediate).
+INSN_SIZE = 8
+
+
+def prog_load(prog_type: int, insns: bytes, expected_attach_type: int = 0, license: str = "GPL",
+              log_size: int = 0) -> int:
+    """Load a program from raw instructions (BPF_PROG_LOAD); returns its fd. The caller closes it.
+
+    With `log_size`, the verifier's log is asked for and its verdict (the last line before its
+    "processed N insns" statistics) joins the error text.
+    """
+    code = ct.create_string_buffer(insns, len(insns))
+    lic = ct.create_string_buffer(license.encode())
+    log = ct.create_string_buffer(log_size) if log_size else None
+    attr = _ProgLoadAttr(prog_type=prog_type, insn_cnt=len(insns) // INSN_SIZE, insns=ct.addressof(code),
+                         license=ct.addressof(lic), expected_attach_type=expected_attach_type)
+    if log is not None:
+        attr.log_level, attr.log_size, attr.log_buf = 1, log_size, ct.addressof(log)
+    try:
+        return _bpf(PROG_LOAD, attr, f"load a program (type {prog_type}, attach type {expected_attach_type})")
+    except BpfError as err:
+        lines = log.value.decode(errors="replace").strip().splitlines() if log is not None else []
+        lines = [line for line in lines if not line.startswith("processed ")]
+        if lines:
+            raise BpfError(err.errno, f"{err.what} (verifier: {lines[-1]})") from None
+        raise
+
+
+def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, flags: int = 0,
+               btf_fd: int = 0, btf_key_type_id: int = 0, btf_value_type_id: int = 0) -> int:
+    """Create an unpinned map (BPF_MAP_CREATE); returns its fd. The caller closes it."""
+    attr = _MapCreateAttr(map_type=map_type, key_size=key_size, value_size=value_size,
+                          max_entries=max_entries, map_flags=flags, btf_fd=btf_fd,
+                          btf_key_type_id=btf_key_type_id, btf_value_type_id=btf_value_type_id)
+    return _bpf(MAP_CREATE, attr, f"create a {MAP_TYPE_NAMES.get(map_type, map_type)} map")
+
+
+def btf_load(blob: bytes) -> int:
+    """Load type information (BPF_BTF_LOAD); returns its fd. The caller closes it."""
+    buf = ct.create_string_buffer(blob, len(blob))
+    attr = _BtfLoadAttr(btf=ct.addressof(buf), btf_size=len(blob))
+    return _bpf(BTF_LOAD, attr, "load BTF")
+
+
+def map_update_batch(map_fd: int, keys: bytes, values: bytes, count: int) -> int:
+    """One raw BPF_MAP_UPDATE_BATCH call, no fallback (Map.update_batch falls back); returns
+    how many entries the kernel wrote."""
+    kbuf = ct.create_string_buffer(keys, len(keys))
+    vbuf = ct.create_string_buffer(values, len(values))
+    attr = _BatchAttr(keys=ct.addressof(kbuf), values=ct.addressof(vbuf), count=count, map_fd=map_fd)
+    _bpf(MAP_UPDATE_BATCH, attr, "batch write a map")
+    return attr.count
 
 
 def prog_query_cgroup(cgroup_fd: int, attach_type: int) -> list[int]:
@@ -375,8 +453,8 @@ class Map:
             first = False
 
     def update_batch(self, entries: list[tuple[bytes, bytes]]) -> None:
-        """Write many entries, BATCH_CHUNK per BPF_MAP_UPDATE_BATCH call; one by one if the kernel
-        has no batch ops for the map.
+        """Write many entries, BATCH_CHUNK per BPF_MAP_UPDATE_BATCH call (batch operations are a
+        required kernel feature: agent/datapath/features.py).
 
         Not atomic as a whole: the kernel applies entries in order and stops at the first error
         (attr.count then says how many were written). The reconciler checks capacity first so
@@ -392,13 +470,7 @@ class Map:
         keys = ct.create_string_buffer(b"".join([k for k, _ in entries]), ks * len(entries))
         values = ct.create_string_buffer(b"".join([v for _, v in entries]), vs * len(entries))
         attr = _BatchAttr(keys=ct.addressof(keys), values=ct.addressof(values), count=len(entries), map_fd=self.fd)
-        try:
-            _bpf(MAP_UPDATE_BATCH, attr, f"batch write map {self.name}")
-        except BpfError as err:
-            if err.errno != errno_mod.EINVAL or self.info.type not in (MAP_TYPE_HASH, MAP_TYPE_LRU_HASH):
-                raise
-            for k, v in entries[attr.count :]:
-                self.update(k, v)
+        _bpf(MAP_UPDATE_BATCH, attr, f"batch write map {self.name}")
 
     def delete_batch(self, keys: list[bytes]) -> None:
         """Delete many keys, BATCH_CHUNK per call; a key already gone is not an error."""
@@ -414,8 +486,9 @@ class Map:
         try:
             _bpf(MAP_DELETE_BATCH, attr, f"batch delete from map {self.name}")
         except BpfError as err:
-            # ENOENT stops the batch at the missing key: finish the rest one by one.
-            if err.errno not in (errno_mod.ENOENT, errno_mod.EINVAL):
+            # ENOENT stops the batch at the missing key (attr.count says where): finish the rest
+            # one by one.
+            if err.errno != errno_mod.ENOENT:
                 raise
             for k in keys[attr.count :]:
                 self.delete(k)

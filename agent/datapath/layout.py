@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 from agent.model import Verdict
 
 #: Version of the map layout; pins live under <bpffs>/v<LAYOUT_VERSION>/maps.
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: the config map
 
 # --- constants of bpf/meshlet.h (checked against the header by a unit test) --------------------
 MAX_SLOTS = 16
@@ -34,6 +34,7 @@ assert (VERDICT_FORWARD, VERDICT_REJECT, VERDICT_UNREACHABLE) == (
 
 FE_HAS_SCOPES = 1
 CLIENT_SKIP = 1
+CONFIG_CLIENT_SKIPS = 1
 
 #: Outcome counters: index in the `counters` array -> name (the C OUT_* defines).
 OUTCOMES = {0: "translated", 1: "rejected", 2: "unreachable", 3: "skipped", 4: "miss"}
@@ -131,6 +132,12 @@ class ClientValue(ct.Structure):
     _fields_ = [("scope", ct.c_uint32), ("flags", ct.c_uint32)]
 
 
+class ConfigValue(ct.Structure):
+    """struct config_value { __u32 flags; __u32 pad; };"""
+
+    _fields_ = [("flags", ct.c_uint32), ("pad", ct.c_uint32)]
+
+
 class NameValue(ct.Structure):
     """struct name_value { char name[NAME_LEN]; };"""
 
@@ -217,7 +224,7 @@ class MapSpec:
         return getattr(sizes, self.size_field) if self.size_field else self.fixed_max
 
 
-_HASH, _PERCPU_ARRAY, _LRU_HASH, _SK_STORAGE = 1, 6, 9, 24
+_HASH, _ARRAY, _PERCPU_ARRAY, _LRU_HASH, _SK_STORAGE = 1, 2, 6, 9, 24
 _NO_PREALLOC = 1
 
 #: Every map of bpf/sock.c, in the order the reconciler writes them.
@@ -228,6 +235,7 @@ MAP_SPECS: dict[str, MapSpec] = {
         MapSpec("members", _HASH, MemberKey, U32, _NO_PREALLOC, "members"),
         MapSpec("groups", _HASH, U64, GroupValue, _NO_PREALLOC, "groups"),
         MapSpec("clients", _HASH, U64, ClientValue, _NO_PREALLOC, "clients"),
+        MapSpec("config", _ARRAY, U32, ConfigValue, 0, None, 1),
         MapSpec("names", _HASH, U64, NameValue, _NO_PREALLOC, "names"),
         MapSpec("frontends", _HASH, FeKey, FeValue, _NO_PREALLOC, "frontends"),
         MapSpec("affinity", _LRU_HASH, AffinityKey, AffinityValue, 0, "affinity"),
@@ -237,7 +245,10 @@ MAP_SPECS: dict[str, MapSpec] = {
 }
 
 #: Maps whose content the agent owns (plans, writes, sweeps). The others belong to the programs.
-PLANNED_MAPS = ("endpoints", "members", "groups", "clients", "names", "frontends")
+PLANNED_MAPS = ("endpoints", "members", "groups", "clients", "config", "names", "frontends")
+
+#: The one key of the config map (an array of one entry).
+CONFIG_KEY = 0
 
 
 def to_bytes(obj: ct._SimpleCData | ct.Structure) -> bytes:

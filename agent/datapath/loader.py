@@ -1,8 +1,14 @@
 """Loader: preflight, pinned-map checks, compile and load bpf/sock.c, attach as pinned cgroup links.
 
 Role: everything between "the agent starts" and "our programs run at the cgroup hooks", plus
-`uninstall`. It may touch: the bpffs directory it is given (pins), the cgroup root it is given
-(links are created on it, never on anything else), and bcc (imported lazily, only to compile).
+`uninstall`. What the running kernel supports is decided before (agent/datapath/features.py) and
+handed in as a `Support`: it picks the hooks to load and attach and the -D flags of sock.c.
+It may touch: the bpffs directory it is given (pins), the cgroup root it is given (links are
+created on it, never on anything else), and bcc, only in a short-lived child process
+(agent/datapath/compile_child.py): bcc and LLVM hold ~130 MiB once they have compiled, which
+an agent that lives for months should not carry. The child compiles and loads, hands the
+program fds back over a unix socket (SCM_RIGHTS) and exits; the programs live on through our
+fds, then through the pinned links.
 
 Pins (SEMANTICS D1, D2, D5):
 
@@ -24,14 +30,23 @@ from __future__ import annotations
 
 import ctypes as ct
 import errno
+import importlib.util
+import json
 import os
 import platform
+import socket
+import subprocess
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.datapath import bpfsys
 from agent.datapath import layout as L
 from agent.errors import UserError
+
+if TYPE_CHECKING:  # features imports this module (HOOKS): no import cycle at run time
+    from agent.datapath.features import Support
 
 #: The C sources, beside the agent package in the repository (and in the image).
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
@@ -40,7 +55,8 @@ SOURCE = BPF_DIR / "sock.c"
 #: BPF_PROG_TYPE_CGROUP_SOCK_ADDR
 PROG_TYPE_CGROUP_SOCK_ADDR = 18
 
-#: hook (= program function name in sock.c = link pin name) -> enum bpf_attach_type
+#: hook (= program function name in sock.c = link pin name = kernel feature name) -> enum
+#: bpf_attach_type. A kernel may lack some (features.py): Support.hooks are the ones loaded.
 HOOKS: dict[str, int] = {
     "connect4": 10,  # BPF_CGROUP_INET4_CONNECT
     "connect6": 11,  # BPF_CGROUP_INET6_CONNECT
@@ -146,11 +162,11 @@ def preflight(bpffs: str, cgroup_root: str) -> int:
     if not os.path.isdir(headers):
         raise UserError(f"no kernel headers at {headers} (bcc compiles against them); hint: "
                         f"install linux-headers-{platform.release()}, or {SETUP_HINT}")
-    try:
-        import bcc  # noqa: F401
-    except ImportError:
+    # Found, not imported: importing bcc maps libbcc (LLVM inside, ~60 MiB resident) into this
+    # long-lived process; only the compile child needs it loaded.
+    if importlib.util.find_spec("bcc") is None:
         raise UserError("the bcc Python module is not importable; hint: install python3-bpfcc and run "
-                        "the agent with a Python that sees it (scripts/setup.sh makes .venv)") from None
+                        "the agent with a Python that sees it (scripts/setup.sh makes .venv)")
     return cgroup_root_level(cgroup_root, mount)
 
 
@@ -219,48 +235,88 @@ def check_pinned_maps(bpffs: str, sizes: L.MapSizes) -> list[str]:
 # --- compile and load --------------------------------------------------------------------------
 
 
-def cflags(bpffs: str, level: int, sizes: L.MapSizes) -> list[str]:
+def cflags(bpffs: str, level: int, sizes: L.MapSizes, support: "Support") -> list[str]:
     """The -D flags that configure sock.c: the only way it is configured (no text substitution)."""
     flags = [f"-I{BPF_DIR}", f'-DPIN_DIR="{maps_dir(bpffs)}"', f"-DCGROUP_ROOT_LEVEL={level}"]
     for f in fields(sizes):
         flags.append(f"-D{f.name.upper()}_MAX={getattr(sizes, f.name)}")
+    flags += [f"-D{name}=1" for name in support.defines]
     return flags
+
+
+#: Seconds the compile child may take (a cold bcc compile is a few seconds on a busy node).
+COMPILE_TIMEOUT = 300.0
 
 
 @dataclass
 class Programs:
-    """The loaded programs (not attached). Holds bcc's BPF object: dropping it drops the fds."""
+    """The loaded programs (not attached): our own fds of them, closed by close()."""
 
-    bpf: object
-    fds: dict[str, int]  #: hook -> program fd
+    fds: dict[str, int]  #: hook -> program fd, for the hooks loaded (Support.hooks)
 
     def close(self) -> None:
-        if self.bpf is not None:
-            self.bpf.cleanup()
-            self.bpf = None
-            self.fds = {}
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
 
 
-def compile_and_load(bpffs: str, level: int, sizes: L.MapSizes) -> Programs:
-    """Compile sock.c with bcc (creating or reusing the pinned maps) and load every hook."""
-    from bcc import BPF  # lazily: only the loader needs bcc
-
+def compile_and_load(bpffs: str, level: int, sizes: L.MapSizes, support: "Support") -> Programs:
+    """Compile sock.c with bcc (creating or reusing the pinned maps) and load the hooks this
+    kernel has (support.hooks), in a child process (module docstring): only the fds come back."""
     os.makedirs(maps_dir(bpffs), exist_ok=True)
+    request = {"cflags": cflags(bpffs, level, sizes, support), "hooks": list(support.hooks)}
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours:
+        try:
+            # stderr is inherited: bcc's warnings and a verifier log reach the agent's own log.
+            child = subprocess.Popen([sys.executable, "-m", "agent.datapath.compile_child", str(theirs.fileno())],
+                                     stdin=subprocess.PIPE, pass_fds=(theirs.fileno(),), text=True)
+        finally:
+            theirs.close()
+        try:
+            child.stdin.write(json.dumps(request))
+            child.stdin.close()
+            ours.settimeout(COMPILE_TIMEOUT)
+            message, fds, _flags, _addr = socket.recv_fds(ours, 1 << 16, len(request["hooks"]))
+        except (OSError, socket.timeout) as err:
+            child.kill()  # our own child, by its handle
+            child.wait()
+            raise UserError(f"compiling {SOURCE} did not finish: {err}; hint: {SETUP_HINT}") from None
+        child.wait()
+    reply = json.loads(message) if message else {"error": f"the compiler process exited with status "
+                                                          f"{child.returncode} before answering (see its "
+                                                          f"output above)"}
+    if "error" in reply:
+        for fd in fds:
+            os.close(fd)
+        raise UserError(reply["error"])
+    return Programs(dict(zip(reply["hooks"], fds)))
+
+
+def compile_here(flags: list[str], hooks: list[str]):
+    """Compile and load in this process: (bcc's BPF object, hook -> program fd). The BPF object
+    owns the fds (its cleanup() closes them). Used by the compile child, and by the layout test
+    that reads clang's view of the structs."""
+    from bcc import BPF  # lazily: only a compiling process needs bcc
+
     try:
-        bpf = BPF(src_file=str(SOURCE).encode(), cflags=cflags(bpffs, level, sizes))
+        bpf = BPF(src_file=str(SOURCE).encode(), cflags=flags)
     except Exception as err:
         raise UserError(f"compiling {SOURCE} failed: {err}; hint: check the kernel headers "
                         f"(/lib/modules/{platform.release()}/build) or {SETUP_HINT}") from None
     fds = {}
     try:
-        for hook, attach_type in HOOKS.items():
+        for hook in hooks:
             fds[hook] = bpf.load_func(hook.encode(), PROG_TYPE_CGROUP_SOCK_ADDR,
-                                      attach_type=attach_type).fd
+                                      attach_type=HOOKS[hook]).fd
     except Exception as err:
         bpf.cleanup()
-        raise UserError(f"the kernel refused the {hook} program: {err}; hint: meshlet needs Linux "
-                        ">= 5.18 (bpf_set_retval at the socket hooks)") from None
-    return Programs(bpf, fds)
+        # The feature probe passed, so this is not a missing hook or helper: most likely a
+        # verifier limit of this kernel.
+        raise UserError(f"the kernel (Linux {platform.release()}) refused the {hook} program although "
+                        f"it has every feature meshlet probes for: {err}; hint: report it with the "
+                        "kernel version and the verifier log bcc printed") from None
+    return bpf, fds
 
 
 # --- attach ------------------------------------------------------------------------------------
@@ -272,14 +328,18 @@ def cgroup_id(path: str) -> int:
 
 
 def attach(bpffs: str, cgroup_root: str, programs: Programs) -> None:
-    """Point every hook's pinned link at our programs: update in place, or create and pin."""
+    """Point every loaded hook's pinned link at our programs: update in place, or create and pin.
+
+    A hook not loaded (the kernel lacks it) is not attached; a pinned link of such a hook, which
+    only another kernel's agent could have made, is left alone: only uninstall detaches (D5).
+    """
     os.makedirs(links_dir(bpffs), exist_ok=True)
     root_id = cgroup_id(cgroup_root)
     cgroup_fd = os.open(cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        for hook, attach_type in HOOKS.items():
+        for hook, prog_fd in programs.fds.items():
             _attach_one(os.path.join(links_dir(bpffs), hook), cgroup_fd, root_id, cgroup_root,
-                        attach_type, programs.fds[hook])
+                        HOOKS[hook], prog_fd)
     finally:
         os.close(cgroup_fd)
 
@@ -377,7 +437,13 @@ def attached_programs(cgroup_root: str) -> list[str]:
     fd = os.open(cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
     try:
         for hook, attach_type in HOOKS.items():
-            for prog_id in bpfsys.prog_query_cgroup(fd, attach_type):
+            try:
+                attached = bpfsys.prog_query_cgroup(fd, attach_type)
+            except bpfsys.BpfError as err:
+                if err.errno != errno.EINVAL:
+                    raise
+                continue  # an attach type this kernel does not have: nothing can be attached there
+            for prog_id in attached:
                 try:
                     pfd = bpfsys.prog_get_fd_by_id(prog_id)
                 except bpfsys.BpfError:

@@ -1,6 +1,6 @@
 """Reconciler: the only code that writes the datapath's maps.
 
-Role: make the planned maps (layout.PLANNED_MAPS) hold a MapImage (`full`) or the part of it a
+Role: make the planned maps (layout.PLANNED_MAPS) hold a plan.Plan (`full`) or the part of it a
 StateDelta names (`apply`), in an order that never lets a concurrent connect() see a mix of old
 and new for a frontend. It keeps a mirror of what it believes is in each map (read at adoption
 and at every full reconcile, updated on every write) so an incremental change costs in
@@ -8,28 +8,49 @@ proportion to the change, not to the table.
 
 It touches maps only through the `MapIO` interface: bpfsys.Map in the agent, `DictMap` (an
 in-memory stand-in, named as such) in the unit tests and the benchmark. A full reconcile runs
-with the garbage collector paused (agent.gcpause): it adds a mirror entry per map entry.
+with the garbage collector paused (agent.gcpause): it builds the mirror's objects at once.
+
+The mirror is compact, like the plan (see agent.datapath.plan): the endpoints and members maps
+are mirrored per endpoint set (`_SetMirror`: set_id -> its count, or for members its records
+as one blob), never per entry; this holds because a set_id stands for the set's content and a
+set's entries (set_id, index) never change once written. A stale set is deleted by the keys its
+count (or blob) gives. Frontends and names values are kept short (plan.short_value).
+
+Drift: a set found in a map in another form than we write (an index missing, a key with a
+nonzero pad byte, two members for one index), or, in a full reconcile, with other content than
+the plan gives its set_id, is kept as its list of keys; a full reconcile that plans the set
+rewrites it whole (then deletes the keys the rewrite did not cover), or deletes it like any
+stale set. Adoption at start and every full reconcile read the maps; only a full one sweeps.
 
 Write order (the one rule of this module; each step uses batch operations):
 
     1. endpoints + members of new endpoint sets     nothing names them yet: invisible
     2. groups                                       one atomic flip per group to its new set
-    3. clients, names                               scopes of new pods; display names
+    3. config, clients, names                       the opt-out flag before the pods that
+                                                    need it; scopes of new pods; display names
     4. frontends, consumer-scoped before default    one atomic update per frontend; a default
                                                     entry gains FE_HAS_SCOPES only after its
                                                     scoped entries exist
     5. delete stale frontends
     6. delete stale groups (only those no frontend in the maps still names)
-    7. delete stale sets' endpoints and members (only sets no group in the maps still names)
+    7. delete stale sets' endpoints and members (only sets no group in the maps still names;
+       members also of a set whose group has no affinity any more), and the keys a rewrite
+       of a drifted set did not cover
 
-Deleting last also keeps old sets readable for a while after the flip: a program that read a
-group value just before the flip still finds the endpoints that value named.
+A set is expanded into its entries only while it is written or deleted, WRITE_CHUNK entries at
+a time: never a Python entry per endpoint kept. Deleting last also keeps old sets readable for
+a while after the flip: a program that read a group value just before the flip still finds the
+endpoints that value named.
 
 Overflow (SEMANTICS D4): capacity is checked before anything of a group or frontend is written,
-counting the peak (old entries are deleted only in steps 5-7). A group whose new set does not
-fit keeps its old state and so does every frontend that would need it; everything else is still
-written, and a MapFullError naming the map and the MapSizes field is raised at the end. The
-stale entries deleted at the end free room, so a retry can succeed on its own.
+counting the peak (old entries are deleted only in steps 5-7) and the new keys of each set a
+group needs. A group whose new set does not fit keeps its old state and so does every frontend
+that would need it; everything else is still written, and a MapFullError naming the map and the
+MapSizes field is raised at the end. The stale entries deleted at the end free room, so a retry
+can succeed on its own.
+
+A failed write (an OSError from the map) re-reads that map into the mirror, since what reached
+it is then unknown, and is raised; the next full reconcile repairs.
 """
 
 from __future__ import annotations
@@ -44,6 +65,14 @@ from agent.datapath import plan as P
 from agent.errors import TransientError
 from agent.gcpause import gc_paused
 from agent.model import DEFAULT_SCOPE, DesiredState, FrontendKey, StateDelta
+
+#: Entries expanded from sets and handed to one update_batch / delete_batch call: bounds the
+#: transient expansion (each entry is two bytes objects and a tuple) while keeping calls few.
+WRITE_CHUNK = 8192
+
+#: Planned maps mirrored entry by entry; the others (SET_MAPS) per endpoint set.
+ENTRY_MAPS = ("groups", "clients", "config", "names", "frontends")
+SET_MAPS = ("endpoints", "members")
 
 
 class MapIO(Protocol):
@@ -109,66 +138,137 @@ class ReconcileStats:
     ops: Counter = field(default_factory=Counter)  #: (map, "update" | "delete") -> entries
 
 
-def _group_set(value: bytes) -> tuple[int, int]:
-    """(set_id, count) of a groups-map value."""
-    sid, count, _affinity, _verdict = P.group_value_fields(value)
-    return sid, count
+class _SetMirror:
+    """What the reconciler believes a set-keyed map (endpoints, members) holds, per set.
+
+    `complete`: the sets in the form we write (every index 0..n-1, one entry each), as what
+    plan.SetLayout.kept keeps of them (an endpoint set: its count; a members set: its blob).
+    `ragged`: the keys of every set found in another form (drift). `entries` counts the map's
+    entries, for the capacity checks.
+
+    A set in `complete` is taken to hold what its set_id stands for: the id hashes the content,
+    and nothing of ours writes a set's entries but in full. A full reconcile checks it anyway:
+    its adoption compares every planned set found in the map with the plan (load's `expected`).
+    """
+
+    def __init__(self, layout: P.SetLayout):
+        self.layout = layout
+        self.complete: dict[int, int | bytes] = {}
+        self.ragged: dict[int, list[bytes]] = {}
+        self.entries = 0
+
+    def load(self, items: dict[bytes, bytes], expected: Mapping[int, bytes] | None = None) -> None:
+        """Group a map's entries by set (adoption, or after a failed write). A set of ours whose
+        content differs from its `expected` blob (set id -> blob, a full reconcile's plan) is
+        drift too, kept as ragged.
+
+        Consumes `items`: each entry is popped as it is read, so its key is freed at once (500k
+        entries at 50k Services); only the values of sets in our form are held until checked."""
+        layout, total = self.layout, len(items)
+        found: dict[int, list[bytes | None]] = {}  # set id -> record per index, None for a hole
+        ragged: dict[int, list[bytes]] = {}
+        while items:
+            key, value = items.popitem()
+            parsed = layout.parse(key, value)
+            # An index beyond the map's entry count cannot belong to a complete set (and must not
+            # size a list).
+            if parsed is None or parsed[1] >= total:
+                ragged.setdefault(P.key_set_id(key), []).append(key)
+                continue
+            sid, index, record = parsed
+            records = found.get(sid)
+            if records is None:
+                records = found[sid] = []
+            if index >= len(records):
+                records.extend([None] * (index + 1 - len(records)))
+            if records[index] is not None:  # two members entries claim one index
+                ragged.setdefault(sid, []).append(key)
+            else:
+                records[index] = record
+        complete: dict[int, int | bytes] = {}
+        for sid, records in found.items():
+            if sid not in ragged and None not in records:
+                blob = b"".join(records)
+                want = expected.get(sid) if expected is not None else None
+                if want is None or want == blob:
+                    complete[sid] = layout.kept(blob)
+                    continue
+            ragged.setdefault(sid, []).extend(
+                layout.key(sid, i, record) for i, record in enumerate(records) if record is not None)
+        self.complete, self.ragged, self.entries = complete, ragged, total
+
+    def holds(self, sid: int, blob: bytes) -> bool:
+        """True when the map holds set `sid` as `blob`, complete."""
+        kept = self.complete.get(sid)
+        return kept is not None and kept == self.layout.kept(blob)
+
+    def sets(self) -> set[int]:
+        return set(self.complete) | set(self.ragged)
+
+    def keys_of(self, sid: int) -> list[bytes]:
+        kept = self.complete.get(sid)
+        if kept is not None:
+            return self.layout.kept_keys(sid, kept)
+        return list(self.ragged.get(sid, ()))
+
+    def _known(self, sid: int) -> bool:
+        return sid in self.complete or sid in self.ragged
+
+    def new_keys(self, sid: int, blob: bytes) -> int:
+        """How many entries writing set `sid` as `blob` adds to the map."""
+        if not self._known(sid):
+            return self.layout.count(blob)
+        return len(set(self.layout.kept_keys(sid, self.layout.kept(blob))) - set(self.keys_of(sid)))
+
+    def stored(self, sid: int, blob: bytes) -> list[bytes]:
+        """Note that the map now holds set `sid` as `blob`. Returns the keys of its earlier
+        (drifted) form the new one does not cover: still in the map, to be deleted."""
+        kept = self.layout.kept(blob)
+        if not self._known(sid):
+            self.complete[sid] = kept
+            self.entries += self.layout.kept_count(kept)
+            return []
+        old, new = set(self.keys_of(sid)), set(self.layout.kept_keys(sid, kept))
+        self.ragged.pop(sid, None)
+        self.complete[sid] = kept
+        self.entries += len(new - old)
+        return sorted(old - new)
+
+    def deleted(self, sids: Iterable[int], keys: int) -> None:
+        """Note that the map lost every key of these sets, and `keys` entries in all."""
+        for sid in sids:
+            self.complete.pop(sid, None)
+            self.ragged.pop(sid, None)
+        self.entries -= keys
 
 
-#: set_id of an endpoints or members key (its first 8 bytes, host order).
-_ep_set = P.key_set_id
-
-
-def _frontend_groups(value: bytes) -> set[bytes]:
-    """groups-map keys a frontend value names (rejected shares, id 0, name none)."""
-    _route, gids = P.frontend_value_refs(value)
-    return {P.u64_bytes(gid) for gid in gids if gid}
-
-
-#: The maps whose entries name other entries (groups and names); _track ignores the others.
-_REFERRING_MAPS = ("groups", "frontends", "clients")
-
-
-def _references(name: str, key: bytes, value: bytes) -> tuple[set[bytes], set[bytes]]:
-    """(groups keys, names keys) an entry of a planned map refers to: the groups a frontend
-    splits over, and the ids whose names it shows (group, route, scope ids). One decode of the
-    entry for both, because _track runs for every frontend of the state on a full sync."""
-    if name == "groups":
-        return set(), {key}
-    if name == "frontends":
-        route, gids = P.frontend_value_refs(value)
-        scope = P.frontend_key_scope(key)
-        names = {P.u64_bytes(ident) for ident in (scope, route) if ident}
-        return {P.u64_bytes(gid) for gid in gids if gid}, names
-    if name == "clients":
-        return set(), {P.u64_bytes(P.client_value_scope(value))}
-    return set(), set()
-
-
-class _Refs:
-    """Who uses what: target key -> user keys, kept in step with every write."""
-
-    def __init__(self):
-        self.users: dict[bytes, set] = {}
-        self.orphaned: set[bytes] = set()  #: targets whose last user went away
-
-    def add(self, target: bytes, user) -> None:
-        self.users.setdefault(target, set()).add(user)
-
-    def remove(self, target: bytes, user) -> None:
-        users = self.users.get(target)
-        if users is not None:
-            users.discard(user)
-            if not users:
-                del self.users[target]
-                self.orphaned.add(target)
-
-    def used(self, target: bytes) -> bool:
-        return bool(self.users.get(target))
+def _group_set(value: bytes) -> int:
+    """set_id of a groups-map value."""
+    return P.group_value_fields(value)[0]
 
 
 def _has_affinity(group_value: bytes) -> bool:
     return P.group_value_fields(group_value)[2] > 0
+
+
+def _references(name: str, key: bytes, value: bytes) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+    """(groups keys, names keys) an entry of a frontends or clients map refers to: the groups a
+    frontend splits over (each once: plan merges a group's shares), and the ids whose names it
+    shows (route, scope ids). One decode of the entry for both, because this runs for every
+    frontend of the state on a full sync; tuples, not sets, for the same reason. (A group's own
+    name has the group's key: a group in the map keeps its name, see _name_used.)"""
+    if name == "frontends":
+        route, gids = P.frontend_value_refs(value)
+        scope = P.frontend_key_scope(key)
+        return (tuple(P.u64_bytes(gid) for gid in gids if gid),
+                tuple(P.u64_bytes(ident) for ident in (scope, route) if ident))
+    if name == "clients":
+        return (), (P.u64_bytes(P.client_value_scope(value)),)
+    return (), ()
+
+
+#: The maps whose entries name other entries (besides a group naming its own name).
+_REFERRING_MAPS = ("frontends", "clients")
 
 
 def _is_scoped(key: bytes) -> bool:
@@ -181,60 +281,96 @@ class Reconciler:
         if missing:
             raise ValueError(f"reconciler needs the maps {sorted(missing)}")
         self.maps = maps
-        self.mirror: dict[str, dict[bytes, bytes]] = {}
-        #: groups key -> frontends keys naming it (so a group still in use is never deleted)
-        self._users = _Refs()
-        #: names key -> (map, key) of the groups, frontends and clients it names
-        self._named = _Refs()
-        #: (address, port, protocol) -> scopes with an entry in the state, for incremental planning
-        self._family_scopes: dict[P.FamilyId, set[str]] | None = None
+        #: ENTRY_MAPS: key -> value (short for plan.SHORT_VALUE_SIZES maps)
+        self.mirror: dict[str, dict[bytes, bytes]] = {name: {} for name in ENTRY_MAPS}
+        #: SET_MAPS: per endpoint set
+        self.sets: dict[str, _SetMirror] = {name: _SetMirror(P.SET_LAYOUTS[name]) for name in SET_MAPS}
+        #: groups key -> how many frontends entries name it (a group still in use is never deleted)
+        self._users: Counter[bytes] = Counter()
+        #: names key -> how many frontends and clients entries show it
+        self._named: Counter[bytes] = Counter()
+        #: names keys whose last user went away (deleted at the end of the write)
+        self._orphaned: set[bytes] = set()
+        #: (address, port, protocol) -> consumer scopes with an entry in the state, for the
+        #: families that have any (incremental planning replans a family's entries together)
+        self._scoped: dict[P.FamilyId, set[str]] | None = None
         #: scope id -> namespace, to refuse a collision in incremental plans too
         self._scope_names: dict[int, str] = {}
         self.adopt()
 
     # --- mirror ----------------------------------------------------------------------------
 
-    def adopt(self) -> None:
-        """Read what is in the maps (pinned state of an earlier agent, or drift)."""
-        self.mirror = {name: self.maps[name].items() for name in L.PLANNED_MAPS}
-        self._users, self._named = _Refs(), _Refs()
-        for name in ("groups", "frontends", "clients"):
+    def adopt(self, plan: P.Plan | None = None) -> None:
+        """Read what is in the maps (pinned state of an earlier agent, or drift). With the plan
+        of a full reconcile, a planned set found with other content is drift to rewrite."""
+        for name in L.PLANNED_MAPS:
+            self._load(name, plan)
+        self._rebuild_refs()
+
+    def _load(self, name: str, plan: P.Plan | None = None) -> None:
+        """Read one map into the mirror (the map's old mirror is dropped first: at 50k Services,
+        the old and the new endpoints mirror side by side would be ~15 MiB more at the peak)."""
+        if name in SET_MAPS:
+            expected = None
+            if plan is not None:
+                expected = {group.set_id: blob for group in plan.groups.values()
+                            if (blob := group.endpoints if name == "endpoints" else group.members)}
+            self.sets[name] = _SetMirror(P.SET_LAYOUTS[name])
+            self.sets[name].load(self.maps[name].items(), expected)
+            return
+        self.mirror[name] = {}
+        items = self.maps[name].items()
+        if name in P.SHORT_VALUE_SIZES:
+            self.mirror[name] = {key: P.short_value(value) for key, value in items.items()}
+        else:
+            self.mirror[name] = items
+
+    def _rebuild_refs(self) -> None:
+        self._users, self._named, self._orphaned = Counter(), Counter(), set()
+        for name in _REFERRING_MAPS:
             for key, value in self.mirror[name].items():
                 self._track(name, key, None, value)
-        self._named.orphaned.clear()
+        self._orphaned.clear()
 
-    def _track(self, name: str, key: bytes, old: bytes | None, new: bytes | None) -> None:
-        """Keep the reference indexes in step with one entry going from `old` to `new`."""
+    def _track(self, name: str, key: bytes, old: bytes | None, new: bytes | None,
+               new_refs: tuple[tuple[bytes, ...], tuple[bytes, ...]] | None = None) -> None:
+        """Keep the reference counts in step with one entry going from `old` to `new`
+        (new_refs: _references of `new`, if known)."""
         if old is not None:
             groups, names = _references(name, key, old)
             for g in groups:
-                self._users.remove(g, key)
+                _release(self._users, g)
             for n in names:
-                self._named.remove(n, (name, key))
+                if _release(self._named, n):
+                    self._orphaned.add(n)
         if new is not None:
-            groups, names = _references(name, key, new)
+            groups, names = new_refs or _references(name, key, new)
             for g in groups:
-                self._users.add(g, key)
+                self._users[g] += 1
             for n in names:
-                self._named.add(n, (name, key))
+                self._named[n] += 1
+
+    def _name_used(self, key: bytes) -> bool:
+        return key in self.mirror["groups"] or self._named[key] > 0
 
     def counts(self) -> dict[str, int]:
-        return {name: len(entries) for name, entries in self.mirror.items()}
+        """Entries per planned map."""
+        return {name: self._count(name) for name in L.PLANNED_MAPS}
 
     # --- entry points ------------------------------------------------------------------------
 
-    def full(self, image: P.MapImage, state: DesiredState | None = None) -> ReconcileStats:
-        """Make the maps equal the image: write what differs, sweep every stale entry."""
-        with gc_paused():  # the mirror gains an entry per map entry: see agent.gcpause
-            return self._full(image, state)
+    def full(self, plan: P.Plan, state: DesiredState | None = None) -> ReconcileStats:
+        """Make the maps equal the plan: write what differs, sweep every stale entry."""
+        with gc_paused():  # the mirror is rebuilt at once: see agent.gcpause
+            return self._full(plan, state)
 
-    def _full(self, image: P.MapImage, state: DesiredState | None) -> ReconcileStats:
+    def _full(self, plan: P.Plan, state: DesiredState | None) -> ReconcileStats:
         stats = ReconcileStats("full")
         start = time.monotonic()
-        self.adopt()  # a full reconcile also repairs what changed behind our back
-        drop = {name: set(self.mirror[name]) - set(image[name]) for name in L.PLANNED_MAPS}
-        self._write(image, drop, old_groups=None, stats=stats)
-        self._family_scopes = P.scopes_by_family(state.frontends) if state is not None else None
+        self.adopt(plan)  # a full reconcile also repairs what changed behind our back
+        drop = {name: [key for key in self.mirror[name] if key not in getattr(plan, name)] for name in ENTRY_MAPS}
+        self._write(plan, drop, old_groups=None, stats=stats)
+        self._scoped = P.scoped_families(state.frontends) if state is not None else None
         if state is not None:
             self._scope_names = {P.scope_id(ns): ns for ns in self._namespaces(state.frontends, state)}
         stats.seconds = time.monotonic() - start
@@ -244,10 +380,10 @@ class Reconciler:
         """Plan and write only what `delta` names (plus every client: a node has few pods)."""
         stats = ReconcileStats("incremental")
         start = time.monotonic()
-        if self._family_scopes is None:
-            self._family_scopes = P.scopes_by_family(state.frontends)
-        want: P.MapImage = P.empty_image()
-        drop: dict[str, set[bytes]] = {name: set() for name in L.PLANNED_MAPS}
+        if self._scoped is None:
+            self._scoped = P.scoped_families(state.frontends)
+        want = P.Plan()
+        drop: dict[str, list[bytes]] = {name: [] for name in ENTRY_MAPS}
         old_groups: dict[bytes, bytes] = {}
 
         for gk in sorted(delta.groups):
@@ -257,13 +393,9 @@ class Reconciler:
                 old_groups[gkey] = old
             group = state.groups.get(gk)
             if group is None:
-                drop["groups"].add(gkey)
+                drop["groups"].append(gkey)
                 continue
-            entries = P.plan_group(group)
-            want["groups"][entries.key] = entries.value
-            want["endpoints"].update(entries.endpoints)
-            want["members"].update(entries.members)
-            want["names"].update(entries.names)
+            want.add_group(P.plan_group(group))
 
         families: dict[P.FamilyId, set[str]] = {}
         for key in delta.frontends:
@@ -272,23 +404,23 @@ class Reconciler:
         namespaces |= {pod.namespace for pod in state.clients.values()}
         self._check_scopes(namespaces)
         for fam in sorted(families):
-            known = self._family_scopes.setdefault(fam, set())
-            for scope in families[fam]:
+            known = self._scoped.pop(fam, set())
+            for scope in families[fam] - {DEFAULT_SCOPE}:
                 if P.FrontendKey(*fam, scope) in state.frontends:
                     known.add(scope)
                 else:
                     known.discard(scope)
+            if known:
+                self._scoped[fam] = known
             entries, owned, names = P.plan_frontend_family(state, fam, known | families[fam])
-            want["frontends"].update(entries)
-            want["names"].update(names)
-            drop["frontends"] |= owned - set(entries)
-            if not known:
-                del self._family_scopes[fam]
+            want.frontends.update(entries)
+            want.names.update(names)
+            drop["frontends"] += [key for key in owned if key not in entries]
 
-        clients = self._plan_clients(state, pod_cgroups)
-        want["clients"] = clients["clients"]
-        want["names"].update(clients["names"])
-        drop["clients"] = set(self.mirror["clients"]) - set(want["clients"])
+        want.clients, client_names = self._plan_clients(state, pod_cgroups)
+        want.names.update(client_names)
+        want.config = P.plan_config(want.clients)
+        drop["clients"] = [key for key in self.mirror["clients"] if key not in want.clients]
 
         self._write(want, drop, old_groups=old_groups, stats=stats)
         stats.seconds = time.monotonic() - start
@@ -309,73 +441,49 @@ class Reconciler:
                 P.check_scope_ids([other, ns])  # raises PlanError naming both
 
     @staticmethod
-    def _plan_clients(state: DesiredState, pod_cgroups: Mapping[str, int]) -> P.MapImage:
-        out: P.MapImage = {"clients": {}, "names": {}}
+    def _plan_clients(state: DesiredState, pod_cgroups: Mapping[str, int]
+                      ) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
+        """(clients entries, their names entries) of every pod with a cgroup here."""
+        clients: dict[bytes, bytes] = {}
+        names: dict[bytes, bytes] = {}
         for uid in sorted(state.clients):
             cgroup = pod_cgroups.get(uid)
             if cgroup is None:
                 continue
-            key, value, names = P.plan_client(state.clients[uid], cgroup)
-            out["clients"][key] = value
-            out["names"].update(names)
-        return out
+            key, value, pod_names = P.plan_client(state.clients[uid], cgroup)
+            clients[key] = value
+            names.update(pod_names)
+        return clients, names
 
     # --- writing -----------------------------------------------------------------------------
 
-    def _write(self, want: P.MapImage, drop: dict[str, set[bytes]], old_groups: dict[bytes, bytes] | None,
+    def _write(self, want: P.Plan, drop: dict[str, list[bytes]], old_groups: dict[bytes, bytes] | None,
                stats: ReconcileStats) -> None:
         """Steps 1-7 of the module docstring.
 
+        drop: ENTRY_MAPS keys to delete unless planned (or, for groups, still in use).
         old_groups: the touched groups' values before this write (incremental), whose sets are
         the only candidates for step 7; None sweeps every set no group names (full).
         """
         full: dict[str, list[str]] = {}  # map -> what kept its old state for lack of room there
         mirror = self.mirror
+        groups = mirror["groups"]
 
-        # 1-2. New endpoint sets, then the group flips, admitted group by group while they fit.
-        by_set: dict[int, tuple[list, list]] = {}  # set id -> (endpoints entries, members entries)
-        for name, slot in (("endpoints", 0), ("members", 1)):
+        # 1-2. New endpoint sets, then the group flips.
+        set_writes, flips, refused_groups = self._admit_groups(want, full)
+        uncovered = {name: self._write_sets(name, set_writes[name], stats) for name in SET_MAPS}
+        self._update("groups", flips, stats)
+
+        # 3. Config, clients and names. The config flag first: a pod that opts out is then
+        # honoured from the instant its entry appears; when the flag goes off, no pod wants
+        # out any more, so the entries still saying so are only about to be rewritten.
+        for name in ("config", "clients", "names"):
             current = mirror[name]
-            for key, value in want[name].items():  # every endpoint of the state on a full sync
-                if current.get(key) != value:
-                    sid = _ep_set(key)
-                    lists = by_set.get(sid)
-                    if lists is None:
-                        lists = by_set[sid] = ([], [])
-                    lists[slot].append((key, value))
-        room = {name: self._room(name) for name in ("endpoints", "members", "groups")}
-        write_sets: dict[str, list] = {"endpoints": [], "members": [], "groups": []}
-        refused_groups: set[bytes] = set()
-        for gkey, value in sorted(want["groups"].items()):
-            if mirror["groups"].get(gkey) == value:
-                continue
-            eps, members = by_set.pop(_group_set(value)[0], ([], []))
-            need = {"endpoints": self._new_keys("endpoints", eps), "members": self._new_keys("members", members),
-                    "groups": 0 if gkey in mirror["groups"] else 1}
-            short = [name for name, n in need.items() if n > room[name]]
-            if short:
-                refused_groups.add(gkey)
-                full.setdefault(short[0], []).append(self._group_name(gkey, want))
-                continue
-            for name, n in need.items():
-                room[name] -= n
-            write_sets["endpoints"] += eps
-            write_sets["members"] += members
-            write_sets["groups"].append((gkey, value))
-        # Entries of sets whose group value is unchanged (e.g. a repaired drift): no flip needed.
-        for eps, members in by_set.values():
-            write_sets["endpoints"] += eps
-            write_sets["members"] += members
-        for name in ("endpoints", "members", "groups"):
-            self._update(name, write_sets[name], stats)
-
-        # 3. Clients and names.
-        for name in ("clients", "names"):
-            changed = [(k, v) for k, v in sorted(want[name].items()) if mirror[name].get(k) != v]
+            changed = [(k, v) for k, v in getattr(want, name).items() if current.get(k) != v]
             fits = self._room(name)
-            new = [kv for kv in changed if kv[0] not in mirror[name]]
+            new = [kv for kv in changed if kv[0] not in current]
             if len(new) > fits:
-                skipped = new[fits:]
+                skipped = sorted(new)[fits:]  # which ones wait does not depend on the plan's order
                 skip_keys = {k for k, _ in skipped}
                 changed = [kv for kv in changed if kv[0] not in skip_keys]
                 full.setdefault(name, []).append(f"{len(skipped)} {name} entries")
@@ -383,128 +491,228 @@ class Reconciler:
 
         # 4. Frontends: scoped before default, only those whose groups are all in their new
         # state (a frontend needing a refused group keeps its old value).
-        changed = [(k, v) for k, v in want["frontends"].items() if mirror["frontends"].get(k) != v]
-        changed.sort(key=lambda kv: (not _is_scoped(kv[0]), kv[0]))
-        ready, room_fe = [], self._room("frontends")
-        for key, value in changed:
-            groups = _frontend_groups(value)
-            if any(g not in mirror["groups"] or g in refused_groups for g in groups):
+        current = mirror["frontends"]
+        changed = [(k, v) for k, v in want.frontends.items() if current.get(k) != v]
+        scoped_first = [kv for kv in changed if _is_scoped(kv[0])] + [kv for kv in changed if not _is_scoped(kv[0])]
+        ready, refs, room_fe = [], [], self._room("frontends")
+        for key, value in scoped_first:
+            named = _references("frontends", key, value)
+            if any(g not in groups or g in refused_groups for g in named[0]):
                 full.setdefault("groups", []).append(f"frontend {self._frontend_name(key)}")
                 continue
-            if key not in mirror["frontends"]:
+            if key not in current:
                 if room_fe <= 0:
                     full.setdefault("frontends", []).append(f"frontend {self._frontend_name(key)}")
                     continue
                 room_fe -= 1
             ready.append((key, value))
-        self._update("frontends", ready, stats)
+            refs.append(named)
+            if len(ready) == WRITE_CHUNK:  # written as they are found ready: keeps refs small
+                self._update("frontends", ready, stats, refs)
+                ready, refs = [], []
+        self._update("frontends", ready, stats, refs)
 
         # 5. Stale frontends.
-        self._delete("frontends", [k for k in drop["frontends"] if k not in want["frontends"]], stats)
+        self._delete("frontends", [k for k in drop["frontends"] if k not in want.frontends], stats)
 
         # 6. Stale groups nobody names any more.
-        self._delete("groups", [k for k in drop["groups"]
-                                if k not in want["groups"] and not self._users.used(k)], stats)
+        self._delete("groups", [k for k in drop["groups"] if k not in want.groups and not self._users[k]], stats)
 
-        # 7. Stale sets: endpoints of a set no group value in the map names, and members of a
-        # set whose group has no affinity (any more). A set id hashes its group id, so only its
-        # own group can name it: the incremental case looks at the touched groups alone.
-        if old_groups is None:
-            live = {_group_set(v)[0]: v for v in mirror["groups"].values()}
-            candidates = {name: [k for k in mirror[name] if k not in want[name]]
-                          for name in ("endpoints", "members")}
-        else:
-            live = {}
-            for gkey in old_groups:
-                value = mirror["groups"].get(gkey)
-                if value is not None:
-                    live[_group_set(value)[0]] = value
-            candidates = self._set_entries(old_groups.values())
-        for name in ("endpoints", "members"):
-            stale = []
-            for key in candidates[name]:
-                if key in want[name]:
-                    continue
-                owner = live.get(_ep_set(key))
-                if owner is None or (name == "members" and not _has_affinity(owner)):
-                    stale.append(key)
-            self._delete(name, stale, stats)
+        # 7. Stale sets, and what rewrites of drifted sets left over.
+        self._sweep_sets(want, old_groups, uncovered, stats)
 
-        self._delete("clients", [k for k in drop["clients"] if k not in want["clients"]], stats)
+        self._delete("clients", [k for k in drop["clients"] if k not in want.clients], stats)
         # Names nothing shows any more: those a full reconcile does not plan, and those whose
         # last user went away during this write.
-        orphans = drop["names"] | self._named.orphaned
-        self._named.orphaned = set()
-        self._delete("names", [k for k in orphans if k not in want["names"] and not self._named.used(k)], stats)
+        orphans = set(drop["names"]) | self._orphaned
+        self._orphaned = set()
+        self._delete("names", sorted(k for k in orphans if k not in want.names and not self._name_used(k)), stats)
 
         if full:
             raise MapFullError(full)
 
-    def _set_entries(self, group_values: Iterable[bytes]) -> dict[str, list[bytes]]:
-        """endpoints and members keys in the map for the sets these group values name."""
-        out: dict[str, list[bytes]] = {"endpoints": [], "members": []}
-        endpoints = self.mirror["endpoints"]
-        for value in group_values:
-            sid, count = _group_set(value)
-            for index in range(count):
-                key = P.ep_key_bytes(sid, index)
-                ep = endpoints.get(key)
-                if ep is None:
+    def _admit_groups(self, want: P.Plan, full: dict[str, list[str]]
+                      ) -> tuple[dict[str, list[tuple[int, bytes]]], list[tuple[bytes, bytes]], set[bytes]]:
+        """Steps 1-2 decided: groups are admitted one by one (in the plan's order) while what
+        they add fits, counting the new entries of each set they need (a set already in the map
+        costs nothing). Returns (sets to write per map, group flips, refused group keys); a
+        refused group is named in `full`."""
+        groups = self.mirror["groups"]
+        endpoints, members = self.sets["endpoints"], self.sets["members"]
+        room_eps, room_members, room_groups = self._room("endpoints"), self._room("members"), self._room("groups")
+        set_writes: dict[str, list[tuple[int, bytes]]] = {name: [] for name in SET_MAPS}
+        flips: list[tuple[bytes, bytes]] = []
+        refused: set[bytes] = set()
+        for gkey, group in want.groups.items():
+            sid = group.set_id
+            write_eps = bool(group.endpoints) and not endpoints.holds(sid, group.endpoints)
+            write_members = bool(group.members) and not members.holds(sid, group.members)
+            flip = groups.get(gkey) != group.value
+            if not (write_eps or write_members or flip):
+                continue
+            need_eps = endpoints.new_keys(sid, group.endpoints) if write_eps else 0
+            need_members = members.new_keys(sid, group.members) if write_members else 0
+            need_group = 0 if gkey in groups else 1
+            if need_eps > room_eps or need_members > room_members or need_group > room_groups:
+                if flip:  # (a repair of an unchanged group's set is reported, nothing waits on it)
+                    refused.add(gkey)
+                short = "endpoints" if need_eps > room_eps else "members" if need_members > room_members else "groups"
+                full.setdefault(short, []).append(self._group_name(gkey, want))
+                continue
+            room_eps -= need_eps
+            room_members -= need_members
+            room_groups -= need_group
+            if write_eps:
+                set_writes["endpoints"].append((sid, group.endpoints))
+            if write_members:
+                set_writes["members"].append((sid, group.members))
+            if flip:
+                flips.append((gkey, group.value))
+        return set_writes, flips, refused
+
+    def _sweep_sets(self, want: P.Plan, old_groups: dict[bytes, bytes] | None,
+                    uncovered: dict[str, list[bytes]], stats: ReconcileStats) -> None:
+        """Step 7: delete the endpoints of every set no group value in the map names, the
+        members of a set whose group has no affinity (any more), and the `uncovered` keys.
+
+        A set id hashes its group id, so only its own group can name it: the incremental case
+        (old_groups: the touched groups' values before the write) looks at the sets those
+        values named alone. A set the plan wants is kept even if no group names it yet (its
+        group was refused): a retry will not need to write it again.
+        """
+        groups = self.mirror["groups"]
+        if old_groups is None:
+            owners = {_group_set(value): value for value in groups.values()}
+            candidates = {name: self.sets[name].sets() for name in SET_MAPS}
+        else:
+            owners = {}
+            for gkey in old_groups:
+                value = groups.get(gkey)
+                if value is not None:
+                    owners[_group_set(value)] = value
+            old_sets = {_group_set(value) for value in old_groups.values()}
+            candidates = {name: old_sets for name in SET_MAPS}
+        for name in SET_MAPS:
+            planned = {group.set_id for group in want.groups.values()
+                       if (group.endpoints if name == "endpoints" else group.members)}
+            stale = []
+            for sid in candidates[name]:
+                if sid in planned:
                     continue
-                out["endpoints"].append(key)
-                out["members"].append(P.member_key_bytes(sid, ep))
-        return out
+                owner = owners.get(sid)
+                if owner is None or (name == "members" and not _has_affinity(owner)):
+                    stale.append(sid)
+            self._delete_sets(name, sorted(stale), uncovered[name], stats)
 
     def _room(self, name: str) -> int:
-        return self.maps[name].max_entries - len(self.mirror[name])
+        return self.maps[name].max_entries - self._count(name)
 
-    def _new_keys(self, name: str, entries: list[tuple[bytes, bytes]]) -> int:
-        mirror = self.mirror[name]
-        return sum(1 for k, _ in entries if k not in mirror)
+    def _count(self, name: str) -> int:
+        return self.sets[name].entries if name in SET_MAPS else len(self.mirror[name])
 
-    def _update(self, name: str, entries: list[tuple[bytes, bytes]], stats: ReconcileStats) -> None:
-        if not entries:
-            return
-        try:
-            self.maps[name].update_batch(entries)
-        except OSError:
-            self.mirror[name] = self.maps[name].items()  # what reached the map is now unknown
-            self._reindex(name)
-            raise
+    def _write_sets(self, name: str, sets: list[tuple[int, bytes]], stats: ReconcileStats) -> list[bytes]:
+        """Write whole sets, expanded WRITE_CHUNK entries at a time. Returns the keys of their
+        earlier drifted forms that the writes did not cover (see _SetMirror.stored)."""
+        table = self.sets[name]
+        entries: list[tuple[bytes, bytes]] = []
+        written: list[tuple[int, bytes]] = []
+        uncovered: list[bytes] = []
+
+        def flush() -> None:
+            try:
+                self.maps[name].update_batch(entries)
+            except OSError:
+                self._load(name)  # what reached the map is now unknown
+                raise
+            for sid, blob in written:
+                uncovered.extend(table.stored(sid, blob))
+            stats.ops[(name, "update")] += len(entries)
+            entries.clear()
+            written.clear()
+
+        for sid, blob in sets:
+            entries += table.layout.entries(sid, blob)
+            written.append((sid, blob))
+            if len(entries) >= WRITE_CHUNK:
+                flush()
+        if entries:
+            flush()
+        return uncovered
+
+    def _delete_sets(self, name: str, sids: list[int], keys: list[bytes], stats: ReconcileStats) -> None:
+        """Delete every entry of these sets, and these other keys, WRITE_CHUNK keys at a time."""
+        table = self.sets[name]
+        batch: list[bytes] = list(keys)
+        done: list[int] = []
+
+        def flush() -> None:
+            try:
+                self.maps[name].delete_batch(batch)
+            except OSError:
+                self._load(name)
+                raise
+            table.deleted(done, len(batch))
+            stats.ops[(name, "delete")] += len(batch)
+            batch.clear()
+            done.clear()
+
+        for sid in sids:
+            batch += table.keys_of(sid)
+            done.append(sid)
+            if len(batch) >= WRITE_CHUNK:
+                flush()
+        if batch or done:
+            flush()
+
+    def _update(self, name: str, entries: list[tuple[bytes, bytes]], stats: ReconcileStats,
+                refs: list[tuple[tuple[bytes, ...], tuple[bytes, ...]]] | None = None) -> None:
+        """Write entries of an ENTRY_MAPS map (values as the mirror keeps them), WRITE_CHUNK at a
+        time (short values are made exact only for the chunk being written). refs: the
+        _references of each new value, when the caller has them already."""
         mirror = self.mirror[name]
-        if name in _REFERRING_MAPS:
-            for key, value in entries:
-                self._track(name, key, mirror.get(key), value)
-        mirror.update(entries)
-        stats.ops[(name, "update")] += len(entries)
+        referring = name in _REFERRING_MAPS
+        for start in range(0, len(entries), WRITE_CHUNK):
+            chunk = entries[start:start + WRITE_CHUNK]
+            exact = chunk
+            if name in P.SHORT_VALUE_SIZES:
+                exact = [(key, P.full_value(name, value)) for key, value in chunk]
+            try:
+                self.maps[name].update_batch(exact)
+            except OSError:
+                self._load(name)  # what reached the map is now unknown
+                self._rebuild_refs()
+                raise
+            if referring:
+                for i, (key, value) in enumerate(chunk):
+                    self._track(name, key, mirror.get(key), value, refs[start + i] if refs else None)
+            mirror.update(chunk)
+            stats.ops[(name, "update")] += len(chunk)
 
     def _delete(self, name: str, keys: list[bytes], stats: ReconcileStats) -> None:
-        keys = [k for k in keys if k in self.mirror[name]]
+        mirror = self.mirror[name]
+        keys = [k for k in keys if k in mirror]
         if not keys:
             return
         try:
             self.maps[name].delete_batch(keys)
         except OSError:
-            self.mirror[name] = self.maps[name].items()
-            self._reindex(name)
+            self._load(name)
+            self._rebuild_refs()
             raise
-        mirror = self.mirror[name]
         for key in keys:
             old = mirror.pop(key)
             if name in _REFERRING_MAPS:
                 self._track(name, key, old, None)
+        if name == "groups":
+            self._orphaned.update(keys)  # a group's name goes with it, unless shown elsewhere
         stats.ops[(name, "delete")] += len(keys)
-
-    def _reindex(self, name: str) -> None:
-        if name in ("groups", "frontends", "clients"):
-            self.adopt()
 
     # --- names for errors ----------------------------------------------------------------------
 
-    def _group_name(self, gkey: bytes, want: P.MapImage) -> str:
-        raw = want["names"].get(gkey) or self.mirror["names"].get(gkey)
+    def _group_name(self, gkey: bytes, want: P.Plan) -> str:
+        raw = want.names.get(gkey) or self.mirror["names"].get(gkey)
         if raw:
-            return "group " + L.NameValue.from_buffer_copy(raw).name.decode(errors="replace")
+            return "group " + P.name_text(raw)
         return f"group {int.from_bytes(gkey, 'little'):#x}"
 
     @staticmethod
@@ -512,3 +720,13 @@ class Reconciler:
         from agent.datapath.dump import format_frontend_key  # display only
 
         return format_frontend_key(L.FeKey.from_buffer_copy(key))
+
+
+def _release(counts: Counter, key: bytes) -> bool:
+    """One user fewer of `key`; True when that was the last one (the key leaves `counts`)."""
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+        return False
+    counts.pop(key, None)
+    return True

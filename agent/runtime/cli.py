@@ -244,6 +244,10 @@ class Agent:
         # close() releases our file descriptors only: attachments and pins stay (D1).
         self._stoppers.append(datapath.close)
         log.info("datapath.opened", adopted=datapath.adopted)
+        support = datapath.support
+        report = log.warning if support.disabled else log.info
+        report("kernel.features", **support.log_fields())
+        self.metrics.record_kernel_features(support.present)
         return datapath
 
     def _start_sources(self) -> None:

@@ -4,7 +4,11 @@ Role: the only thread that calls the resolver and the datapath. Each sync takes 
 store coalesced since the last one, feeds the resolver, commits, and has the datapath reconcile
 the new desired state. Rules (SEMANTICS A15, D1, D2; DESIGN.md "One sync loop"):
 
-- Nothing is resolved or written until every expected source has finished its first list.
+- Nothing is written to the maps (nor committed in the resolver, nor published as Route status)
+  until every expected source has finished its first list. Meanwhile each batch the sources
+  deliver is fed to the resolver at once (upserts and deletes, no commit): the objects then leave
+  the store as the resolver's compact records instead of piling up as JSON until the slowest
+  source is done.
 - The first write is a full reconcile (the datapath adopts what is pinned, writes the difference
   and sweeps what is stale); later writes are incremental, handing over the resolver's delta
   (plus the pods whose cgroup changed). A periodic full reconcile repairs drift.
@@ -16,8 +20,16 @@ the new desired state. Rules (SEMANTICS A15, D1, D2; DESIGN.md "One sync loop"):
 - A failed sync is logged, counted, shown in health and retried after a capped exponential
   backoff, as a full reconcile (what reached the maps before the failure is then unknown).
   No exception from the resolver or the datapath ends the loop.
+- Event-to-map latency: one observation per changed object (and per pod whose cgroup changed),
+  from its arrival at the store to the end of the sync that applied it. What the first write
+  applies is the start-up lists, not events: it is not observed (time to ready measures it).
+- From `begin()` until the first full sync is written the garbage collector is paused (the
+  start-up lists are large and acyclic); then the long-lived objects built so far (the
+  resolver's view of the cluster) are frozen out of its generations and it runs again
+  (agent.gcpause).
 
-May touch: the resolver and the datapath (only from this thread), the store, health and metrics.
+May touch: the resolver and the datapath (only from this thread), the store, health and metrics,
+and the garbage collector's switch (through agent.gcpause).
 Time comes from `clock`, so the tests drive it without sleeping.
 """
 
@@ -27,6 +39,7 @@ import threading
 import time
 from typing import Callable, Iterable, Mapping, Protocol
 
+from agent.gcpause import freeze_long_lived, pause_collector, resume_collector
 from agent.model import DesiredState, RouteId, RouteStatus, StateDelta
 from agent.runtime.health import Health
 from agent.runtime.logs import get_logger
@@ -98,24 +111,34 @@ class SyncLoop:
         self._logged_waiting: list[str] | None = None
         self._published_statuses = False
         self._problems_logged: set[str] = set()
+        #: arrival times of the changes taken but not yet applied by a successful sync
+        self._unapplied_arrivals: list[float] = []
+        self._collector_was_enabled: bool | None = None  #: set while begin()'s pause holds
 
     # --- driving ---------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
         """Sync until `stop` is set (the caller also pokes the store to wake us)."""
         self.begin()
-        while not stop.is_set():
-            delay, for_changes = self.tick()
-            if stop.is_set():
-                break
-            if for_changes:
-                self.store.wait(delay)
-            else:
-                stop.wait(delay)  # rate limit or backoff: changes keep coalescing meanwhile
+        try:
+            while not stop.is_set():
+                delay, for_changes = self.tick()
+                if stop.is_set():
+                    break
+                if for_changes:
+                    self.store.wait(delay)
+                else:
+                    stop.wait(delay)  # rate limit or backoff: changes keep coalescing meanwhile
+        finally:
+            if self._collector_was_enabled is not None:  # stopped before the first write
+                resume_collector(self._collector_was_enabled)
+                self._collector_was_enabled = None
 
     def begin(self) -> None:
         """At start: adopted maps hold the last state, so our programs replace the running ones
-        at once (in place, never detach-then-attach: D1); new maps wait for the first write."""
+        at once (in place, never detach-then-attach: D1); new maps wait for the first write.
+        The collector pauses until the first write (agent.gcpause: the start-up lists)."""
+        self._collector_was_enabled = pause_collector()
         if self.datapath.adopted:
             self._attach()
 
@@ -134,6 +157,8 @@ class SyncLoop:
                 log.info("sync.waiting", sources=",".join(waiting))
             self._logged_waiting = waiting
         if waiting:
+            if self.store.has_pending() and (self._retry_at is None or now >= self._retry_at):
+                self._feed_while_listing()
             return IDLE_WAIT, True
         if self._retry_at is not None and now < self._retry_at:
             return self._retry_at - now, False
@@ -167,11 +192,13 @@ class SyncLoop:
             self._last_full is not None and now >= self._last_full + self.full_resync_interval)
         mode = "full" if full else "incremental"
         batch = self.store.take()
-        since = self.store.unapplied_since()
+        if self.first_sync_written:
+            self._unapplied_arrivals.extend(batch.arrivals)
         try:
             delta = self._resolve(batch)
             if not full and not delta:
                 self.store.applied()  # the changes cancelled out in resolve: nothing to write
+                self._observe_event_to_map(self.clock())
                 return True
             result = self.datapath.reconcile(self.resolver.state, batch.pod_cgroups, None if full else delta)
         except Exception as err:
@@ -181,11 +208,11 @@ class SyncLoop:
         self.store.applied()
         self.metrics.sync_duration.labels(mode=mode).observe(done - now)
         self.metrics.syncs.labels(mode=mode, outcome="ok").inc()
-        if since is not None:
-            self.metrics.event_to_map.observe(max(0.0, done - since))
+        self._observe_event_to_map(done)
         self._record_result(result)
+        first = not self.first_sync_written
         seconds = round(done - now, 6)
-        if not self.first_sync_written:
+        if first:
             log.info("sync.first", seconds=seconds, **self._sizes())
         elif full:
             (log.info if self.failures else log.debug)("sync.done", mode=mode, seconds=seconds,
@@ -202,12 +229,41 @@ class SyncLoop:
             self._last_full = now
         if not self.attached:
             self._attach()
+        if first:
+            self._settle_collector()
         return True
 
-    def _resolve(self, batch: Batch) -> StateDelta:
+    def _settle_collector(self) -> None:
+        # What the first sync built (the resolver's records of the whole cluster, the plan's
+        # tables) lives as long as the agent: take it out of the collector's generations, so that
+        # no later collection walks millions of objects to free none; then end begin()'s pause.
+        started = time.perf_counter()
+        found, frozen = freeze_long_lived()
+        if self._collector_was_enabled is not None:
+            resume_collector(self._collector_was_enabled)
+            self._collector_was_enabled = None
+        log.info("gc.frozen", objects=frozen, garbage_found=found, seconds=round(time.perf_counter() - started, 3))
+
+    def _feed_while_listing(self) -> None:
+        """Hand what the sources delivered so far to the resolver, writing nothing (A15)."""
+        batch = self.store.take()
+        try:
+            self._feed(batch)
+        except Exception as err:  # a resolve bug: the first write is retried as a full one
+            self._failed("full", err)
+
+    def _feed(self, batch: Batch) -> None:
         for obj in batch.deletes:
             self.resolver.delete(obj)
         self.resolver.upsert_many(batch.upserts)  # collector paused: a first list is large
+
+    def _observe_event_to_map(self, done: float) -> None:
+        if self._unapplied_arrivals:
+            self.metrics.record_event_to_map(done - arrived for arrived in self._unapplied_arrivals)
+            self._unapplied_arrivals = []
+
+    def _resolve(self, batch: Batch) -> StateDelta:
+        self._feed(batch)
         delta = self.resolver.commit()
         self._log_problems()
         if delta.routes or not self._published_statuses:

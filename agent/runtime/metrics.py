@@ -6,7 +6,8 @@ May touch: only its registry (the process-wide default registry is left alone, s
 embedders can make several agents in one process).
 
 Label rule (issue 3): label values come from small closed sets only — object kind, map name,
-map operation, outcome or reason, sync mode, source name. Never a Service, an IP address or a pod.
+map operation, outcome or reason, sync mode, source name, kernel feature (the fixed list
+agent.datapath.features.FEATURES). Never a Service, an IP address or a pod.
 Histograms end in `_seconds`; counters are named without `_total` (the client adds it).
 """
 
@@ -61,8 +62,12 @@ class Metrics:
                                        "Time to resolve and write one sync to the maps.",
                                        ["mode"], buckets=SYNC_BUCKETS, registry=r)
         self.event_to_map = Histogram(f"{PREFIX}_event_to_map_seconds",
-                                      "Time from the oldest change in a sync being seen to its write "
-                                      "completing.", buckets=LATENCY_BUCKETS, registry=r)
+                                      "Time from a change of one object (a watch event, an object a "
+                                      "relist or a manifests file change brought, a pod cgroup) "
+                                      "reaching the agent to the end of the sync that wrote it to the "
+                                      "maps; one observation per changed object. The start-up lists, "
+                                      "written by the first sync, are not observed.",
+                                      buckets=LATENCY_BUCKETS, registry=r)
         self.syncs = Counter(f"{PREFIX}_syncs", "Syncs attempted, by mode and outcome.",
                              ["mode", "outcome"], registry=r)
         self.objects = Gauge(f"{PREFIX}_objects", "Objects known to the agent, by kind.", ["kind"], registry=r)
@@ -85,6 +90,10 @@ class Metrics:
         self.attached = Gauge(f"{PREFIX}_programs_attached", "1 once our programs are attached.", registry=r)
         self.leader = Gauge(f"{PREFIX}_leader",
                             "1 while this agent is the elected Route status writer.", registry=r)
+        self.kernel_features = Gauge(f"{PREFIX}_kernel_feature",
+                                     "1 when the kernel has a feature the socket programs use, 0 when "
+                                     "it lacks it (probed at start; see the kernel.features log line).",
+                                     ["feature"], registry=r)
         self.datapath_outcomes = DatapathOutcomes()
         r.register(self.datapath_outcomes)
 
@@ -92,6 +101,12 @@ class Metrics:
         for kind in set(counts) | {s.get("kind") for s in self._label_sets(self.objects)}:
             if kind:
                 self.objects.labels(kind=kind).set(counts.get(kind, 0))
+
+    def record_event_to_map(self, latencies: Iterable[float]) -> None:
+        """One observation per changed object: seconds from its arrival to its write."""
+        observe = self.event_to_map.observe
+        for seconds in latencies:
+            observe(max(0.0, seconds))
 
     def record_programmed(self, frontends: int, groups: int, backends: int) -> None:
         self.frontends.set(frontends)
@@ -112,6 +127,12 @@ class Metrics:
                 self.map_failures.labels(map=map_name, reason="full").inc()
         else:
             self.map_failures.labels(map="unknown", reason="error").inc()
+
+    def record_kernel_features(self, present: Mapping[str, bool]) -> None:
+        """`present`: feature name -> bool, as Datapath.support.present gives it (names from the
+        fixed list agent.datapath.features.FEATURES)."""
+        for feature, has in present.items():
+            self.kernel_features.labels(feature=feature).set(1 if has else 0)
 
     def record_fill(self, fill: Mapping[str, tuple[int, int]]) -> None:
         """`fill`: map name -> (entries, max_entries), as Datapath.fill() reports it."""

@@ -7,7 +7,9 @@ removed or upgraded later is followed without a restart.
 May touch: the API server through the given ApiClient (GET only), and the sink.
 
 The watch protocol, per kind (the reflector pattern):
-1. list, paged with limit/continue; `sink.replace(kind, items)`; the first time, `sink.synced`;
+1. list, paged with limit/continue, each page handed on as it arrives (`sink.list_begin(kind)`,
+   `sink.list_page(kind, items)` per page, `sink.list_end(kind)`, which deletes what the list no
+   longer holds); the first time, `sink.synced`;
 2. watch from the list's resourceVersion with bookmarks; each event is upserted or deleted and
    advances the resourceVersion, a BOOKMARK only advances it;
 3. the server ending the stream (its timeoutSeconds) -> watch again from the last resourceVersion;
@@ -17,7 +19,8 @@ The watch protocol, per kind (the reflector pattern):
 
 Invariants:
 - objects reach the sink as the API server's JSON dicts, with apiVersion and kind filled in
-  (list items may lack them); nothing is converted or dropped;
+  (list items may lack them); nothing is converted or dropped, and nothing is kept: a page is
+  handed on and forgotten, so a list of any size never sits here whole;
 - a kind's `synced` is called exactly once, after its first complete list; a route kind the
   cluster does not serve counts as listed and empty (a missing CRD is not an error), so every
   name in `KubeSource.kinds` is eventually synced, whatever discovery finds;
@@ -184,7 +187,11 @@ class KindWatcher:
         self.resource_version = None
 
     def _list(self) -> None:
-        items: list[dict] = []
+        kind = self.resource.kind
+        # A list that fails midway leaves its pages in the sink (each object is one the server
+        # held) and is begun again; only a complete list may delete what it did not contain.
+        self._call_sink(self._sink.list_begin, kind)
+        listed = 0
         cont = None
         while True:
             page = self._http.json("GET", self.resource.collection_path(), {
@@ -192,19 +199,20 @@ class KindWatcher:
                 "continue": cont,
                 "fieldSelector": self.resource.field_selector,
             })
-            for item in page.get("items") or []:
-                items.append(self._typed(item))
+            items = [self._typed(item) for item in page.get("items") or []]
+            listed += len(items)
+            self._call_sink(self._sink.list_page, kind, items)
             meta = page.get("metadata") or {}
             cont = meta.get("continue")
             if not cont:
                 break
         resource_version = str(meta.get("resourceVersion") or "")
         if not resource_version:
-            raise ApiError(0, f"the {self.resource.kind} list carries no resourceVersion")
-        self._call_sink(self._sink.replace, self.resource.kind, items)
+            raise ApiError(0, f"the {kind} list carries no resourceVersion")
+        self._call_sink(self._sink.list_end, kind)
         self.resource_version = resource_version
-        log.info("kube.listed", kind=self.resource.kind, apiVersion=self.resource.api_version,
-                 objects=len(items), resourceVersion=resource_version)
+        log.info("kube.listed", kind=kind, apiVersion=self.resource.api_version,
+                 objects=listed, resourceVersion=resource_version)
         if not self._listed:
             self._listed = True
             self._call_sink(self._on_first_list, self.resource.kind)

@@ -2,22 +2,28 @@
 
 Role: every `*.yaml`, `*.yml` and `*.json` file below the directory (multi-document; a document
 may be a `List`), read at start and re-read within a second of a change (a stat poll: no inotify
-needed, and it sees changes on every filesystem, ConfigMap volumes included). The result is
-pushed as one full list: `sink.replace("manifests", objects)`, then `sink.synced("manifests")`
-after the first read.
+needed, and it sees changes on every filesystem, ConfigMap volumes included). Each poll pushes
+what changed as one step, `sink.apply(upserts, deletes)`: the objects of the files read again,
+and the identities no file holds any more; `sink.synced("manifests")` follows the first read.
+The source keeps no objects (the resolver holds them): per file its stat signature and the
+identities it held, per identity the files holding it.
 
 May touch: the files below the directory (read only), nothing else. Names starting with "." are
 ignored (editor swap files; the `..data` links of a ConfigMap volume, whose files are seen through
 their visible names).
 
 Invariants:
+- the sink holds, per identity, the object of the last file (by path) that has it, at its last
+  position there: "later file wins", as a second `kubectl apply` would; a repeat is reported;
+- `metadata.resourceVersion` is dropped from every object: a manifest is no API server, and an
+  edited object that kept its exported number must still count as changed (agent.sources);
 - a bad document (unparsable, not an object, unknown kind, no name) is reported once per change of
   its file, with the file and the document index (0-based, counting non-empty documents; an item
   of a List adds `.items[i]`), and skipped: the rest still applies;
-- the objects come in a stable order (file path, then position); a Route without
-  `metadata.creationTimestamp` gets a synthetic one in that order (9000-01-01T00:00:00Z plus one
-  second per such Route), so "first route" (SEMANTICS B7) means first in the files, and Routes
-  without a timestamp still come after those with one, as resolve orders them;
+- a Route without `metadata.creationTimestamp` gets a synthetic one in the order of the files
+  (path, then position): 9000-01-01T00:00:00Z plus one second per such Route before it, so
+  "first route" (SEMANTICS B7) means first in the files, and Routes without a timestamp still
+  come after those with one, as resolve orders them;
 - when the directory itself disappears the last list stays in force (a ConfigMap volume swaps
   its contents by renaming; a missing directory is far more often a transient than an intent).
 """
@@ -28,7 +34,7 @@ import json
 import os
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -36,7 +42,7 @@ import yaml
 
 from agent.runtime.logs import get_logger
 from agent.resolve.objects import ROUTE_KINDS, identify
-from agent.sources import Sink, object_key
+from agent.sources import ObjectKey, Sink, identity_stub, object_key
 
 log = get_logger("manifests")
 
@@ -103,13 +109,17 @@ def check_object(doc: object) -> tuple[dict | None, str | None]:
     """(object ready to apply, None) or (None, why it is skipped).
 
     Which kinds and versions count is resolve's rule (`identify`), kept in one place; a namespaced
-    object without namespace lands in "default", as `kubectl apply` would put it."""
+    object without namespace lands in "default", as `kubectl apply` would put it; a
+    resourceVersion is dropped (see the module docstring)."""
     key, why = identify(doc)
     if key is None:
         return None, why
     meta = doc["metadata"]
-    if key.namespace and meta.get("namespace") != key.namespace:
-        return {**doc, "metadata": {**meta, "namespace": key.namespace}}, None
+    if (key.namespace and meta.get("namespace") != key.namespace) or "resourceVersion" in meta:
+        meta = {k: v for k, v in meta.items() if k != "resourceVersion"}
+        if key.namespace:
+            meta["namespace"] = key.namespace
+        return {**doc, "metadata": meta}, None
     return doc, None
 
 
@@ -154,9 +164,10 @@ def parse_manifest(name: str, text: str) -> FileContents:
     return FileContents(tuple(objects), tuple(bad))
 
 
-def order_routes(objects: list[dict]) -> list[dict]:
-    """Give each Route without creationTimestamp a synthetic one, in list order (file, position)."""
-    out, ordinal = [], 0
+def order_routes(objects: list[dict], first: int = 0) -> list[dict]:
+    """Give each Route without creationTimestamp a synthetic one, in list order (file, position),
+    numbered from `first` (the number of such Routes in the files before these objects)."""
+    out, ordinal = [], first
     for obj in objects:
         meta = obj.get("metadata") or {}
         if obj.get("kind") in ROUTE_KINDS and not meta.get("creationTimestamp"):
@@ -187,8 +198,25 @@ def list_manifest_files(directory: Path) -> dict[str, tuple]:
     return dict(sorted(found.items()))
 
 
+@dataclass(frozen=True)
+class _HeldFile:
+    """What the source remembers of a file it applied: never its objects."""
+
+    signature: tuple
+    keys: tuple[ObjectKey, ...]  #: the identities its objects have
+    untimed_routes: int  #: Routes without creationTimestamp: they take synthetic ones
+    route_base: int  #: the synthetic ordinal of its first such Route when it was last read
+    bad: int  #: bad documents, for the summary line
+
+
 class ManifestsSource:
-    """Polls a manifests directory and pushes its objects into a Sink."""
+    """Polls a manifests directory and pushes the changes of its objects into a Sink.
+
+    A poll reads only the files whose stat signature changed (plus the few an unchanged file's
+    objects depend on, see `poll_once`), upserts their objects, and deletes the identities no file
+    holds any more: one `sink.apply` per poll, so the loop sees a poll whole. Per file it keeps
+    the signature and the identities, per identity the files holding it (later file wins).
+    """
 
     def __init__(self, directory: Path, sink: Sink, poll_interval: float = 0.2):
         self.directory = Path(directory)
@@ -196,8 +224,9 @@ class ManifestsSource:
         self.poll_interval = poll_interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._files: dict[str, tuple] | None = None  # signatures of the last read
-        self._cache: dict[str, tuple[tuple, FileContents]] = {}
+        self._listed = False  #: a full read has been delivered
+        self._held: dict[str, _HeldFile] = {}
+        self._holders: dict[ObjectKey, tuple[str, ...]] = {}  #: identity -> files, sorted; last wins
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="manifests", daemon=True)
@@ -220,33 +249,98 @@ class ManifestsSource:
             self._stop.wait(self.poll_interval)
 
     def poll_once(self) -> bool:
-        """Read the directory if anything changed; True once a full list has been delivered."""
+        """Apply what changed in the directory; True once a full read has been delivered.
+
+        Nothing is applied unless every file the change needs was read whole (a file changing
+        while read is a writer at work: the next poll tries again), so the sink never sees half
+        a change. Besides the changed files, a poll reads again (1) an unchanged file whose
+        Routes without creationTimestamp must be renumbered because Routes were added or removed
+        before it, and (2) an unchanged file that becomes the winner of an identity a later file
+        dropped: the source keeps no objects, only where they are.
+        """
         if not self.directory.is_dir():
-            if self._files is not None:
+            if self._listed:
                 log.warning("manifests.dir_missing", dir=str(self.directory), keeping="last list")
-            return self._files is not None
+            return self._listed
         files = list_manifest_files(self.directory)
-        if files == self._files:
+        if self._listed and files == {name: held.signature for name, held in self._held.items()}:
             return True
-        objects: list[dict] = []
-        bad = 0
+        read: dict[str, FileContents] = {}
         for name, signature in files.items():
-            cached = self._cache.get(name)
-            if cached is None or cached[0] != signature:
+            held = self._held.get(name)
+            if held is None or held.signature != signature:
                 contents = self._read(name, signature)
                 if contents is None:
-                    return self._files is not None  # mid-write: try the whole list again soon
-                for doc in contents.bad:
-                    log.warning("manifests.bad_document", file=doc.file, index=doc.index, error=doc.error)
-                cached = self._cache[name] = (signature, contents)
-            objects.extend(cached[1].objects)
-            bad += len(cached[1].bad)
-        for gone in self._cache.keys() - files.keys():
-            del self._cache[gone]
-        objects = order_routes(_last_wins(objects))
-        self.sink.replace(SOURCE, objects)
-        log.info("manifests.read", dir=str(self.directory), files=len(files), objects=len(objects), bad=bad)
-        self._files = files
+                    return self._listed  # mid-write: try the whole change again soon
+                read[name] = contents
+        changed = set(read)
+        bases, running = {}, 0
+        for name in files:
+            bases[name] = running
+            running += _untimed_routes(read[name].objects) if name in read else self._held[name].untimed_routes
+        for name, held in self._held.items():
+            if name in files and name not in read and held.untimed_routes and held.route_base != bases[name]:
+                contents = self._read(name, files[name])
+                if contents is None:
+                    return self._listed
+                read[name] = contents
+        newest = {name: _last_of_each(order_routes(list(read[name].objects), bases[name])) for name in read}
+
+        touched = set(read) | (self._held.keys() - files.keys())
+        incoming: dict[ObjectKey, list[str]] = {}  # identity -> the files read now that hold it
+        for name in sorted(newest):
+            for key in newest[name]:
+                incoming.setdefault(key, []).append(name)
+        keys = set(incoming)
+        for name in touched & self._held.keys():
+            keys.update(self._held[name].keys)
+        holders: dict[ObjectKey, tuple[str, ...]] = {}
+        winners_to_read: set[str] = set()
+        for key in keys:
+            before = self._holders.get(key, ())
+            after = tuple(sorted({n for n in before if n not in touched}.union(incoming.get(key, ()))))
+            holders[key] = after
+            if after and after[-1] not in newest and (not before or before[-1] != after[-1]):
+                winners_to_read.add(after[-1])  # a later file dropped it: the earlier one wins again
+        for name in winners_to_read:
+            contents = self._read(name, files[name])
+            newest[name] = _last_of_each(order_routes(list(contents.objects), bases[name])) if contents else {}
+            if contents is None or any(after and after[-1] == name and key not in newest[name]
+                                       for key, after in holders.items()):
+                # It changed or became unreadable since it was listed: the next poll reads it
+                # as a changed file (its signature forgotten), with the rest of this change.
+                self._held[name] = replace(self._held[name], signature=())
+                return self._listed
+
+        upserts, deletes = [], []
+        for key, after in holders.items():
+            if not after:
+                deletes.append(identity_stub(key))
+            elif after[-1] in newest:
+                upserts.append(newest[after[-1]][key])
+            if len(after) > 1 and (set(after) & changed):
+                log.warning("manifests.duplicate", kind=key[1], namespace=key[2], name=key[3],
+                            files=",".join(after), applied=after[-1])
+        for name in sorted(changed):
+            for doc in read[name].bad:
+                log.warning("manifests.bad_document", file=doc.file, index=doc.index, error=doc.error)
+        self.sink.apply(upserts, deletes)
+
+        for name in touched:
+            if name in read:
+                self._held[name] = _HeldFile(files[name], tuple(newest[name]), _untimed_routes(read[name].objects),
+                                             bases[name], len(read[name].bad))
+            else:
+                del self._held[name]
+        for key, after in holders.items():
+            if after:
+                self._holders[key] = after
+            else:
+                del self._holders[key]
+        self._listed = True
+        log.info("manifests.read", dir=str(self.directory), files=len(files), read=len(read),
+                 objects=len(self._holders), upserted=len(upserts), deleted=len(deletes),
+                 bad=sum(held.bad for held in self._held.values()))
         return True
 
     def _read(self, name: str, signature: tuple) -> FileContents | None:
@@ -266,16 +360,18 @@ class ManifestsSource:
         return parse_manifest(name, text)
 
 
-def _last_wins(objects: list[dict]) -> list[dict]:
-    """One object per identity; a later one (by file, then position) replaces an earlier one,
-    as a second `kubectl apply` would, and the repeat is reported."""
-    seen: dict[tuple, int] = {}
-    out: list[dict | None] = []
+def _untimed_routes(objects) -> int:
+    return sum(1 for obj in objects
+               if obj.get("kind") in ROUTE_KINDS and not (obj.get("metadata") or {}).get("creationTimestamp"))
+
+
+def _last_of_each(objects: list[dict]) -> dict[ObjectKey, dict]:
+    """Identity -> object; of two with one identity in a file the later wins, as a second
+    `kubectl apply` would (the repeat is reported)."""
+    out: dict[ObjectKey, dict] = {}
     for obj in objects:
         key = object_key(obj)
-        if key in seen:
-            log.warning("manifests.duplicate", kind=obj["kind"], namespace=key[2], name=key[3])
-            out[seen[key]] = None
-        seen[key] = len(out)
-        out.append(obj)
-    return [obj for obj in out if obj is not None]
+        if key in out:
+            log.warning("manifests.duplicate", kind=key[1], namespace=key[2], name=key[3])
+        out[key] = obj
+    return out

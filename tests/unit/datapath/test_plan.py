@@ -1,7 +1,8 @@
 """plan without the kernel: golden map dumps, the weighted split's arithmetic, ids, header constants.
 
 Golden files (testdata/*.txt) hold the canonical dump (agent.datapath.dump.render) of the maps
-after each step of a scenario, written through the reconciler into in-memory maps. After a
+after each step of a scenario, written through the reconciler into in-memory maps; the same dump
+of the expanded plan (Plan.expand) must match it. After a
 deliberate change, regenerate them with MESHLET_UPDATE_GOLDEN=1 and review the diff.
 """
 
@@ -90,17 +91,19 @@ def test_golden_map_dumps_step_by_step():
     maps = {name: DictMap(name, 1000) for name in L.PLANNED_MAPS}
     rec = Reconciler(maps)
     for step, state, cgroups in scenario():
-        rec.full(P.plan(state, cgroups), state)
+        planned = P.plan(state, cgroups)
+        rec.full(planned, state)
         text = D.render(D.decode({name: dict(m.data) for name, m in maps.items()}))
         path = TESTDATA / f"{step}.txt"
         if os.environ.get("MESHLET_UPDATE_GOLDEN") == "1":
             path.write_text(text)
         assert text == path.read_text(), f"{step}: maps differ from {path} (see the module docstring)"
+        assert D.render(D.decode(planned.expand())) == text, f"{step}: the expanded plan differs from the maps"
 
 
 def test_the_same_state_always_plans_the_same_bytes():
     (_, state, cgroups), *_ = scenario()
-    assert P.plan(state, cgroups) == P.plan(state, dict(reversed(list(cgroups.items()))))
+    assert P.plan(state, cgroups).expand() == P.plan(state, dict(reversed(list(cgroups.items())))).expand()
 
 
 # --- the weighted split ------------------------------------------------------------------------
@@ -140,7 +143,7 @@ def test_rejected_shares_become_one_slot_with_group_id_0_and_all_zero_is_an_empt
     assert probabilities(slots) == {P.group_id(G[0]): Fraction(1, 4), 0: Fraction(3, 4)}
     assert P.split_slots([WeightedGroup(0, G[0]), WeightedGroup(0, None)]) == []
     key, value, _ = P.plan_frontend(FrontendKey("10.0.0.1", 80, "TCP"), split(), has_scopes=False)
-    assert L.FeValue.from_buffer_copy(value).verdict == L.VERDICT_REJECT
+    assert L.FeValue.from_buffer_copy(P.full_value("frontends", value)).verdict == L.VERDICT_REJECT
 
 
 def test_a_split_wider_than_the_slots_is_refused_with_the_limit():
@@ -179,11 +182,16 @@ def test_a_scope_id_collision_between_namespaces_in_use_is_refused():
         P.plan(state, {"u": 1})
 
 
+def endpoint_entries(group: BackendGroup) -> dict[bytes, bytes]:
+    planned = P.plan_group(group)
+    return dict(P.ENDPOINT_SETS.entries(planned.set_id, planned.endpoints))
+
+
 def test_a_new_endpoint_set_gets_new_keys_and_the_same_set_the_same_keys():
     g1 = BackendGroup(WEB4, eps("10.244.0.5"), Verdict.FORWARD)
     g2 = BackendGroup(WEB4, eps("10.244.0.5", "10.244.0.6"), Verdict.FORWARD)
-    assert set(P.plan_group(g1).endpoints).isdisjoint(P.plan_group(g2).endpoints)
-    assert P.plan_group(g1).endpoints == P.plan_group(BackendGroup(WEB4, eps("10.244.0.5"), Verdict.FORWARD)).endpoints
+    assert set(endpoint_entries(g1)).isdisjoint(endpoint_entries(g2))
+    assert endpoint_entries(g1) == endpoint_entries(BackendGroup(WEB4, eps("10.244.0.5"), Verdict.FORWARD))
 
 
 # --- the header and its mirrors ----------------------------------------------------------------
@@ -196,14 +204,14 @@ def header_defines() -> dict[str, int]:
 def test_layout_constants_equal_the_header_defines():
     defines = header_defines()
     for name in ("MAX_SLOTS", "SOCK_XLATS", "NAME_LEN", "MAX_POD_DEPTH", "VERDICT_FORWARD", "VERDICT_REJECT",
-                 "VERDICT_UNREACHABLE", "FE_HAS_SCOPES", "CLIENT_SKIP", "OUT_COUNT"):
+                 "VERDICT_UNREACHABLE", "FE_HAS_SCOPES", "CLIENT_SKIP", "CONFIG_CLIENT_SKIPS", "OUT_COUNT"):
         assert defines[name] == getattr(L, name), name
     outcomes = {v: k[len("OUT_"):].lower() for k, v in defines.items() if k.startswith("OUT_") and k != "OUT_COUNT"}
     assert outcomes == L.OUTCOMES
 
 
 @pytest.mark.parametrize("cls", [L.FeKey, L.FeSlot, L.FeValue, L.GroupValue, L.EpKey, L.EpValue, L.MemberKey,
-                                 L.AffinityKey, L.AffinityValue, L.ClientValue, L.NameValue, L.SockXlat,
+                                 L.AffinityKey, L.AffinityValue, L.ClientValue, L.ConfigValue, L.NameValue, L.SockXlat,
                                  L.SockState])
 def test_mirrors_have_no_implicit_padding(cls):
     # A hole the compiler fills would make Python-built and BPF-built keys hash differently.

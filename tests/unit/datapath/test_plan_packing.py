@@ -1,6 +1,7 @@
 """plan packs map entries with struct formats for speed; layout's ctypes classes are the mirror of
 bpf/meshlet.h. These tests build the same entries both ways and compare the bytes, so the two
-can never drift apart (the kernel tests check layout against what bcc compiled)."""
+can never drift apart (the kernel tests check layout against what bcc compiled). A plan's compact
+forms (set blobs, short values) are expanded with plan's own functions before comparing."""
 
 import socket
 
@@ -40,21 +41,21 @@ def test_group_entries_match_the_ctypes_layout():
         member.addr[:] = P.addr16(ep.address)
         expected_members[bytes(member)] = bytes(L.U32(index))
         assert P.member_key_bytes(sid, value) == bytes(member) == P.member_key_bytes(sid, bytes(value))
-    assert entries.endpoints == expected_eps
-    assert entries.members == expected_members
-    assert entries.names == {bytes(L.U64(gid)): bytes(L.NameValue(str(GROUP).encode()))}
+    assert dict(P.ENDPOINT_SETS.entries(sid, entries.endpoints)) == expected_eps
+    assert dict(P.MEMBER_SETS.entries(sid, entries.members)) == expected_members
+    assert P.full_value("names", entries.name) == bytes(L.NameValue(str(GROUP).encode()))
 
 
 def test_ipv6_endpoint_and_rejecting_group_match_the_ctypes_layout():
     v6 = P.plan_group(BackendGroup(GROUP6, (Endpoint("fd00::5", 80),), Verdict.FORWARD))
-    (key, value), = v6.endpoints.items()
+    (key, value), = P.ENDPOINT_SETS.entries(v6.set_id, v6.endpoints)
     decoded = L.EpValue.from_buffer_copy(value)
     assert bytes(decoded.addr) == socket.inet_pton(socket.AF_INET6, "fd00::5")
     assert (decoded.port, decoded.family) == (socket.htons(80), 6)
-    assert v6.members == {}
+    assert v6.members == b""
     reject = P.plan_group(BackendGroup(GROUP, (), Verdict.UNREACHABLE))
     assert reject.value == bytes(L.GroupValue(verdict=Verdict.UNREACHABLE))
-    assert reject.endpoints == {}
+    assert (reject.set_id, reject.endpoints) == (0, b"")
 
 
 def test_frontend_entries_match_the_ctypes_layout():
@@ -68,12 +69,12 @@ def test_frontend_entries_match_the_ctypes_layout():
     for i, (threshold, gid) in enumerate(P.split_slots(fe.split)):
         expected.slots[i].threshold = threshold
         expected.slots[i].group_id = gid
-    assert value == bytes(expected)
-    assert names[bytes(L.U64(P.route_id(route)))] == bytes(L.NameValue(str(route).encode()))
+    assert P.full_value("frontends", value) == bytes(expected)
+    assert P.full_value("names", names[bytes(L.U64(P.route_id(route)))]) == bytes(L.NameValue(str(route).encode()))
 
     empty = FrontendState("shop", "web", "http", ())
     _key, value, _names = P.plan_frontend(FrontendKey("10.96.0.10", 80, "TCP"), empty, has_scopes=True)
-    assert value == bytes(L.FeValue(verdict=L.VERDICT_REJECT, flags=L.FE_HAS_SCOPES))
+    assert P.full_value("frontends", value) == bytes(L.FeValue(verdict=L.VERDICT_REJECT, flags=L.FE_HAS_SCOPES))
 
 
 def test_client_and_long_name_match_the_ctypes_layout():
@@ -82,4 +83,5 @@ def test_client_and_long_name_match_the_ctypes_layout():
     scope = P.scope_id("n" * 200)
     assert value == bytes(L.ClientValue(scope=scope, flags=L.CLIENT_SKIP))
     # A name longer than the field is cut, and the field still ends with a NUL.
-    assert names == {bytes(L.U64(scope)): bytes(L.NameValue(b"n" * (L.NAME_LEN - 1)))}
+    assert {k: P.full_value("names", v) for k, v in names.items()} == {
+        bytes(L.U64(scope)): bytes(L.NameValue(b"n" * (L.NAME_LEN - 1)))}

@@ -1,4 +1,5 @@
-"""The reconciler without the kernel: write order, incremental == full, overflow, failed writes.
+"""The reconciler without the kernel: write order, incremental == full, overflow, failed writes,
+and adoption of maps that drifted (a set with an index missing, entries in a form we never write).
 
 Maps here are `DictMap`s (an in-memory stand-in for kernel hash maps, named as such) sharing one
 operation log. The central check replays that log one operation at a time and asserts what a
@@ -12,6 +13,7 @@ import pytest
 
 from agent.datapath import layout as L
 from agent.datapath import plan as P
+from agent.datapath import reconcile as R
 from agent.datapath.reconcile import DictMap, MapFullError, Reconciler
 from agent.model import (
     BackendGroup,
@@ -112,7 +114,7 @@ def test_a_new_frontend_is_written_after_its_groups_and_their_endpoints():
     order = [name for op, name, *_ in log if op == "update" and name != "names"]
     assert order.index("frontends") > max(i for i, n in enumerate(order) if n in ("groups", "endpoints"))
     assert order.index("groups") > max(i for i, n in enumerate(order) if n == "endpoints")
-    assert contents(maps) == P.plan(state, {})
+    assert contents(maps) == P.plan(state, {}).expand()
 
 
 def test_an_endpoint_change_writes_the_new_set_flips_the_group_then_deletes_the_old_set():
@@ -129,7 +131,28 @@ def test_an_endpoint_change_writes_the_new_set_flips_the_group_then_deletes_the_
     assert kinds == [("update", "endpoints")] * 4 + [("update", "groups")] + [("delete", "endpoints")] * 3
     assert stats.ops[("frontends", "update")] == 0  # the frontend value did not change
     replay_and_check(before, log)
-    assert contents(maps) == P.plan(s2, {})
+    assert contents(maps) == P.plan(s2, {}).expand()
+
+
+def test_the_opt_out_flag_is_on_before_an_opted_out_pod_appears_and_off_when_none_is_left():
+    log = []
+    maps = make_maps(log)
+    rec = Reconciler(maps)
+    quiet, busy = ClientPod("u1", "quiet", "p1", skip=True), ClientPod("u2", "shop", "p2", skip=False)
+    cgroups = {"u1": 1001, "u2": 1002}
+    config_key = bytes(L.U32(L.CONFIG_KEY))
+    state = state_of([frontend("10.96.0.1", (1, A))], [A], [busy])
+    rec.full(P.plan(state, cgroups), state)
+    assert L.ConfigValue.from_buffer_copy(maps["config"].data[config_key]).flags == 0
+    log[:] = []
+    new = state_of([frontend("10.96.0.1", (1, A))], [A], [busy, quiet])
+    rec.apply(new, delta_between(state, new), cgroups)
+    writes = [(op[1], op[2]) for op in log if op[0] == "update"]
+    assert writes.index(("config", config_key)) < writes.index(("clients", bytes(L.U64(1001))))
+    assert L.ConfigValue.from_buffer_copy(maps["config"].data[config_key]).flags == L.CONFIG_CLIENT_SKIPS
+    rec.apply(state, delta_between(new, state), cgroups)
+    assert L.ConfigValue.from_buffer_copy(maps["config"].data[config_key]).flags == 0
+    assert bytes(L.U64(1001)) not in maps["clients"].data
 
 
 def test_scoped_entries_are_written_before_the_default_entry_that_announces_them():
@@ -161,8 +184,11 @@ def random_state(rng: random.Random) -> DesiredState:
     return state_of(frontends, [g for g in groups if g.key in used], clients)
 
 
+# A chunk of 3 entries makes every set, and the frontends, span several batch calls.
+@pytest.mark.parametrize("chunk", [R.WRITE_CHUNK, 3])
 @pytest.mark.parametrize("seed", range(25))
-def test_incremental_writes_equal_the_full_plan_and_readers_never_see_a_half_change(seed):
+def test_incremental_writes_equal_the_full_plan_and_readers_never_see_a_half_change(seed, chunk, monkeypatch):
+    monkeypatch.setattr(R, "WRITE_CHUNK", chunk)
     rng = random.Random(seed)
     log = []
     maps = make_maps(log)
@@ -178,7 +204,8 @@ def test_incremental_writes_equal_the_full_plan_and_readers_never_see_a_half_cha
         else:
             rec.apply(new, delta_between(state, new), cgroups)
         replay_and_check(before, log)
-        assert contents(maps) == P.plan(new, cgroups), f"step {step}"
+        assert contents(maps) == P.plan(new, cgroups).expand(), f"step {step}"
+        assert rec.counts() == {name: len(entries) for name, entries in contents(maps).items()}, "room accounting"
         state = new
 
 
@@ -258,7 +285,7 @@ def test_a_failed_write_leaves_readers_consistent_and_the_next_full_reconcile_re
         rec.apply(s2, delta_between(s1, s2), {})
     replay_and_check(before, log)
     rec.full(P.plan(s2, {}), s2)
-    assert contents(maps) == P.plan(s2, {})
+    assert contents(maps) == P.plan(s2, {}).expand()
 
 
 def test_a_changed_group_that_does_not_fit_keeps_its_old_set_and_its_frontends_their_old_split():
@@ -272,3 +299,151 @@ def test_a_changed_group_that_does_not_fit_keeps_its_old_set_and_its_frontends_t
     with pytest.raises(MapFullError, match="shop/a:http/tcp/v4"):
         rec.apply(s2, delta_between(s1, s2), {})
     assert contents(maps) == before, "nothing of the group or of the frontend needing it was written"
+
+
+# --- sets: adoption, drift, deletion from the count, overflow per set ---------------------------
+
+
+def set_id_of(g) -> int:
+    return P.plan_group(g).set_id
+
+
+def set_keys(g) -> set[bytes]:
+    return {P.ep_key_bytes(set_id_of(g), i) for i in range(len(g.endpoints))}
+
+
+def member_keys(g) -> set[bytes]:
+    planned = P.plan_group(g)
+    return {key for key, _ in P.MEMBER_SETS.entries(planned.set_id, planned.members)}
+
+
+def test_a_pinned_set_with_an_index_missing_is_rewritten_whole_by_a_full_reconcile():
+    log = []
+    maps = make_maps(log, endpoints=5, members=2)  # room for the missing entries only
+    state = state_of([frontend("10.96.0.1", (1, A)), frontend("10.96.0.2", (1, C))], [A, C])
+    Reconciler(maps).full(P.plan(state, {}), state)
+    planned = P.plan(state, {}).expand()
+    sid = set_id_of(A)
+    # Drift behind the agent's back: index 1 of a's set gone, a stray index 7 next to it; c's
+    # only member gone and a member key with a nonzero pad byte (never written by us) added.
+    del maps["endpoints"].data[P.ep_key_bytes(sid, 1)]
+    maps["endpoints"].data[P.ep_key_bytes(sid, 7)] = planned["endpoints"][P.ep_key_bytes(sid, 0)]
+    (c_member, c_index), = planned["members"].items()
+    del maps["members"].data[c_member]
+    foreign = c_member[:-1] + b"\x01"
+    maps["members"].data[foreign] = c_index
+    assert reader_problems(contents(maps)), "the drift is visible to a reader"
+
+    log[:] = []
+    rec = Reconciler(maps)  # a restarted agent adopts the drifted maps
+    stats = rec.full(P.plan(state, {}), state)
+    assert contents(maps) == planned and reader_problems(contents(maps)) == []
+    # The sets were rewritten whole under their own keys (no group flip, nothing else touched),
+    # then the keys outside them deleted.
+    writes = {(op, name, key) for op, name, key, *_ in log}
+    assert writes == ({("update", "endpoints", k) for k in set_keys(A)} | {("update", "members", c_member)}
+                      | {("delete", "endpoints", P.ep_key_bytes(sid, 7)), ("delete", "members", foreign)})
+    assert stats.ops[("groups", "update")] == 0
+    assert rec.counts() == {name: len(entries) for name, entries in contents(maps).items()}
+
+
+def test_a_pinned_set_whose_content_changed_in_place_is_rewritten_by_a_full_reconcile():
+    log = []
+    maps = make_maps(log)
+    state = state_of([frontend("10.96.0.1", (1, A))], [A])
+    rec = Reconciler(maps)
+    rec.full(P.plan(state, {}), state)
+    planned = P.plan(state, {}).expand()
+    key = P.ep_key_bytes(set_id_of(A), 2)
+    maps["endpoints"].data[key] = planned["endpoints"][P.ep_key_bytes(set_id_of(A), 0)]  # same keys, other value
+    log[:] = []
+    rec.full(P.plan(state, {}), state)
+    assert contents(maps) == planned
+    assert {(op, name, k) for op, name, k, *_ in log} == {("update", "endpoints", k) for k in set_keys(A)}
+
+
+def test_a_drifted_set_no_group_names_is_deleted_whole():
+    maps = make_maps([])
+    state = state_of([frontend("10.96.0.1", (1, A))], [A])
+    Reconciler(maps).full(P.plan(state, {}), state)
+    leftover = group("gone", 4, base=9)
+    planned = P.plan_group(leftover)
+    entries = dict(P.ENDPOINT_SETS.entries(planned.set_id, planned.endpoints))
+    del entries[P.ep_key_bytes(planned.set_id, 2)]  # with a hole, as a crash could leave it
+    maps["endpoints"].data.update(entries)
+    Reconciler(maps).full(P.plan(state, {}), state)
+    assert contents(maps) == P.plan(state, {}).expand()
+
+
+def test_a_stale_set_is_deleted_by_the_keys_its_count_gives_also_after_a_restart():
+    log = []
+    maps = make_maps(log)
+    s1 = state_of([frontend("10.96.0.1", (1, A)), frontend("10.96.0.2", (1, C))], [A, C])
+    Reconciler(maps).full(P.plan(s1, {}), s1)
+    A2, C2 = group("a", 2, base=5), group("c", 2, base=6, affinity=30)
+    s2 = state_of([frontend("10.96.0.1", (1, A2)), frontend("10.96.0.2", (1, C2))], [A2, C2])
+    before, log[:] = contents(maps), []
+    rec = Reconciler(maps)  # the mirror comes from the maps: each set from its entries
+    rec.full(P.plan(s2, {}), s2)
+    replay_and_check(before, log)
+    deleted = {(name, key) for op, name, key, *_ in log if op == "delete"}
+    assert deleted == ({("endpoints", k) for k in set_keys(A) | set_keys(C)}
+                       | {("members", k) for k in member_keys(C)})
+    # The same through an incremental change: c's set goes when c loses its endpoints.
+    C3 = group("c", 0, affinity=30)
+    s3 = state_of([frontend("10.96.0.1", (1, A2)), frontend("10.96.0.2", (1, C3))], [A2, C3])
+    before, log[:] = contents(maps), []
+    rec.apply(s3, delta_between(s2, s3), {})
+    replay_and_check(before, log)
+    deleted = {(name, key) for op, name, key, *_ in log if op == "delete"}
+    assert deleted == {("endpoints", k) for k in set_keys(C2)} | {("members", k) for k in member_keys(C2)}
+    assert contents(maps) == P.plan(s3, {}).expand()
+
+
+def test_overflow_is_counted_per_set_and_a_set_that_does_not_fit_is_not_written_at_all():
+    maps = make_maps([], endpoints=5)
+    rec = Reconciler(maps)
+    a3, b3, c2 = group("a", 3), group("b", 3, base=1), group("c", 2, base=2)
+    state = state_of([frontend("10.96.0.1", (1, a3)), frontend("10.96.0.2", (1, b3)),
+                      frontend("10.96.0.3", (1, c2))], [a3, b3, c2])
+    with pytest.raises(MapFullError, match=r"map endpoints is full.*shop/b:http/tcp/v4") as err:
+        rec.full(P.plan(state, {}), state)
+    assert "shop/a" not in str(err.value) and "shop/c" not in str(err.value)
+    after = contents(maps)
+    # a fit (3 of 5), b's 3 did not (no entry of it written), c's 2 still did after b.
+    assert set(after["endpoints"]) == set_keys(a3) | set_keys(c2)
+    assert P.frontend_key_bytes("10.96.0.2", 80, "TCP", "") not in after["frontends"]
+    assert reader_problems(after) == []
+
+    # Room freed by deleting a: the retry writes b (a's set is deleted only at the end, so the
+    # first try after the change still has no room for b).
+    state = state_of([frontend("10.96.0.2", (1, b3)), frontend("10.96.0.3", (1, c2))], [b3, c2])
+    with pytest.raises(MapFullError, match="shop/b"):
+        rec.full(P.plan(state, {}), state)
+    rec.full(P.plan(state, {}), state)
+    assert contents(maps) == P.plan(state, {}).expand()
+
+
+def test_a_group_whose_set_is_already_in_the_map_needs_no_room_for_it():
+    maps = make_maps([], endpoints=3, members=3)
+    rec = Reconciler(maps)
+    a3 = group("a", 3)
+    s1 = state_of([frontend("10.96.0.1", (1, a3))], [a3])
+    rec.full(P.plan(s1, {}), s1)  # endpoints map full
+    sticky = group("a", 3, affinity=60)  # same set, now with affinity: its members are new
+    assert set_id_of(sticky) == set_id_of(a3)
+    s2 = state_of([frontend("10.96.0.1", (1, sticky))], [sticky])
+    rec.apply(s2, delta_between(s1, s2), {})
+    assert contents(maps) == P.plan(s2, {}).expand()
+
+
+def test_a_group_whose_members_do_not_fit_keeps_its_old_state_and_writes_no_endpoint():
+    maps = make_maps([], members=1)
+    rec = Reconciler(maps)
+    sticky = group("d", 2, base=4, affinity=60)
+    state = state_of([frontend("10.96.0.1", (1, sticky)), frontend("10.96.0.2", (1, A))], [sticky, A])
+    with pytest.raises(MapFullError, match=r"map members is full \(MapSizes.members\).*shop/d"):
+        rec.full(P.plan(state, {}), state)
+    after = contents(maps)
+    assert set(after["endpoints"]) == set_keys(A) and after["members"] == {}
+    assert P.group_key_bytes(sticky.key) not in after["groups"] and reader_problems(after) == []

@@ -14,6 +14,7 @@ class RecordingSink:
         self.calls: list[tuple] = []
         self.objects: dict[tuple[str, str, str], dict] = {}  # (kind, namespace, name) -> object
         self.synced_sources: list[str] = []
+        self._listing: dict[str, list[str]] = {}  # source -> names its list in progress delivered
 
     @staticmethod
     def _key(obj: dict) -> tuple[str, str, str]:
@@ -32,14 +33,37 @@ class RecordingSink:
             self.objects.pop(self._key(obj), None)
             self._lock.notify_all()
 
-    def replace(self, source: str, objs: list[dict]) -> None:
+    def apply(self, upserts: list[dict], deletes: list[dict]) -> None:  # the manifests source's call
+        raise AssertionError("the Kubernetes source hands over lists page by page and single events")
+
+    def list_begin(self, source: str) -> None:
         with self._lock:
-            self.calls.append(("replace", source, sorted(o["metadata"]["name"] for o in objs)))
-            for key in [k for k in self.objects if k[0] == source]:
-                del self.objects[key]
+            self.calls.append(("list_begin", source))
+            self._listing[source] = []
+
+    def list_page(self, source: str, objs: list[dict]) -> None:
+        with self._lock:
+            assert source in self._listing, f"a page of {source} outside a list"
+            names = sorted(o["metadata"]["name"] for o in objs)
+            self.calls.append(("page", source, names))
+            self._listing[source].extend(names)
             for obj in objs:
                 self.objects[self._key(obj)] = obj
             self._lock.notify_all()
+
+    def list_end(self, source: str) -> None:
+        """Recorded as ("list", source, every name the list held), as a store would end it."""
+        with self._lock:
+            listed = self._listing.pop(source)
+            self.calls.append(("list", source, sorted(listed)))
+            for key in [k for k in self.objects if k[0] == source and k[2] not in listed]:
+                del self.objects[key]
+            self._lock.notify_all()
+
+    def replace(self, source: str, objs: list[dict]) -> None:
+        self.list_begin(source)
+        self.list_page(source, objs)
+        self.list_end(source)
 
     def synced(self, source: str) -> None:
         with self._lock:

@@ -68,6 +68,35 @@ def test_lists_in_pages_and_hands_over_typed_objects_with_unknown_fields(apiserv
     assert "continue" not in lists[0].query and all(r.query.get("continue") for r in lists[1:])
 
 
+def test_a_list_reaches_the_sink_page_by_page_as_it_arrives(apiserver, sink, start_source):
+    for i in range(5):
+        apiserver.create(make("Service", "default", f"svc-{i}"))
+    release = threading.Event()
+    continued = []
+
+    def hold_the_last_page(method, path, query, body):
+        if path == "/api/v1/services" and query.get("continue"):
+            continued.append(query["continue"])
+            if len(continued) == 2:
+                release.wait(10)
+        return None
+
+    apiserver.add_hook(hold_the_last_page)
+    try:
+        source = start_source()  # pages of 2: [svc-0, svc-1], [svc-2, svc-3], then the held [svc-4]
+        sink.wait_for(lambda: sink.names("Service") == ["svc-0", "svc-1", "svc-2", "svc-3"],
+                      what="the first two pages before the list ends")
+        time.sleep(0.1)
+        assert "Service" not in sink.synced_sources and sink.calls_of("list", "Service") == []
+    finally:
+        release.set()
+    wait_synced(sink, source)
+    assert sink.calls_of("page", "Service") == [("page", "Service", ["svc-0", "svc-1"]),
+                                               ("page", "Service", ["svc-2", "svc-3"]),
+                                               ("page", "Service", ["svc-4"])]
+    assert sink.calls_of("list", "Service") == [("list", "Service", [f"svc-{i}" for i in range(5)])]
+
+
 def test_each_kind_is_synced_once_and_only_after_its_first_list(apiserver, sink, start_source):
     apiserver.create(make("Service", "default", "web"))
     release = threading.Event()
@@ -86,8 +115,8 @@ def test_each_kind_is_synced_once_and_only_after_its_first_list(apiserver, sink,
 
     release.set()
     wait_synced(sink, source)
-    calls = [c for c in sink.calls if c[1] == "Service" and c[0] in ("replace", "synced")]
-    assert calls == [("replace", "Service", ["web"]), ("synced", "Service")]
+    calls = [c for c in sink.calls if c[1] == "Service" and c[0] in ("list", "synced")]
+    assert calls == [("list", "Service", ["web"]), ("synced", "Service")]
     assert sorted(sink.synced_sources) == sorted(CORE_KINDS + ROUTE_KINDS)  # once each
 
 
@@ -124,7 +153,7 @@ def test_dropped_connection_resumes_from_the_last_version_without_relisting(apis
     sink.wait_for(lambda: sink.names("Service") == ["during-the-outage", "first"], what="missed event")
     assert last_watch_version(apiserver, "Service") == seen_version
     assert len(apiserver.requests_for("Service", watch=False)) == lists_before  # no relist
-    assert sink.calls_of("replace", "Service") == [("replace", "Service", [])]
+    assert sink.calls_of("list", "Service") == [("list", "Service", [])]
 
 
 def test_a_server_ended_watch_is_resumed_at_once(apiserver, sink, start_source):
@@ -192,7 +221,7 @@ def test_410_gone_relists_and_the_sink_matches_the_server(apiserver, sink, start
 
     sink.wait_for(lambda: sink.names("Service") == ["new", "stays"], what="relist after 410")
     assert len(apiserver.requests_for("Service", watch=False)) == 2
-    assert sink.calls_of("replace", "Service")[-1] == ("replace", "Service", ["new", "stays"])
+    assert sink.calls_of("list", "Service")[-1] == ("list", "Service", ["new", "stays"])
     assert sink.synced_sources.count("Service") == 1
 
 
@@ -204,8 +233,8 @@ def test_410_in_an_open_watch_relists(apiserver, sink, start_source):
     sink.wait_for(lambda: sink.names("EndpointSlice") == ["web-abc"])
 
     apiserver.expire_watches("EndpointSlice")
-    sink.wait_for(lambda: len(sink.calls_of("replace", "EndpointSlice")) == 2, what="relist")
-    assert sink.calls_of("replace", "EndpointSlice")[-1] == ("replace", "EndpointSlice", ["web-abc"])
+    sink.wait_for(lambda: len(sink.calls_of("list", "EndpointSlice")) == 2, what="relist")
+    assert sink.calls_of("list", "EndpointSlice")[-1] == ("list", "EndpointSlice", ["web-abc"])
     apiserver.wait_for_watches("EndpointSlice")
 
 
@@ -214,7 +243,7 @@ def test_a_missing_route_crd_is_no_error_and_is_picked_up_once_installed(apiserv
     wait_synced(sink, source)
     assert set(source.served_kinds) == set(CORE_KINDS)
     for kind in ROUTE_KINDS:
-        assert sink.calls_of("replace", kind) == [("replace", kind, [])]
+        assert sink.calls_of("list", kind) == [("list", kind, [])]
         assert apiserver.requests_for(kind) == []
 
     apiserver.serve_crd("HTTPRoute", ("v1",))
@@ -252,7 +281,7 @@ def test_one_bad_discovery_answer_does_not_drop_a_route_kind(apiserver, sink, st
     after_hiccup = group_reads()
     wait_until(lambda: group_reads() >= after_hiccup + 2, what="two more discovery rounds")
     assert sink.names("HTTPRoute") == ["split"]
-    assert sink.calls_of("replace", "HTTPRoute") == [("replace", "HTTPRoute", ["split"])]
+    assert sink.calls_of("list", "HTTPRoute") == [("list", "HTTPRoute", ["split"])]
     assert "HTTPRoute" in source.served_kinds
 
 
@@ -310,3 +339,36 @@ def test_backoff_doubles_with_jitter_up_to_the_cap():
         assert ceiling / 2 <= delay <= ceiling
     backoff.reset()
     assert backoff.next_delay() <= 1.0
+
+
+def test_into_the_store_a_relist_deletes_what_is_gone_and_skips_what_is_unchanged(apiserver, api_client):
+    from agent.runtime.store import Store
+
+    apiserver.create(make("Service", "default", "stays"))
+    apiserver.create(make("Service", "default", "goes"))
+    source = KubeSource(api_client, "node-a", Store(), **FAST)
+    store = source._sink = Store(expected_sources=source.kinds)
+    source.start()
+    try:
+        wait_until(store.all_synced, what="every kind synced into the store")
+        listed = store.take().upserts
+        assert sorted(o["metadata"]["name"] for o in listed if o["kind"] == "Service") == ["goes", "stays"]
+        apiserver.wait_for_watches("Service")
+
+        cut_off = threading.Event()
+        cut_off.set()
+        apiserver.add_hook(lambda method, path, query, body: (
+            (503, {"kind": "Status", "code": 503, "message": "stand-in: unavailable"})
+            if cut_off.is_set() and path == "/api/v1/services" else None))
+        apiserver.drop_watches("Service")
+        apiserver.delete("Service", "default", "goes")
+        apiserver.compact()  # the watch cannot resume: 410, relist
+        cut_off.clear()
+
+        changes = []
+        wait_until(lambda: changes.append(store.take()) or any(b.deletes for b in changes), what="the delete")
+        assert [d["metadata"]["name"] for b in changes for d in b.deletes] == ["goes"]
+        assert [o for b in changes for o in b.upserts] == [], "the unchanged Service is not handed over again"
+        assert store.counts()["Service"] == 1
+    finally:
+        source.stop()

@@ -39,7 +39,7 @@ STATE = DesiredState(
         "uid-skip": ClientPod("uid-skip", "web", "sidecar-pod", skip=True),
     },
 )
-IMAGE = plan(STATE, {"uid-web": 1001, "uid-skip": 1002})
+IMAGE = plan(STATE, {"uid-web": 1001, "uid-skip": 1002}).expand()
 CHECKOUT = Target("10.96.10.10", 80, "TCP")
 
 

@@ -1,5 +1,6 @@
 """The sync loop: no write before sync, full then incremental, coalescing, rate limit, retries."""
 
+import gc
 import threading
 
 from runtime_fakes import Rig, service
@@ -148,24 +149,84 @@ def test_a_pod_cgroup_change_alone_is_written_with_the_pod_in_the_delta(rig):
     assert mode == "delta" and pod_cgroups == {"uid-1": 77} and delta.clients == {"uid-1"}
 
 
-def test_event_to_map_latency_and_stats_are_recorded(rig):
+def test_event_to_map_is_one_observation_per_changed_object_and_stats_are_recorded(rig):
     rig.store.replace("manifests", [service("b", "10.96.0.2")])
-    rig.clock.advance(0.15)
+    rig.clock.advance(0.25)
     rig.sync_all()
     rig.loop.tick()
+    assert rig.metric("meshlet_event_to_map_seconds_count") == 0, "the start-up list is not an event"
     rig.clock.advance(5)
     rig.store.upsert(service("a", "10.96.0.1"))
-    rig.clock.advance(0.3)
+    rig.clock.advance(0.125)
+    rig.store.upsert(service("c", "10.96.0.3"))
+    rig.store.upsert(service("c", "10.96.0.4"))  # coalesced with c's first change
+    rig.clock.advance(0.1875)
     rig.loop.tick()
-    assert rig.metric("meshlet_event_to_map_seconds_count") == 2
-    assert rig.metric("meshlet_event_to_map_seconds_bucket", le="0.2") == 1  # the first sync: 0.15 s
-    assert rig.metric("meshlet_event_to_map_seconds_bucket", le="0.3") == 2
-    assert rig.metric("meshlet_frontends_programmed") == 2
-    assert rig.metric("meshlet_objects", kind="Service") == 2
+    assert rig.metric("meshlet_event_to_map_seconds_count") == 2, "one per object: a and c"
+    assert rig.metric("meshlet_event_to_map_seconds_bucket", le="0.1") == 0
+    assert rig.metric("meshlet_event_to_map_seconds_bucket", le="0.2") == 1  # c: 0.1875 s
+    assert rig.metric("meshlet_event_to_map_seconds_bucket", le="0.3") == 1
+    assert rig.metric("meshlet_event_to_map_seconds_bucket", le="0.5") == 2  # a: 0.3125 s
+    assert rig.metric("meshlet_event_to_map_seconds_sum") == 0.5
+    assert rig.metric("meshlet_frontends_programmed") == 3
+    assert rig.metric("meshlet_objects", kind="Service") == 3
     assert rig.metric("meshlet_datapath_connections_total", outcome="translated") == 7
     assert rig.metric("meshlet_map_fill_ratio", map="frontends") == 0.25
     assert rig.metric("meshlet_syncs_total", mode="incremental", outcome="ok") == 1
     assert rig.metric("meshlet_source_synced", source="manifests") == 1
+
+
+def test_event_to_map_of_a_failed_write_runs_until_the_retry_applies_it(rig):
+    rig.sync_all()
+    rig.loop.tick()
+    rig.clock.advance(1)
+    rig.store.upsert(service("a", "10.96.0.1"))
+    rig.store.pod_cgroups({"uid-1": 5})
+    rig.datapath.fail_next = 1
+    rig.clock.advance(0.0625)
+    rig.loop.tick()
+    assert rig.metric("meshlet_event_to_map_seconds_count") == 0, "not applied yet"
+    rig.clock.advance(0.25)  # past the backoff (0.2 s)
+    rig.loop.tick()
+    assert rig.datapath.writes()[-1][1] == "full"
+    assert rig.metric("meshlet_event_to_map_seconds_count") == 2, "the Service and the pod's cgroup"
+    assert rig.metric("meshlet_event_to_map_seconds_sum") == 2 * 0.3125
+
+
+def test_objects_are_resolved_while_sources_list_but_nothing_is_written_before_all_synced(rig):
+    rig.loop.begin()
+    rig.store.list_begin("manifests")
+    rig.store.list_page("manifests", [service("a", "10.96.0.1")])
+    rig.loop.tick()
+    assert not rig.store.has_pending(), "the first page went to the resolver while the list goes on"
+    rig.store.list_page("manifests", [service("b", "10.96.0.2")])
+    rig.loop.tick()
+    assert not rig.store.has_pending()
+    rig.store.list_end("manifests")
+    rig.store.synced("manifests")
+    rig.loop.tick()
+    assert rig.datapath.calls == [], "pod cgroups have not synced: nothing is written"
+    assert not rig.resolver.state.frontends and rig.statuses == [], "nothing committed or published"
+    rig.store.pod_cgroups({})
+    rig.loop.tick()
+    (write,) = rig.datapath.writes()
+    _, mode, state, _, _ = write
+    assert mode == "full"
+    assert {k.address for k in state.frontends} == {"10.96.0.1", "10.96.0.2"}, \
+        "the first write holds what the resolver took while the sources listed"
+    assert rig.health.readyz().ok
+
+
+def test_a_delete_while_listing_reaches_the_resolver_too(rig):
+    rig.store.upsert(service("gone", "10.96.0.9"))
+    rig.loop.tick()
+    assert not rig.store.has_pending()
+    rig.store.delete(service("gone", "10.96.0.9"))
+    rig.loop.tick()
+    rig.sync_all()
+    rig.loop.tick()
+    (write,) = rig.datapath.writes()
+    assert write[2].frontends == {}
 
 
 def test_run_stops_on_the_stop_event():
@@ -177,3 +238,26 @@ def test_run_stops_on_the_stop_event():
     rig.store.poke()
     thread.join(timeout=5)
     assert not thread.is_alive()
+
+
+def test_the_collector_pauses_through_start_up_and_the_first_write_freezes_what_it_built(rig):
+    gc.enable()
+    rig.loop.begin()
+    rig.store.replace("manifests", [service("a", "10.96.0.1")])
+    rig.loop.tick()
+    assert not gc.isenabled(), "paused while the sources list"
+    frozen_before = gc.get_freeze_count()
+    rig.sync_all()
+    rig.loop.tick()
+    assert rig.datapath.writes()
+    assert gc.isenabled(), "running again after the first write"
+    assert gc.get_freeze_count() > frozen_before, "what the first sync built was frozen"
+
+
+def test_a_loop_stopped_before_its_first_write_gives_the_collector_back():
+    gc.enable()
+    rig = Rig()
+    stop = threading.Event()
+    stop.set()
+    rig.loop.run(stop)
+    assert gc.isenabled() and rig.datapath.writes() == []

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from agent.sources import object_key
 from agent.sources.manifests import SOURCE, ManifestsSource, order_routes, parse_manifest, split_yaml_documents
 
 SERVICE = """\
@@ -26,33 +27,44 @@ spec: {parentRefs: [{kind: Service, group: "", name: echo}]}
 
 
 class RecordingSink:
-    """Stand-in for the runtime's Store: records what the source pushes."""
+    """Stand-in for the runtime's Store: holds what a store would, and records each step pushed."""
 
     def __init__(self):
-        self.lists: list[list[dict]] = []
+        self.objects: dict[tuple, dict] = {}
+        self.steps: list[tuple[list, list]] = []  # (upserted (kind, name), deleted (kind, name))
         self.synced_sources: list[str] = []
         self.changed = threading.Event()
         self.synced_event = threading.Event()
 
-    def upsert(self, obj):
-        raise AssertionError("the manifests source only sends full lists")
-
-    delete = upsert
-
-    def replace(self, source, objs):
-        assert source == SOURCE
-        self.lists.append(objs)
+    def apply(self, upserts, deletes):
+        for obj in deletes:
+            assert object_key(obj) in self.objects, f"deleted what was never upserted: {obj}"
+            del self.objects[object_key(obj)]
+        for obj in upserts:
+            self.objects[object_key(obj)] = obj
+        self.steps.append((sorted((o["kind"], o["metadata"]["name"]) for o in upserts),
+                           sorted((o["kind"], o["metadata"]["name"]) for o in deletes)))
         self.changed.set()
 
+    def upsert(self, obj):
+        raise AssertionError("the manifests source pushes one step per poll (apply)")
+
+    delete = list_begin = list_page = list_end = replace = upsert
+
     def synced(self, source):
+        assert source == SOURCE
         self.synced_sources.append(source)
         self.synced_event.set()
 
     def pod_cgroups(self, mapping):
         raise AssertionError("not a cgroup source")
 
-    def names(self, index=-1):
-        return [(o["kind"], o["metadata"]["name"]) for o in self.lists[index]]
+    def names(self):
+        return sorted((o["kind"], o["metadata"]["name"]) for o in self.objects.values())
+
+    def get(self, kind, name, namespace="mesh"):
+        (obj,) = [o for k, o in self.objects.items() if k[1:] == (kind, namespace, name)]
+        return obj
 
 
 def test_bad_document_is_reported_with_file_and_index_and_the_rest_applies(tmp_path, caplog):
@@ -61,7 +73,7 @@ def test_bad_document_is_reported_with_file_and_index_and_the_rest_applies(tmp_p
     sink = RecordingSink()
     with caplog.at_level(logging.WARNING):
         assert ManifestsSource(tmp_path, sink).poll_once()
-    assert sink.names() == [("Service", "echo"), ("HTTPRoute", "r1")]
+    assert sink.names() == [("HTTPRoute", "r1"), ("Service", "echo")]
     bad = [r for r in caplog.records if getattr(r, "meshlet_event", "") == "manifests.bad_document"]
     assert [(r.meshlet_fields["file"], r.meshlet_fields["index"]) for r in bad] == [("a.yaml", "1"), ("a.yaml", "3")]
     assert "document starts at line 6" in bad[0].meshlet_fields["error"]
@@ -94,7 +106,7 @@ def test_routes_without_creation_timestamp_are_ordered_by_file_then_position(tmp
     (tmp_path / "a.yaml").write_text(ROUTE % "in-a")
     sink = RecordingSink()
     ManifestsSource(tmp_path, sink).poll_once()
-    stamps = {o["metadata"]["name"]: o["metadata"]["creationTimestamp"] for o in sink.lists[-1]}
+    stamps = {o["metadata"]["name"]: o["metadata"]["creationTimestamp"] for o in sink.objects.values()}
     assert stamps["in-a"] < stamps["first-in-b"] < stamps["second-in-b"]
 
 
@@ -111,9 +123,78 @@ def test_duplicate_identity_later_file_wins(tmp_path):
     (tmp_path / "a.yaml").write_text(SERVICE)
     (tmp_path / "b.yaml").write_text(SERVICE.replace("10.96.0.10", "10.96.0.11"))
     sink = RecordingSink()
-    ManifestsSource(tmp_path, sink).poll_once()
-    (svc,) = sink.lists[-1]
+    source = ManifestsSource(tmp_path, sink)
+    source.poll_once()
+    (svc,) = sink.objects.values()
     assert svc["spec"]["clusterIP"] == "10.96.0.11"
+    # the earlier file changes: the later one still wins
+    write(tmp_path / "a.yaml", SERVICE.replace("10.96.0.10", "10.96.0.12"))
+    source.poll_once()
+    assert sink.get("Service", "echo")["spec"]["clusterIP"] == "10.96.0.11"
+    # the later file drops it: the earlier file's object is in force again (read anew)
+    write(tmp_path / "b.yaml", ROUTE % "r1")
+    source.poll_once()
+    assert sink.get("Service", "echo")["spec"]["clusterIP"] == "10.96.0.12"
+    assert sink.names() == [("HTTPRoute", "r1"), ("Service", "echo")]
+    # the later file takes it again, then goes away entirely
+    write(tmp_path / "b.yaml", SERVICE.replace("10.96.0.10", "10.96.0.13"))
+    source.poll_once()
+    assert sink.get("Service", "echo")["spec"]["clusterIP"] == "10.96.0.13"
+    (tmp_path / "b.yaml").unlink()
+    source.poll_once()
+    assert sink.get("Service", "echo")["spec"]["clusterIP"] == "10.96.0.12"
+    # and the last holder goes: deleted
+    (tmp_path / "a.yaml").unlink()
+    source.poll_once()
+    assert sink.names() == []
+
+
+def test_duplicate_inside_one_file_the_later_document_wins(tmp_path):
+    (tmp_path / "a.yaml").write_text(SERVICE + "---\n" + SERVICE.replace("10.96.0.10", "10.96.0.11"))
+    sink = RecordingSink()
+    ManifestsSource(tmp_path, sink).poll_once()
+    assert sink.get("Service", "echo")["spec"]["clusterIP"] == "10.96.0.11"
+
+
+def test_an_edit_that_removes_a_document_deletes_it_and_leaves_other_files_alone(tmp_path):
+    (tmp_path / "a.yaml").write_text(SERVICE + "---\n" + ROUTE % "r1" + "---\n" + ROUTE % "r2")
+    (tmp_path / "other.yaml").write_text(SERVICE.replace("echo", "other").replace("10.96.0.10", "10.96.0.20"))
+    sink = RecordingSink()
+    source = ManifestsSource(tmp_path, sink)
+    source.poll_once()
+    assert sink.names() == [("HTTPRoute", "r1"), ("HTTPRoute", "r2"), ("Service", "echo"), ("Service", "other")]
+    write(tmp_path / "a.yaml", SERVICE + "---\n" + ROUTE % "r2")
+    source.poll_once()
+    assert sink.names() == [("HTTPRoute", "r2"), ("Service", "echo"), ("Service", "other")]
+    upserted, deleted = sink.steps[-1]
+    assert deleted == [("HTTPRoute", "r1")]
+    assert ("Service", "other") not in upserted, "an unchanged file is not read again"
+
+
+def test_routes_are_renumbered_when_a_route_is_added_to_an_earlier_file(tmp_path):
+    (tmp_path / "a.yaml").write_text(ROUTE % "in-a")
+    (tmp_path / "b.yaml").write_text(ROUTE % "in-b")
+    sink = RecordingSink()
+    source = ManifestsSource(tmp_path, sink)
+    source.poll_once()
+    write(tmp_path / "a.yaml", ROUTE % "in-a" + "---\n" + ROUTE % "second-in-a")
+    source.poll_once()
+    stamps = {o["metadata"]["name"]: o["metadata"]["creationTimestamp"] for o in sink.objects.values()}
+    assert stamps["in-a"] < stamps["second-in-a"] < stamps["in-b"]
+
+
+def test_a_resource_version_in_a_manifest_is_dropped(tmp_path):
+    (tmp_path / "svc.yaml").write_text(SERVICE.replace("{name: echo, namespace: mesh}",
+                                                       "{name: echo, namespace: mesh, resourceVersion: '42'}"))
+    sink = RecordingSink()
+    ManifestsSource(tmp_path, sink).poll_once()
+    assert "resourceVersion" not in sink.get("Service", "echo")["metadata"]
+
+
+def write(path, text):
+    """Rewrite a file so that the poll sees it changed, whatever the filesystem's time grain."""
+    path.write_text(text)
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 1_000_000))
 
 
 def test_split_keeps_content_on_the_marker_line_and_ignores_empty_documents():
@@ -140,6 +221,7 @@ def test_change_is_seen_within_one_second_and_synced_once(tmp_path):
         (tmp_path / "route.yaml").unlink()
         assert sink.changed.wait(1.0), "a removed file was not noticed within 1 s"
         assert sink.names() == [("Service", "echo")]
+        assert sink.steps[-1] == ([], [("HTTPRoute", "r1")])
         assert sink.synced_sources == [SOURCE]
     finally:
         source.stop()
@@ -151,13 +233,13 @@ def test_unchanged_directory_is_not_resent(tmp_path):
     source = ManifestsSource(tmp_path, sink)
     source.poll_once()
     source.poll_once()
-    assert len(sink.lists) == 1
+    assert len(sink.steps) == 1
     # Same size, new content: the signature includes mtime, so it is read again.
     path = tmp_path / "svc.yaml"
     path.write_text(SERVICE.replace("10.96.0.10", "10.96.0.99"))
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 1_000_000))
     source.poll_once()
-    assert len(sink.lists) == 2 and sink.lists[-1][0]["spec"]["clusterIP"] == "10.96.0.99"
+    assert len(sink.steps) == 2 and sink.get("Service", "echo")["spec"]["clusterIP"] == "10.96.0.99"
 
 
 def test_missing_directory_keeps_the_last_list(tmp_path):
@@ -170,10 +252,27 @@ def test_missing_directory_keeps_the_last_list(tmp_path):
     (directory / "svc.yaml").unlink()
     directory.rmdir()
     assert source.poll_once()
-    assert len(sink.lists) == 1
+    assert len(sink.steps) == 1 and sink.names() == [("Service", "echo")]
 
 
 @pytest.mark.parametrize("text", ["", "# nothing\n", "---\n---\n"])
 def test_empty_files_give_no_objects_and_no_errors(text):
     contents = parse_manifest("e.yaml", text)
     assert contents.objects == () and contents.bad == ()
+
+
+def test_a_file_caught_mid_write_while_read_again_is_not_half_applied(tmp_path, monkeypatch):
+    (tmp_path / "a.yaml").write_text(SERVICE)
+    (tmp_path / "b.yaml").write_text(SERVICE.replace("10.96.0.10", "10.96.0.11"))
+    sink = RecordingSink()
+    source = ManifestsSource(tmp_path, sink)
+    source.poll_once()
+    write(tmp_path / "b.yaml", ROUTE % "r1")  # b drops echo: a's echo must be read again
+    real_read = source._read
+    monkeypatch.setattr(source, "_read", lambda name, sig: None if name == "a.yaml" else real_read(name, sig))
+    assert source.poll_once()
+    assert len(sink.steps) == 1, "nothing of the change applied while a.yaml could not be read whole"
+    monkeypatch.setattr(source, "_read", real_read)
+    source.poll_once()
+    assert sink.get("Service", "echo")["spec"]["clusterIP"] == "10.96.0.10"
+    assert sink.names() == [("HTTPRoute", "r1"), ("Service", "echo")]
