@@ -39,7 +39,7 @@ import threading
 import time
 from typing import Callable, Iterable, Mapping, Protocol
 
-from agent.gcpause import freeze_long_lived, pause_collector, resume_collector
+from agent.gcpause import freeze_long_lived, pause_collector, release_free_heap, resume_collector
 from agent.model import DesiredState, RouteId, RouteStatus, StateDelta
 from agent.runtime.health import Health
 from agent.runtime.logs import get_logger
@@ -231,6 +231,8 @@ class SyncLoop:
             self._attach()
         if first:
             self._settle_collector()
+        if full:
+            release_free_heap()  # the plan and the maps' read-back are gone: see agent.gcpause
         return True
 
     def _settle_collector(self) -> None:
