@@ -125,6 +125,7 @@ def run(args) -> dict:
         results["datapath"] += earlier.get("datapath", [])
         results["controlplane"] += earlier.get("controlplane", [])
         results.setdefault("reused", []).append(f"{path.name} ({earlier['date']}, `{earlier['command']}`)")
+        results["reused"] += earlier.get("reused", [])  # and what that run had reused, in turn
     results["loadavg_end"] = os.getloadavg()
     return results
 

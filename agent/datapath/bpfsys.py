@@ -21,6 +21,7 @@ import errno as errno_mod
 import os
 import platform
 from dataclasses import dataclass
+from typing import Iterator
 
 _libc = ct.CDLL(None, use_errno=True)
 _libc.syscall.restype = ct.c_long
@@ -403,24 +404,18 @@ class Map:
             cur = ct.create_string_buffer(nbuf.raw, ks)
 
     def items(self) -> dict[bytes, bytes]:
-        """Every entry of a (non per-CPU) hash: batch lookup when the kernel has it."""
-        if self.info.type not in (MAP_TYPE_HASH, MAP_TYPE_LRU_HASH):
-            return {k: self.lookup(k) for k in self.keys()}
-        try:
-            return self._items_batch()
-        except BpfError as err:
-            if err.errno not in (errno_mod.EINVAL, errno_mod.ENOTSUPP if hasattr(errno_mod, "ENOTSUPP") else 524):
-                raise
-        out = {}
-        for k in self.keys():
-            v = self.lookup(k)
-            if v is not None:
-                out[k] = v
-        return out
+        """Every entry of a (non per-CPU) map."""
+        return {key: value for chunk in self.chunks() for key, value in chunk}
 
-    def _items_batch(self, chunk: int = 4096) -> dict[bytes, bytes]:
+    def chunks(self, chunk: int = 4096) -> Iterator[list[tuple[bytes, bytes]]]:
+        """Every entry of a (non per-CPU) map, `chunk` or so at a time: a caller that consumes
+        each chunk never holds the whole map as Python objects (500k entries at 50k Services).
+        Batch lookup for hashes (the kernel has it: features.py), one by one for the others."""
+        if self.info.type not in (MAP_TYPE_HASH, MAP_TYPE_LRU_HASH):
+            pairs = [(k, self.lookup(k)) for k in self.keys()]
+            yield [(k, v) for k, v in pairs if v is not None]
+            return
         ks, vs = self.info.key_size, self.info.value_size
-        out: dict[bytes, bytes] = {}
         # A hash map's batch token is a bucket index (u32); the kernel needs room for it.
         in_tok = ct.create_string_buffer(8)
         out_tok = ct.create_string_buffer(8)
@@ -445,10 +440,9 @@ class Map:
                     raise
             got = attr.count
             kraw, vraw = keys.raw, values.raw
-            for i in range(got):
-                out[kraw[i * ks : (i + 1) * ks]] = vraw[i * vs : (i + 1) * vs]
+            yield [(kraw[i * ks : (i + 1) * ks], vraw[i * vs : (i + 1) * vs]) for i in range(got)]
             if done:
-                return out
+                return
             ct.memmove(in_tok, out_tok, 8)
             first = False
 

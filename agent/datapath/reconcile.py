@@ -58,7 +58,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Protocol
+from typing import Iterable, Iterator, Mapping, Protocol
 
 from agent.datapath import layout as L
 from agent.datapath import plan as P
@@ -83,6 +83,10 @@ class MapIO(Protocol):
 
     def items(self) -> dict[bytes, bytes]: ...
 
+    def chunks(self) -> Iterator[list[tuple[bytes, bytes]]]:
+        """Every entry, a part at a time (the entries of a set-keyed map are never all held)."""
+        ...
+
     def update_batch(self, entries: list[tuple[bytes, bytes]]) -> None: ...
 
     def delete_batch(self, keys: list[bytes]) -> None: ...
@@ -103,6 +107,12 @@ class DictMap:
 
     def items(self) -> dict[bytes, bytes]:
         return dict(self.data)
+
+    def chunks(self, chunk: int = 3) -> Iterator[list[tuple[bytes, bytes]]]:
+        # Small parts, so that the tests exercise a set whose entries arrive in several.
+        entries = list(self.data.items())
+        for start in range(0, len(entries), chunk):
+            yield entries[start:start + chunk]
 
     def update_batch(self, entries: list[tuple[bytes, bytes]]) -> None:
         for key, value in entries:
@@ -157,22 +167,24 @@ class _SetMirror:
         self.ragged: dict[int, list[bytes]] = {}
         self.entries = 0
 
-    def load(self, items: dict[bytes, bytes], expected: Mapping[int, bytes] | None = None) -> None:
+    def load(self, chunks: Iterable[list[tuple[bytes, bytes]]], max_entries: int,
+             expected: Mapping[int, bytes] | None = None) -> None:
         """Group a map's entries by set (adoption, or after a failed write). A set of ours whose
         content differs from its `expected` blob (set id -> blob, a full reconcile's plan) is
         drift too, kept as ragged.
 
-        Consumes `items`: each entry is popped as it is read, so its key is freed at once (500k
-        entries at 50k Services); only the values of sets in our form are held until checked."""
-        layout, total = self.layout, len(items)
+        Reads the map a chunk at a time (MapIO.chunks), so the whole map never exists as Python
+        entries (500k at 50k Services): only the records of sets in our form are held until
+        checked."""
+        layout, total = self.layout, 0
         found: dict[int, list[bytes | None]] = {}  # set id -> record per index, None for a hole
         ragged: dict[int, list[bytes]] = {}
-        while items:
-            key, value = items.popitem()
+        for key, value in (entry for chunk in chunks for entry in chunk):
+            total += 1
             parsed = layout.parse(key, value)
-            # An index beyond the map's entry count cannot belong to a complete set (and must not
-            # size a list).
-            if parsed is None or parsed[1] >= total:
+            # An index the map cannot hold cannot belong to a complete set (and must not size a
+            # list).
+            if parsed is None or parsed[1] >= max_entries:
                 ragged.setdefault(P.key_set_id(key), []).append(key)
                 continue
             sid, index, record = parsed
@@ -316,7 +328,7 @@ class Reconciler:
                 expected = {group.set_id: blob for group in plan.groups.values()
                             if (blob := group.endpoints if name == "endpoints" else group.members)}
             self.sets[name] = _SetMirror(P.SET_LAYOUTS[name])
-            self.sets[name].load(self.maps[name].items(), expected)
+            self.sets[name].load(self.maps[name].chunks(), self.maps[name].max_entries, expected)
             return
         self.mirror[name] = {}
         items = self.maps[name].items()

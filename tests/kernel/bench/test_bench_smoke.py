@@ -1,10 +1,11 @@
-"""Smoke run of the datapath benchmark at tiny scale: the harness and the rule generators work.
+"""Smoke run of the benchmarks at tiny scale: the harnesses and the rule generators work.
 
 Real namespaces, real rule sets (iptables-restore, nft -f), meshlet's real programs, real
 connections through the C load generator. No speed is asserted: the test checks that the
 kube-proxy layouts (and meshlet) really balance connections over the endpoints, that every mode
 reaches exactly the same endpoint set, that an endpoint change is applied everywhere, and that the
-bench removes every namespace and cgroup it made.
+bench removes every namespace and cgroup it made; and that the control-plane harness measures
+its child and the real agent (`meshlet run` against the tests' stand-in API server).
 """
 
 import subprocess
@@ -104,3 +105,20 @@ def test_an_endpoint_change_reaches_every_mode(smoke):
 def test_the_bench_removes_what_it_made(smoke):
     assert smoke["leftover_netns"] == set()
     assert smoke["leftover_cgroups"] == set()
+
+
+def test_the_control_plane_harness_measures_the_child_and_the_real_agent():
+    # Tiny N: checks the harness (the child's cold sync and changes, `meshlet run` against the
+    # stand-in API server up to /readyz), not speed.
+    from bench import controlplane
+
+    cgroups_before = bench_cgroups()
+    record = controlplane.run_one(20, 3, changes=4)
+    assert record["status"] == "ok", record.get("note")
+    assert record["frontends"] == 20
+    assert record["change_ms"]["count"] == 4
+    assert record["cold_sync_s"] > 0 and record["peak_rss_mib"] > 0
+    agent = controlplane.agent_run(20, 3, timeout=120, through_full=False)
+    assert agent.get("agent_ready_s", 0) > 0, agent.get("agent_note")
+    assert agent["agent_peak_rss_mib"] >= agent["agent_rss_mib"] > 0
+    assert bench_cgroups() - cgroups_before == set()
