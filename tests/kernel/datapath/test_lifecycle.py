@@ -195,3 +195,32 @@ def test_uninstall_detaches_and_removes_every_pin(lab):
     finally:
         dp.close()
         uninstall(bpffs)
+
+
+def test_bcc_compiles_in_a_child_and_never_enters_the_agent(lab):
+    # bcc and LLVM hold ~130 MiB once they have compiled: the long-lived agent must not carry them.
+    bpffs = f"/sys/fs/bpf/meshlet-test-{uuid.uuid4().hex[:8]}"
+    script = textwrap.dedent(f"""
+        import sys
+        from agent.datapath import Datapath, MapSizes
+        dp = Datapath.open({bpffs!r}, {lab.node_cgroup()!r}, MapSizes(affinity=64, clients=8))
+        print(",".join(sorted(dp.programs.fds)), "bcc" in sys.modules)
+        dp.close()
+    """)
+    try:
+        done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == [",".join(sorted(loader.HOOKS)), "False"]
+    finally:
+        uninstall(bpffs)
+
+
+def test_a_failed_compile_is_one_clear_error(lab, monkeypatch):
+    bpffs = f"/sys/fs/bpf/meshlet-test-{uuid.uuid4().hex[:8]}"
+    good = loader.cflags
+    monkeypatch.setattr(loader, "cflags", lambda *args: good(*args) + ["-DFRONTENDS_MAX=not_a_number"])
+    try:
+        with pytest.raises(UserError, match=r"compiling .*sock\.c failed.*hint"):
+            Datapath.open(bpffs, lab.node_cgroup(), MapSizes(affinity=64, clients=8))
+    finally:
+        uninstall(bpffs)
