@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 from contextlib import contextmanager
 from typing import Iterator
@@ -80,11 +81,17 @@ def freeze_long_lived() -> tuple[int, int]:
     return found, gc.get_freeze_count()
 
 
+@functools.cache
+def _malloc_trim():
+    # Looked up once: find_library runs `ldconfig -p`, not something to do every full sync.
+    libc_name = ctypes.util.find_library("c")
+    return getattr(ctypes.CDLL(libc_name), "malloc_trim", None) if libc_name else None
+
+
 def release_free_heap() -> bool:
     """Give the C heap's free pages back to the kernel (see the module docstring). True when
     this libc could (glibc's malloc_trim)."""
-    libc_name = ctypes.util.find_library("c")
-    trim = getattr(ctypes.CDLL(libc_name), "malloc_trim", None) if libc_name else None
+    trim = _malloc_trim()
     if trim is None:
         return False
     trim(0)

@@ -282,7 +282,7 @@ def compile_and_load(bpffs: str, level: int, sizes: L.MapSizes, support: "Suppor
             child.kill()  # our own child, by its handle
             child.wait()
             raise UserError(f"compiling {SOURCE} did not finish: {err}; hint: {SETUP_HINT}") from None
-        child.wait()
+        child.wait(timeout=COMPILE_TIMEOUT)  # it has answered: only its exit is left
     reply = json.loads(message) if message else {"error": f"the compiler process exited with status "
                                                           f"{child.returncode} before answering (see its "
                                                           f"output above)"}
