@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+import re
 import time
 
 import pytest
@@ -51,6 +52,11 @@ def test_manifest_change_reaches_new_connections_within_one_second(world):
         assert not stragglers, stragglers
     code, status = agent.get("/healthz")
     assert code == 200, status
+    # The start-up report of the kernel probe: this host has every feature (issue 5).
+    assert re.search(r"event=kernel\.features kernel=\S+ enabled=\S+ disabled=-$", agent.log_text(), re.M), \
+        agent.log_text()[:2000]
+    code, metrics = agent.get("/metrics")
+    assert 'meshlet_kernel_feature{feature="set_retval"} 1.0' in metrics
 
 
 def test_restart_with_sigterm_and_sigkill_loses_no_connection(world):
