@@ -4,6 +4,7 @@ The tree is plain directories under tmp_path (the scan reads names and inode num
 a cgroup2 directory has like any other); the kernel tests run it on a real cgroup subtree.
 """
 
+import os
 import threading
 import time
 import uuid
@@ -114,3 +115,119 @@ def test_c1_kubelet_names_read_back_as_written(layout, qos):
     uid = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
     name = pod_cgroup_path(layout, qos, uid).rsplit("/", 1)[-1]
     assert pod_uid_of(name, under_kubepods=True) == uid
+
+
+# --- change notifications instead of walks (issue 16: idle cost) ---------------------------------
+# inotify queues an event inside the mkdir/rmdir call itself, so `handle()` right after a change
+# sees it: no waiting is needed for the PodCgroupWatch tests.
+
+
+def _watch(root):
+    from agent.sources.cgroups import PodCgroupWatch
+
+    watch = PodCgroupWatch(root)
+    watch.start()
+    return watch
+
+
+def test_the_watch_follows_every_change_a_walk_would_see(tmp_path):
+    (tmp_path / "system.slice" / "sshd.service").mkdir(parents=True)
+    first = dict(make_pod(tmp_path, "systemd", qos) for qos in QOS_CLASSES)
+    watch = _watch(tmp_path)
+    try:
+        assert watch.mapping() == first == scan_pod_cgroups(tmp_path)
+        # A kubepods tree that appears later, deeper, in the other layout.
+        nested = tmp_path / "runtime" / "nested"
+        later = dict(make_pod(nested, "cgroupfs", qos) for qos in QOS_CLASSES)
+        while watch.handle():  # each new level is watched, then listed
+            pass
+        assert watch.mapping() == first | later == scan_pod_cgroups(tmp_path)
+        # A pod goes; a whole QoS parent goes with its pods.
+        gone_uid = list(later)[QOS_CLASSES.index("besteffort")]
+        gone = nested / pod_cgroup_path("cgroupfs", "besteffort", gone_uid)
+        (gone / container_cgroup_name("cgroupfs", gone_uid)).rmdir()
+        gone.rmdir()
+        (nested / "kubepods" / "besteffort").rmdir()
+        watch.handle()
+        assert watch.mapping() == scan_pod_cgroups(tmp_path)
+        assert gone_uid not in watch.mapping() and len(watch.mapping()) == 5
+    finally:
+        watch.close()
+
+
+def test_a_pod_cgroup_made_again_reports_its_new_id(tmp_path):
+    uid, first_inode = make_pod(tmp_path, "systemd", "burstable")
+    watch = _watch(tmp_path)
+    try:
+        pod_dir = tmp_path / pod_cgroup_path("systemd", "burstable", uid)
+        (pod_dir / container_cgroup_name("systemd", uid)).rmdir()
+        pod_dir.rmdir()
+        holder = tmp_path / "holder"  # keeps the old inode number from being handed out again
+        holder.mkdir()
+        pod_dir.mkdir()
+        watch.handle()
+        assert watch.mapping() == {uid: pod_dir.stat().st_ino} == scan_pod_cgroups(tmp_path)
+    finally:
+        watch.close()
+
+
+def test_container_churn_inside_a_pod_lists_nothing(tmp_path):
+    uid, _ = make_pod(tmp_path, "cgroupfs", "burstable")
+    watch = _watch(tmp_path)
+    try:
+        pod_dir = tmp_path / pod_cgroup_path("cgroupfs", "burstable", uid)
+        for i in range(5):
+            (pod_dir / f"container-{i}").mkdir()
+        assert watch.handle() == 0  # a pod's subtree is never watched
+    finally:
+        watch.close()
+
+
+def test_nothing_changing_means_nothing_listed(tmp_path, monkeypatch):
+    """The idle cost: after the first walk, the source lists no directory until one changes."""
+    import agent.sources.cgroups as cgroups
+
+    make_pod(tmp_path, "systemd", "guaranteed")
+    listed = []
+    real_scandir = os.scandir
+    monkeypatch.setattr(cgroups.os, "scandir", lambda path: listed.append(path) or real_scandir(path))
+    sink = RecordingSink()
+    source = CgroupsSource(tmp_path, sink, interval=0.01)
+    source.start()
+    try:
+        assert sink.changed.wait(10)
+        assert source.mode == "inotify"
+        after_start = len(listed)
+        sink.changed.clear()
+        # Not a synchronisation: an absence is checked over a while. A source still polling
+        # every 0.01 s would list the tree ~50 times in it.
+        assert not sink.changed.wait(0.5)
+        assert len(listed) == after_start
+        uid, inode = make_pod(tmp_path, "systemd", "besteffort")
+        assert sink.changed.wait(10)
+        assert uid in sink.mappings[-1]
+        assert len(listed) > after_start
+    finally:
+        source.stop()
+
+
+def test_without_notifications_the_source_falls_back_to_walking(tmp_path, monkeypatch):
+    import agent.sources.cgroups as cgroups
+    from agent.sources.inotify import InotifyError
+
+    def refuse(self, path, mask=0):
+        raise InotifyError(28, "inotify_add_watch: No space left on device")
+
+    monkeypatch.setattr(cgroups.Inotify, "add", refuse)
+    sink = RecordingSink()
+    source = CgroupsSource(tmp_path, sink, interval=0.05)
+    source.start()
+    try:
+        assert sink.changed.wait(10)
+        assert source.mode == "polling"
+        sink.changed.clear()
+        uid, inode = make_pod(tmp_path, "cgroupfs", "guaranteed")
+        assert sink.changed.wait(10)
+        assert sink.mappings[-1] == {uid: inode}
+    finally:
+        source.stop()
