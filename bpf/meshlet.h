@@ -43,13 +43,40 @@ _Static_assert(MAX_SLOTS <= 255, "fe_value.nslots is a __u8");
 /* config_value.flags */
 #define CONFIG_CLIENT_SKIPS 1 /* some client entry has CLIENT_SKIP: every translation looks */
 
-/* Index of the per-CPU outcome counters. */
-#define OUT_TRANSLATED 0
-#define OUT_REJECTED 1
-#define OUT_UNREACHABLE 2
-#define OUT_SKIPPED 3
+/* Outcomes of a translation (bpf/sock.c): what the helpers return, the index of the per-CPU
+ * outcome counters, and the verdict of a trace event. Every translation of a frontend ends in
+ * exactly one. */
+#define OUT_TRANSLATED 0  /* rewritten to an endpoint (from a helper: "an endpoint was chosen") */
+#define OUT_REJECTED 1    /* fails with ECONNREFUSED */
+#define OUT_UNREACHABLE 2 /* fails with EHOSTUNREACH */
+#define OUT_SKIPPED 3     /* client opted out: left untouched */
 #define OUT_MISS 4        /* frontend hit but a group/endpoint entry was missing: a bug if >0 */
 #define OUT_COUNT 8       /* array size: room for outcomes added later without a new layout */
+
+/* decision.kind: which call a translation decided for. */
+#define DECISION_CONNECT 1    /* connect() (TCP, connected UDP) */
+#define DECISION_DATAGRAM 2   /* an unconnected UDP socket's first datagram to a frontend */
+#define DECISION_REMEMBERED 3 /* a later datagram reusing the socket's choice: counted, not traced */
+
+/* One decision of translate() in bpf/sock.c: filled in while it decides, then counted (and,
+ * when tracing, sent to user space) in one place. Addresses as in fe_key; ports network order. */
+struct decision {
+    __u64 time_ns;        /* bpf_ktime_get_ns() */
+    __u64 cgroup_id;      /* the client task's cgroup */
+    __u64 netns_cookie;   /* the client's network namespace */
+    __u64 route_id;       /* the frontend entry's route rule (names map), 0 = none */
+    __u64 group_id;       /* the backend group chosen, 0 = none (yet) */
+    __u8 frontend[16];
+    __u8 endpoint[16];    /* set when an endpoint was chosen */
+    __u16 frontend_port;
+    __u16 endpoint_port;
+    __u32 scope;          /* the view used: 0 = default, else the consumer namespace's scope */
+    __u8 proto;
+    __u8 kind;            /* DECISION_* */
+    __u8 outcome;         /* OUT_* */
+    __u8 pad;
+    __u32 err;            /* errno the call fails with, 0 = none */
+};
 
 /* frontends: (address, port, protocol, client scope) -> the whole weighted split.
  * scope 0 = the default (producer) view; else the 32-bit id of the consumer namespace. */

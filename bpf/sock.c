@@ -16,10 +16,12 @@
  * The agent writes a new endpoint set before the group value that names it, and deletes the
  * old set only after (agent/datapath/reconcile.py), so a connect never meets a half set.
  *
- * Outcomes: translated; rejected (ECONNREFUSED: empty split, rejected share, group without
- * endpoints); unreachable (EHOSTUNREACH: endpoints exist but none usable on this node);
- * skipped (client opted out); miss (an entry the agent should have written is absent: the
- * connection is left untouched and counted, never failed with an unexplained EPERM).
+ * Outcomes (OUT_* in meshlet.h): translated; rejected (ECONNREFUSED: empty split, rejected
+ * share, group without endpoints); unreachable (EHOSTUNREACH: endpoints exist but none usable
+ * on this node); skipped (client opted out); miss (an entry the agent should have written is
+ * absent: the connection is left untouched and counted, never failed with an unexplained EPERM).
+ * The helpers return these codes (OUT_TRANSLATED from a helper means "chosen, go on"), and
+ * every translation of a frontend ends in conclude(), the one place outcomes are counted.
  * recvmsg and getpeername programs must return 1 and never fail.
  */
 #include <uapi/linux/bpf.h>
@@ -34,10 +36,6 @@
 #ifndef CGROUP_ROOT_LEVEL
 #error "CGROUP_ROOT_LEVEL must be given with -D by the loader"
 #endif
-
-/* bcc declares it returning u32; the kernel returns 64 bits. Not used for state (netns
- * cookies identify clients), declared here so nobody reaches for bcc's truncating one. */
-static __u64 (*bpf_get_socket_cookie64)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;
 
 BPF_TABLE_PINNED("hash", struct fe_key, struct fe_value, frontends, FRONTENDS_MAX,
                  PIN_DIR "/frontends", BPF_F_NO_PREALLOC);
@@ -101,9 +99,9 @@ static __always_inline int is_mapped_v4(const struct addr16 *a)
 }
 
 /* Write an address and port back into the context. An AF_INET socket can only take an IPv4
- * address (returns -1 otherwise, the caller counts a miss); an AF_INET6 socket takes IPv4 as
- * mapped, which is how it asked (SEMANTICS A13). */
-static __always_inline int write_user_addr(struct bpf_sock_addr *ctx, int v6,
+ * address (returns OUT_MISS otherwise); an AF_INET6 socket takes IPv4 as mapped, which is how
+ * it asked (SEMANTICS A13). Returns OUT_TRANSLATED when written. */
+static __always_inline __u32 write_user_addr(struct bpf_sock_addr *ctx, int v6,
                                            const struct addr16 *a, __u16 port)
 {
     if (v6) {
@@ -113,11 +111,11 @@ static __always_inline int write_user_addr(struct bpf_sock_addr *ctx, int v6,
         ctx->user_ip6[3] = a->w[3];
     } else {
         if (!is_mapped_v4(a))
-            return -1;
+            return OUT_MISS;
         ctx->user_ip4 = a->w[3];
     }
     ctx->user_port = port;
-    return 0;
+    return OUT_TRANSLATED;
 }
 
 static __always_inline void copy_addr(struct addr16 *dst, const __u8 *src)
@@ -189,10 +187,10 @@ static __always_inline void remember(struct sock_state *st, const struct addr16 
 }
 
 /* Weighted pick among the split's slots: r uniform in [0, 2^31), the first slot whose
- * cumulative threshold is above r. Sets *group_id (0 = rejected share) and returns 0, or
- * returns -1 when no slot matched (thresholds not ending at 2^31: a plan bug, counted as a
- * miss). Group ids use all 64 bits, so the id travels in an out-parameter, not the return. */
-static __always_inline int pick_group(const struct fe_value *fe, __u64 *group_id)
+ * cumulative threshold is above r. Returns OUT_TRANSLATED with *group_id set, OUT_REJECTED for
+ * the rejected share (group 0), or OUT_MISS when no slot matched (thresholds not ending at
+ * 2^31: a plan bug). Group ids use all 64 bits, so the id travels in an out-parameter. */
+static __always_inline __u32 pick_group(const struct fe_value *fe, __u64 *group_id)
 {
     __u32 r = bpf_get_prandom_u32() & 0x7fffffff;
     __u32 n = fe->nslots;
@@ -200,25 +198,26 @@ static __always_inline int pick_group(const struct fe_value *fe, __u64 *group_id
     for (int i = 0; i < MAX_SLOTS; i++) {
         if (i < n && r < fe->slots[i].threshold) {
             *group_id = fe->slots[i].group_id;
-            return 0;
+            return *group_id ? OUT_TRANSLATED : OUT_REJECTED;
         }
     }
-    return -1;
+    return OUT_MISS;
 }
 
-/* Choose an endpoint of a group for this client. Returns 0, or -errno for a verdict, or 1
- * for a missing entry (miss). */
-static __always_inline int pick_endpoint(struct bpf_sock_addr *ctx, __u64 group_id,
+/* Choose an endpoint of a group for this client. Returns OUT_TRANSLATED with the endpoint
+ * set, OUT_REJECTED or OUT_UNREACHABLE for the group's verdict, or OUT_MISS for a missing
+ * entry. */
+static __always_inline __u32 pick_endpoint(struct bpf_sock_addr *ctx, __u64 group_id,
                                          struct addr16 *ep, __u16 *ep_port, __u8 *family)
 {
     struct group_value *gp = groups.lookup(&group_id);
     if (!gp)
-        return 1;
+        return OUT_MISS;
     struct group_value g = *gp;
     if (g.verdict == VERDICT_UNREACHABLE)
-        return -EHOSTUNREACH;
+        return OUT_UNREACHABLE;
     if (g.verdict != VERDICT_FORWARD || g.count == 0)
-        return -ECONNREFUSED;
+        return OUT_REJECTED;
 
     struct affinity_key ak;
     __u64 now = 0;
@@ -240,7 +239,7 @@ static __always_inline int pick_endpoint(struct bpf_sock_addr *ctx, __u64 group_
                 *ep_port = av->port;
                 *family = is_mapped_v4(ep) ? 4 : 6;
                 av->last_used_ns = now;
-                return 0;
+                return OUT_TRANSLATED;
             }
         }
     }
@@ -252,7 +251,7 @@ static __always_inline int pick_endpoint(struct bpf_sock_addr *ctx, __u64 group_
     key.index = (__u32)(((__u64)bpf_get_prandom_u32() * g.count) >> 32);
     struct ep_value *e = endpoints.lookup(&key);
     if (!e)
-        return 1;
+        return OUT_MISS;
     copy_addr(ep, e->addr);
     *ep_port = e->port;
     *family = e->family;
@@ -265,7 +264,20 @@ static __always_inline int pick_endpoint(struct bpf_sock_addr *ctx, __u64 group_
         av.last_used_ns = now;
         affinity.update(&ak, &av);
     }
-    return 0;
+    return OUT_TRANSLATED;
+}
+
+/* The end of every translation of a frontend: count the outcome, and return what the call
+ * gets (0: go on, possibly rewritten; -errno: fail it). */
+static __always_inline int conclude(struct bpf_sock_addr *ctx, struct decision *d, __u32 outcome)
+{
+    count(outcome);
+    d->outcome = (__u8)outcome;
+    if (outcome == OUT_REJECTED)
+        d->err = ECONNREFUSED;
+    else if (outcome == OUT_UNREACHABLE)
+        d->err = EHOSTUNREACH;
+    return -(int)d->err;
 }
 
 /* connect() and unconnected UDP sendmsg(). Returns 0 (go on, possibly rewritten) or -errno
@@ -288,16 +300,22 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, int v6, int is_s
     if (!fe)
         return 0; /* not a frontend: the only cost non-service traffic pays */
 
+    struct decision d;
+    __builtin_memset(&d, 0, sizeof(d));
+    __builtin_memcpy(d.frontend, &dst, 16);
+    d.frontend_port = key.port;
+    d.proto = key.proto;
+    d.kind = is_sendmsg ? DECISION_DATAGRAM : DECISION_CONNECT;
+    d.route_id = fe->route_id;
+
     /* The pod matters only for a consumer view or an opt-out (see struct config_value). */
     struct client_value *client = NULL;
     if ((fe->flags & FE_HAS_SCOPES) || clients_may_skip())
         client = find_client();
     __u32 scope = 0;
     if (client) {
-        if (client->flags & CLIENT_SKIP) {
-            count(OUT_SKIPPED);
-            return 0;
-        }
+        if (client->flags & CLIENT_SKIP)
+            return conclude(ctx, &d, OUT_SKIPPED);
         scope = client->scope;
     }
 
@@ -310,54 +328,39 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, int v6, int is_s
         /* An unconnected UDP socket keeps its first choice for a frontend (A10). */
         struct sock_xlat *x = xlat_for_frontend(st, &dst, key.port);
         if (x) {
+            d.kind = DECISION_REMEMBERED;
             copy_addr(&ep, x->endpoint);
-            if (write_user_addr(ctx, v6, &ep, x->endpoint_port) < 0) {
-                count(OUT_MISS);
-                return 0;
-            }
-            count(OUT_TRANSLATED);
-            return 0;
+            __builtin_memcpy(d.endpoint, &ep, 16);
+            d.endpoint_port = x->endpoint_port;
+            return conclude(ctx, &d, write_user_addr(ctx, v6, &ep, x->endpoint_port));
         }
     }
 
     if ((fe->flags & FE_HAS_SCOPES) && scope) {
         key.scope = scope;
         struct fe_value *scoped = frontends.lookup(&key);
-        if (scoped)
+        if (scoped) {
             fe = scoped; /* the consumer view of the client's namespace wins (B5) */
+            d.scope = scope;
+            d.route_id = fe->route_id;
+        }
     }
 
-    if (fe->verdict != VERDICT_FORWARD) {
-        count(OUT_REJECTED);
-        return -ECONNREFUSED;
-    }
-    __u64 group_id = 0;
-    if (pick_group(fe, &group_id) < 0) {
-        count(OUT_MISS);
-        return 0;
-    }
-    if (group_id == 0) {
-        count(OUT_REJECTED);
-        return -ECONNREFUSED;
-    }
+    if (fe->verdict != VERDICT_FORWARD)
+        return conclude(ctx, &d, OUT_REJECTED);
+    __u32 outcome = pick_group(fe, &d.group_id);
+    if (outcome != OUT_TRANSLATED)
+        return conclude(ctx, &d, outcome);
 
-    int err = pick_endpoint(ctx, group_id, &ep, &ep_port, &family);
-    if (err == -EHOSTUNREACH) {
-        count(OUT_UNREACHABLE);
-        return err;
-    }
-    if (err < 0) {
-        count(OUT_REJECTED);
-        return err;
-    }
-    if (err > 0 || write_user_addr(ctx, v6, &ep, ep_port) < 0) {
-        count(OUT_MISS);
-        return 0;
-    }
-    if (st)
+    outcome = pick_endpoint(ctx, d.group_id, &ep, &ep_port, &family);
+    if (outcome != OUT_TRANSLATED)
+        return conclude(ctx, &d, outcome);
+    __builtin_memcpy(d.endpoint, &ep, 16);
+    d.endpoint_port = ep_port;
+    outcome = write_user_addr(ctx, v6, &ep, ep_port);
+    if (outcome == OUT_TRANSLATED && st)
         remember(st, &dst, key.port, &ep, ep_port);
-    count(OUT_TRANSLATED);
-    return 0;
+    return conclude(ctx, &d, outcome);
 }
 
 /* recvmsg (source of a datagram) and getpeername (the peer): an endpoint this socket was
