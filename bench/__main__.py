@@ -77,6 +77,10 @@ def parser() -> argparse.ArgumentParser:
                         "run's (repeatable; RESULTS.md names the files). Combine with --no-datapath / "
                         "--no-controlplane to measure only what is missing")
     p.add_argument("--no-controlplane", action="store_true", help="skip the control-plane benchmark")
+    p.add_argument("--no-idle", action="store_true", help="skip the idle-cost benchmark (the agent's CPU "
+                   "on a busy node's cgroup tree, nothing changing)")
+    p.add_argument("--idle-seconds", type=float,
+                   help="idle-cost window in seconds (default: the agent's full reconcile interval, 60)")
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("out"), help="JSON/PNG directory")
     p.add_argument("--results-md", type=Path, default=report.RESULTS_MD, help="markdown file to write")
     p.add_argument("--note", default="", help="a sentence for RESULTS.md about the run's conditions")
@@ -99,6 +103,7 @@ def run(args) -> dict:
         "note": args.note,
         "datapath": [],
         "controlplane": [],
+        "idle": [],
     }
     work = args.out / f"work-{results['stamp']}"
     if not args.no_datapath:
@@ -120,10 +125,17 @@ def run(args) -> dict:
         results["controlplane"] = controlplane.run(cp_sizes, args.endpoints, args.cp_changes,
                                                    args.out if args.cp_profile else None)
 
+    if not args.no_idle:
+        from bench import idle
+
+        results["idle"] = [idle.run(args.idle_seconds)]
+
     for path in args.reuse:
         earlier = json.loads(path.read_text())
         results["datapath"] += earlier.get("datapath", [])
         results["controlplane"] += earlier.get("controlplane", [])
+        if not results["idle"]:  # a run's own idle figure wins over an earlier one
+            results["idle"] = earlier.get("idle", [])
         results.setdefault("reused", []).append(f"{path.name} ({earlier['date']}, `{earlier['command']}`)")
         results["reused"] += earlier.get("reused", [])  # and what that run had reused, in turn
     results["loadavg_end"] = os.getloadavg()

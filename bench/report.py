@@ -203,7 +203,8 @@ def render_markdown(results: dict, plot_paths: list[Path], json_path: Path | Non
         "| target | status | measured |",
         "|---|---|---|",
     ]
-    for v in targets.judge(results.get("datapath", []), results.get("controlplane", [])):
+    verdicts = targets.judge(results.get("datapath", []), results.get("controlplane", []))
+    for v in verdicts + targets.judge_idle(results.get("idle", [])):
         lines.append(f"| {v.target} | **{v.status}** | {_cell(v.measured)} |")
 
     datapath = results.get("datapath", [])
@@ -280,6 +281,31 @@ def render_markdown(results: dict, plot_paths: list[Path], json_path: Path | Non
             for r in sorted(stages, key=lambda r: r["services"]):
                 lines.append(f"- N={r['services']}: " + ", ".join(
                     f"{step} {rss:.0f} ({hwm:.0f})" for step, rss, hwm in r["memory_mib"]))
+    idle = results.get("idle", [])
+    if idle:
+        lines += [
+            "",
+            "## Idle cost",
+            "",
+            "The real agent (`meshlet run`, Kubernetes mode against the stand-in API server) on a cgroup "
+            "tree like a busy kubelet node's (systemd driver), nothing changing: CPU = its utime + stime "
+            "from /proc over the window, in % of one core (the window holds one periodic full reconcile). "
+            "Walk = one full walk of the same tree for pod cgroups in the bench process; polling the tree "
+            "every 0.25 s (what the agent did before it followed change notifications) would cost "
+            "4 walks a second.",
+            "",
+            "| tree | Services | window | agent CPU | pods found | walk | 4 walks/s would cost | load avg |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in idle:
+            if r.get("cpu_percent") is None:
+                lines.append(f"| {r.get('pods')} pods | {r.get('services')} | | | | | | {_cell(r.get('note', ''))} |")
+                continue
+            lines.append(
+                f"| {r['pods']} pods x {r['containers']} + {r['system_services']} services "
+                f"({r['cgroups']} cgroups) | {r['services']} x {r['endpoints_per_service']} | {r['seconds']:g} s | "
+                f"{r['cpu_percent']:.2f} % | {r.get('pods_found')} | {r['walk_ms']:.1f} ms | "
+                f"{r['walk_ms'] * 4 / 10:.1f} % | {', '.join(f'{x:.1f}' for x in r['loadavg'])} |")
     if plot_paths:
         lines += ["", "## Plots", ""]
         lines += [f"![{p.stem}]({_relative(p, md_path.parent)})" for p in plot_paths]

@@ -24,6 +24,8 @@ AGAINST_FIREWALLS = (
 COLD_SYNC_SECONDS = ((10_000, 1.0), (50_000, 2.0))
 CHANGE_P99_MS = (50_000, 5.0)
 RSS_MIB = 250
+#: Issue 16: the agent's CPU, in % of one core, on a busy node where nothing changes (bench.idle).
+IDLE_CPU_PERCENT = 0.5
 ALL_SIZES = (100, 1_000, 10_000, 50_000)
 #: The control plane is judged at these N (issue 6).
 CONTROL_PLANE_SIZES = (1_000, 10_000, 50_000)
@@ -115,6 +117,23 @@ def judge(datapath: list[dict], controlplane: list[dict]) -> list[Verdict]:
                                 f"max {worst:.0f} MiB (at N={worst_n})"
                                 + _coverage([n for n, _ in rss], CONTROL_PLANE_SIZES)))
     return verdicts
+
+
+def judge_idle(idle: list[dict]) -> list[Verdict]:
+    """Issue 16: the agent's CPU on a busy node where nothing changes (bench.idle records)."""
+    label = f"idle agent CPU on a busy node <= {IDLE_CPU_PERCENT:g} % of one core"
+    runs = [r for r in idle if r.get("cpu_percent") is not None]
+    if not runs:
+        failed = [r for r in idle if r.get("note")]
+        return [Verdict(label, NOT_MEASURED, failed[0]["note"] if failed else "not run")]
+    worst = max(runs, key=lambda r: r["cpu_percent"])
+    return [Verdict(label, MET if worst["cpu_percent"] <= IDLE_CPU_PERCENT else NOT_MET,
+                    f"{worst['cpu_percent']:.2f} % over {worst['seconds']:g} s ({idle_setup(worst)})")]
+
+
+def idle_setup(r: dict) -> str:
+    return (f"{r['pods']} pods x {r['containers']} containers, {r['system_services']} system services, "
+            f"{r['services']} Services x {r['endpoints_per_service']}")
 
 
 def agent_peak_rss(r: dict) -> float | None:

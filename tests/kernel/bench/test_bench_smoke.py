@@ -122,3 +122,18 @@ def test_the_control_plane_harness_measures_the_child_and_the_real_agent():
     assert agent.get("agent_ready_s", 0) > 0, agent.get("agent_note")
     assert agent["agent_peak_rss_mib"] >= agent["agent_rss_mib"] > 0
     assert bench_cgroups() - cgroups_before == set()
+
+
+def test_the_idle_harness_measures_the_real_agent_on_a_node_tree():
+    # A short window and few Services: checks the harness (the tree is built and seen by the
+    # agent, its CPU is read, everything is removed), not the figure.
+    from bench import idle
+
+    cgroups_before = bench_cgroups()
+    record = idle.run(seconds=2, pods=6, containers=2, system_services=4, services=5, k=2, settle=0.5,
+                      ready_timeout=120)
+    assert record["status"] == "ok", record.get("note")
+    assert record["pods_found"] == 6
+    assert record["cgroups"] > 6 * 3 + 4
+    assert record["cpu_percent"] >= 0 and record["walk_ms"] > 0
+    assert bench_cgroups() - cgroups_before == set()

@@ -56,3 +56,13 @@ def test_regeneration_keeps_the_analysis(tmp_path):
     text = md.read_text()
     assert text.startswith("second\n") and "first" not in text
     assert text.count(report.ANALYSIS_MARKER) == 1 and "Why iptables is slow" in text
+
+
+def test_the_idle_row_and_its_target():
+    data = results()
+    data["idle"] = [{"pods": 110, "containers": 3, "system_services": 150, "services": 1000,
+                     "endpoints_per_service": 10, "seconds": 60, "cgroups": 594, "walk_ms": 4.8,
+                     "pods_found": 110, "loadavg": (0.2, 0.3, 0.4), "cpu_percent": 0.21, "status": "ok"}]
+    text = report.render_markdown(data, [], None)
+    assert "| idle agent CPU on a busy node <= 0.5 % of one core | **met** | 0.21 % over 60 s" in text
+    assert "| 110 pods x 3 + 150 services (594 cgroups) | 1000 x 10 | 60 s | 0.21 % | 110 | 4.8 ms | 1.9 % |" in text

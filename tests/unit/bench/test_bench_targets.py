@@ -72,3 +72,22 @@ def test_cold_sync_adds_resolve_and_reconcile_only():
     v = find(targets.judge([], cp), ["cold sync of 10000"])
     assert v.status == MET
     assert v.measured == "0.900 s (resolve 0.400 + reconcile 0.500, plan 0.200 inside)"
+
+
+def idle_record(cpu_percent=None, **extra):
+    r = {"pods": 110, "containers": 3, "system_services": 150, "services": 1000, "endpoints_per_service": 10,
+         "seconds": 60, "cgroups": 594, "walk_ms": 4.8, "pods_found": 110, "loadavg": (0.2, 0.2, 0.2),
+         "status": "ok"}
+    if cpu_percent is not None:
+        r["cpu_percent"] = cpu_percent
+    r.update(extra)
+    return r
+
+
+def test_idle_cpu_is_judged_on_the_worst_run_and_never_met_unmeasured():
+    (v,) = targets.judge_idle([idle_record(0.2), idle_record(0.7)])
+    assert v.status == NOT_MET and "0.70 %" in v.measured and "110 pods x 3 containers" in v.measured
+    assert targets.judge_idle([idle_record(0.3)])[0].status == MET
+    (failed,) = targets.judge_idle([idle_record(status="failed", note="agent not ready: boom")])
+    assert failed.status == NOT_MEASURED and "boom" in failed.measured
+    assert targets.judge_idle([])[0].status == NOT_MEASURED

@@ -1,0 +1,145 @@
+"""The idle-cost benchmark: the real agent's CPU on a busy node where nothing changes (issue 16).
+
+`run` builds, in a cgroup subtree of its own, what a kubelet node's cgroup tree holds: `pods` pod
+cgroups (the kubelet's systemd-driver names, a mix of QoS classes) with `containers` container
+cgroups each, and `system_services` services under system.slice. It starts the real agent
+(`meshlet run`, Kubernetes mode against the tests' stand-in API server, as bench.controlplane
+does) with `--cgroup-root` that subtree and `services` Services, waits for /readyz and a settling
+pause, then reads the agent's utime + stime from /proc/<pid>/stat over `seconds` of nothing
+changing: its CPU in % of one core. The window is as long as the agent's periodic full reconcile
+interval by default, so one of those is inside it, as on a real node.
+
+For the analysis it also times one full walk of the same tree (`scan_pod_cgroups`, what the
+agent did 4 times a second before it followed change notifications).
+
+May touch: a cgroup subtree and a bpffs directory made by topology.Lab (removed at the end, also
+on failure), loopback for /readyz and the stand-in API server, a temp dir.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from bench.synth import make_services
+from bench.topology import Lab
+
+#: The issue's busy node: 110 pods of 3 containers and 150 system services.
+PODS, CONTAINERS, SYSTEM_SERVICES = 110, 3, 150
+#: The agent's Services while it idles (x 10 endpoints).
+SERVICES = 1000
+#: QoS classes of the pods in turn: mostly burstable, as on a typical node.
+QOS_MIX = ("burstable", "burstable", "besteffort", "guaranteed", "burstable")
+
+
+def build_node_tree(lab: Lab, root: Path, pods: int, containers: int, system_services: int) -> int:
+    """Make the node's cgroups below `root` (each removed by the lab at close); returns how many."""
+    from agent.kubelet import pod_cgroup_path
+
+    made = 0
+
+    def cgroup(relative: str) -> Path:
+        nonlocal made
+        path = root
+        for part in relative.split("/"):
+            path = path / part
+            if not path.exists():
+                lab.child_cgroup(path.parent, part)
+                made += 1
+        return path
+
+    for i in range(system_services):
+        cgroup(f"system.slice/bench-{i}.service")
+    for i in range(pods):
+        uid = f"{i:08x}-0000-4000-8000-{i:012x}"
+        pod = cgroup(pod_cgroup_path("systemd", QOS_MIX[i % len(QOS_MIX)], uid))
+        for c in range(containers):
+            cgroup(f"{pod.relative_to(root)}/cri-containerd-{i:04d}{c:02d}.scope")
+    return made
+
+
+def walk_ms(root: Path, repeats: int = 7) -> float:
+    """Median milliseconds of one full walk of the tree for pod cgroups."""
+    from agent.sources.cgroups import scan_pod_cgroups
+
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        scan_pod_cgroups(root)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run(seconds: float | None = None, pods: int = PODS, containers: int = CONTAINERS,
+        system_services: int = SYSTEM_SERVICES, services: int = SERVICES, k: int = 10,
+        settle: float = 5.0, ready_timeout: float = 300.0) -> dict:
+    """One idle measurement of the real agent; the record's `status` says whether it ran."""
+    from agent.datapath import uninstall
+    from agent.runtime.settings import Settings
+    from bench import controlplane as cp
+
+    seconds = Settings.full_resync_interval if seconds is None else seconds
+    record = {"pods": pods, "containers": containers, "system_services": system_services,
+              "services": services, "endpoints_per_service": k, "seconds": seconds, "status": "ok"}
+    with Lab() as lab, tempfile.TemporaryDirectory() as scratch:
+        root = lab.cgroup_subtree("idle")
+        record["cgroups"] = build_node_tree(lab, root, pods, containers, system_services)
+        record["walk_ms"] = round(walk_ms(root), 3)
+        bpffs = Path("/sys/fs/bpf") / f"meshlet-bench-{lab.run_id}-idle"
+        lab.on_close(f"meshlet pins in {bpffs}", lambda: uninstall(str(bpffs)))
+        apiserver = cp._standin_apiserver([cp.namespace_object()] + cp.objects(make_services(services, k, udp_every=0)))
+        lab.on_close("the stand-in API server", apiserver.stop)
+        port = cp._free_loopback_port()
+        cmd = [cp.PYTHON, "-m", "agent", "run", "--kubeconfig",
+               str(cp._kubeconfig(Path(scratch, "kubeconfig"), apiserver.url)), "--node-name", cp.NODE_NAME,
+               "--cgroup-root", str(root), "--bpffs", str(bpffs), "--listen", f"127.0.0.1:{port}"]
+        log_path = Path(scratch, "agent.log")
+        with open(log_path, "w") as log:  # a file, not a pipe: a chatty agent must never block on us
+            proc = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=Path(__file__).resolve().parent.parent)
+        lab.on_close(f"meshlet run pid {proc.pid}", lambda: cp._stop(proc))
+        if not _wait_ready(proc, port, ready_timeout):
+            tail = " / ".join(log_path.read_text().strip().splitlines()[-3:])[-600:]
+            return record | {"status": "failed", "note": f"agent not ready: {tail}"}
+        time.sleep(settle)  # start-up work (first full sync, collector) is not idle cost
+        cpu_before, start = cpu_seconds(proc.pid), time.monotonic()
+        time.sleep(seconds)
+        cpu_after, elapsed = cpu_seconds(proc.pid), time.monotonic() - start
+        record["cpu_percent"] = round(100 * (cpu_after - cpu_before) / elapsed, 3)
+        record["pods_found"] = _pods_found(log_path)
+        record["loadavg"] = os.getloadavg()
+    return record
+
+
+def _wait_ready(proc: subprocess.Popen, port: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as answer:
+                if answer.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.05)
+    return False
+
+
+def _pods_found(log_path: Path) -> int | None:
+    """The pod count of the agent's last `cgroups.changed` line (proves it saw the tree)."""
+    found = None
+    for line in log_path.read_text().splitlines():
+        if "cgroups.changed" in line:
+            for part in line.split():
+                if part.startswith("pods="):
+                    found = int(part.split("=", 1)[1])
+    return found
