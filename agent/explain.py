@@ -34,7 +34,8 @@ from dataclasses import asdict, dataclass, field
 import click
 
 from agent.datapath import layout as L
-from agent.datapath.plan import addr16, scope_id
+from agent.datapath.entries import addr16
+from agent.datapath.plan import scope_id
 from agent.errors import UserError
 from agent.model import SKIP_KEY
 

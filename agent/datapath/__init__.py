@@ -3,19 +3,20 @@
 Role: what the runtime, the lab and the benchmark use. `Datapath.open` checks the machine
 (preflight), probes the kernel's features (refusing a kernel without the required ones, turning
 off what is optional; `support` says which), checks the pinned maps' layout, creates or adopts
-them, compiles and loads the programs (not attached); `reconcile` writes a DesiredState into
-the maps (agent/datapath/reconcile.py, the only writer); `attach` points our pinned cgroup
-links at the programs (created, or updated in place); `close` drops our fds and never detaches (SEMANTICS D1).
+them, compiles and loads the programs (not attached); `reconcile` plans a DesiredState
+(agent/datapath/plan.py, pure) and hands the plan to the writer (agent/datapath/reconcile.py,
+the only one, which never plans); `attach` points our pinned cgroup links at the programs
+(created, or updated in place); `close` drops our fds and never detaches (SEMANTICS D1).
 `uninstall` is the only thing that detaches (D5).
 
 Start-up order the caller must keep (D1): when `adopted` is False (new maps, nothing to serve
 from), write the first full reconcile BEFORE `attach()`; when True, attaching at once is safe:
 the new programs serve the state the previous agent left.
 
-Modules: features (kernel probe and what follows from it), layout (structs, map specs, sizes),
-plan (pure: state -> bytes), reconcile (map writes), loader (preflight, compile, pins, links),
-bpfsys (raw bpf(2)), dump (read-only decoding for the CLI and `explain`), cli (`meshlet maps`,
-`meshlet uninstall`).
+Modules: uapi (kernel numbers), features (kernel probe and what follows from it), layout
+(structs, map specs, sizes), entries (packed entry forms, Plan), plan (pure: state -> entries),
+reconcile (map writes), loader (preflight, compile, pins, links), bpfsys (raw bpf(2)), dump
+(read-only decoding for the CLI and `explain`), cli (`meshlet maps`, `meshlet uninstall`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class Datapath:
         self.adopted = adopted
         #: What the kernel has and what was turned off for lack of it (the start-up report).
         self.support = support
+        self.planner = P.Planner()
         self.reconciler = Reconciler({name: maps[name] for name in L.PLANNED_MAPS})
 
     @classmethod
@@ -83,10 +85,12 @@ class Datapath:
 
     def reconcile(self, state: DesiredState, pod_cgroups: Mapping[str, int],
                   delta: StateDelta | None = None) -> ReconcileStats:
-        """delta None: full diff with a sweep of stale entries; else only what delta names."""
+        """delta None: full diff with a sweep of stale entries; else only what delta names.
+
+        Plan first (pure), then hand the plan to the writer: the writer never plans."""
         if delta is None:
-            return self.reconciler.full(P.plan(state, pod_cgroups), state)
-        return self.reconciler.apply(state, delta, pod_cgroups)
+            return self.reconciler.full(self.planner.full(state, pod_cgroups))
+        return self.reconciler.apply(self.planner.change(state, delta, pod_cgroups))
 
     def counters(self) -> dict[str, int]:
         """Outcome -> connections since the maps were created, summed over CPUs."""

@@ -23,46 +23,13 @@ import platform
 from dataclasses import dataclass
 from typing import Iterator
 
+from agent.datapath import uapi as U
+
 _libc = ct.CDLL(None, use_errno=True)
 _libc.syscall.restype = ct.c_long
 
 #: __NR_bpf per machine (arch/*/entry/syscalls).
 _NR_BPF = {"x86_64": 321, "aarch64": 280, "arm64": 280, "ppc64le": 361, "s390x": 351, "riscv64": 280}
-
-# enum bpf_cmd
-MAP_CREATE = 0
-MAP_LOOKUP_ELEM = 1
-MAP_UPDATE_ELEM = 2
-MAP_DELETE_ELEM = 3
-MAP_GET_NEXT_KEY = 4
-PROG_LOAD = 5
-OBJ_PIN = 6
-OBJ_GET = 7
-PROG_QUERY = 16
-BTF_LOAD = 18
-OBJ_GET_INFO_BY_FD = 15
-MAP_LOOKUP_BATCH = 24
-MAP_UPDATE_BATCH = 26
-MAP_DELETE_BATCH = 27
-LINK_CREATE = 28
-LINK_UPDATE = 29
-LINK_DETACH = 34
-
-# enum bpf_map_type (the ones we create)
-MAP_TYPE_HASH = 1
-MAP_TYPE_PERCPU_ARRAY = 6
-MAP_TYPE_LRU_HASH = 9
-MAP_TYPE_SK_STORAGE = 24
-
-MAP_TYPE_NAMES = {
-    MAP_TYPE_HASH: "hash",
-    MAP_TYPE_PERCPU_ARRAY: "percpu_array",
-    MAP_TYPE_LRU_HASH: "lru_hash",
-    MAP_TYPE_SK_STORAGE: "sk_storage",
-}
-
-BPF_F_NO_PREALLOC = 1
-BPF_ANY = 0
 
 #: Entries per batch call: bounds the buffers we build and each call's time in the kernel
 #: (which reschedules between elements anyway), while keeping syscalls few.
@@ -184,7 +151,7 @@ class MapInfo:
 
     @property
     def type_name(self) -> str:
-        return MAP_TYPE_NAMES.get(self.type, f"type {self.type}")
+        return U.MAP_TYPE_NAMES.get(self.type, f"type {self.type}")
 
 
 def _c_path(path: str) -> ct.Array:
@@ -195,19 +162,19 @@ def obj_get(path: str) -> int:
     """An fd for a pinned map, program or link (BPF_OBJ_GET). The caller closes it."""
     buf = _c_path(path)
     attr = _ObjAttr(pathname=ct.addressof(buf))
-    return _bpf(OBJ_GET, attr, f"open pin {path}")
+    return _bpf(U.OBJ_GET, attr, f"open pin {path}")
 
 
 def obj_pin(fd: int, path: str) -> None:
     buf = _c_path(path)
     attr = _ObjAttr(pathname=ct.addressof(buf), bpf_fd=fd)
-    _bpf(OBJ_PIN, attr, f"pin {path}")
+    _bpf(U.OBJ_PIN, attr, f"pin {path}")
 
 
 def map_info(fd: int) -> MapInfo:
     info = _MapInfo()
     attr = _InfoAttr(bpf_fd=fd, info_len=ct.sizeof(info), info=ct.addressof(info))
-    _bpf(OBJ_GET_INFO_BY_FD, attr, "map info")
+    _bpf(U.OBJ_GET_INFO_BY_FD, attr, "map info")
     return MapInfo(info.type, info.id, info.key_size, info.value_size, info.max_entries,
                    info.map_flags, info.name.decode(errors="replace"))
 
@@ -216,7 +183,7 @@ def link_info(fd: int) -> tuple[int, int, int]:
     """(link id, program id, cgroup id) of a cgroup link."""
     info = _LinkInfo()
     attr = _InfoAttr(bpf_fd=fd, info_len=ct.sizeof(info), info=ct.addressof(info))
-    _bpf(OBJ_GET_INFO_BY_FD, attr, "link info")
+    _bpf(U.OBJ_GET_INFO_BY_FD, attr, "link info")
     return info.id, info.prog_id, info.cgroup_id
 
 
@@ -224,25 +191,25 @@ def prog_info(fd: int) -> tuple[int, str]:
     """(program id, name) of a program fd."""
     info = _ProgInfo()
     attr = _InfoAttr(bpf_fd=fd, info_len=ct.sizeof(info), info=ct.addressof(info))
-    _bpf(OBJ_GET_INFO_BY_FD, attr, "program info")
+    _bpf(U.OBJ_GET_INFO_BY_FD, attr, "program info")
     return info.id, info.name.decode(errors="replace")
 
 
 def link_create_cgroup(prog_fd: int, cgroup_fd: int, attach_type: int) -> int:
     """Attach a program to a cgroup as a bpf link (BPF_LINK_CREATE); returns the link fd."""
     attr = _LinkCreateAttr(prog_fd=prog_fd, target_fd=cgroup_fd, attach_type=attach_type)
-    return _bpf(LINK_CREATE, attr, f"link program to cgroup (attach type {attach_type})")
+    return _bpf(U.LINK_CREATE, attr, f"link program to cgroup (attach type {attach_type})")
 
 
 def link_update(link_fd: int, new_prog_fd: int) -> None:
     """Swap the program behind a link in place (BPF_LINK_UPDATE): no instant without a program."""
     attr = _LinkUpdateAttr(link_fd=link_fd, new_prog_fd=new_prog_fd)
-    _bpf(LINK_UPDATE, attr, "update link")
+    _bpf(U.LINK_UPDATE, attr, "update link")
 
 
 def link_detach(link_fd: int) -> None:
     attr = _LinkDetachAttr(link_fd=link_fd)
-    _bpf(LINK_DETACH, attr, "detach link")
+    _bpf(U.LINK_DETACH, attr, "detach link")
 
 
 #: Size of one `struct bpf_insn` (opcode, registers, offset, immediate).
@@ -264,7 +231,7 @@ def prog_load(prog_type: int, insns: bytes, expected_attach_type: int = 0, licen
     if log is not None:
         attr.log_level, attr.log_size, attr.log_buf = 1, log_size, ct.addressof(log)
     try:
-        return _bpf(PROG_LOAD, attr, f"load a program (type {prog_type}, attach type {expected_attach_type})")
+        return _bpf(U.PROG_LOAD, attr, f"load a program (type {prog_type}, attach type {expected_attach_type})")
     except BpfError as err:
         lines = log.value.decode(errors="replace").strip().splitlines() if log is not None else []
         lines = [line for line in lines if not line.startswith("processed ")]
@@ -279,14 +246,14 @@ def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, 
     attr = _MapCreateAttr(map_type=map_type, key_size=key_size, value_size=value_size,
                           max_entries=max_entries, map_flags=flags, btf_fd=btf_fd,
                           btf_key_type_id=btf_key_type_id, btf_value_type_id=btf_value_type_id)
-    return _bpf(MAP_CREATE, attr, f"create a {MAP_TYPE_NAMES.get(map_type, map_type)} map")
+    return _bpf(U.MAP_CREATE, attr, f"create a {U.MAP_TYPE_NAMES.get(map_type, map_type)} map")
 
 
 def btf_load(blob: bytes) -> int:
     """Load type information (BPF_BTF_LOAD); returns its fd. The caller closes it."""
     buf = ct.create_string_buffer(blob, len(blob))
     attr = _BtfLoadAttr(btf=ct.addressof(buf), btf_size=len(blob))
-    return _bpf(BTF_LOAD, attr, "load BTF")
+    return _bpf(U.BTF_LOAD, attr, "load BTF")
 
 
 def map_update_batch(map_fd: int, keys: bytes, values: bytes, count: int) -> int:
@@ -295,7 +262,7 @@ def map_update_batch(map_fd: int, keys: bytes, values: bytes, count: int) -> int
     kbuf = ct.create_string_buffer(keys, len(keys))
     vbuf = ct.create_string_buffer(values, len(values))
     attr = _BatchAttr(keys=ct.addressof(kbuf), values=ct.addressof(vbuf), count=count, map_fd=map_fd)
-    _bpf(MAP_UPDATE_BATCH, attr, "batch write a map")
+    _bpf(U.MAP_UPDATE_BATCH, attr, "batch write a map")
     return attr.count
 
 
@@ -303,7 +270,7 @@ def prog_query_cgroup(cgroup_fd: int, attach_type: int) -> list[int]:
     """Program ids attached (effective or not) directly to a cgroup for one attach type."""
     ids = (ct.c_uint32 * 64)()
     attr = _QueryAttr(target_fd=cgroup_fd, attach_type=attach_type, prog_ids=ct.addressof(ids), prog_cnt=64)
-    _bpf(PROG_QUERY, attr, f"query cgroup programs (attach type {attach_type})")
+    _bpf(U.PROG_QUERY, attr, f"query cgroup programs (attach type {attach_type})")
     return list(ids[: attr.prog_cnt])
 
 
@@ -318,7 +285,7 @@ class Map:
         self.fd = fd
         self.info = info
         self.path = path
-        self.percpu = info.type == MAP_TYPE_PERCPU_ARRAY
+        self.percpu = info.type == U.MAP_TYPE_PERCPU_ARRAY
         self._ncpus = possible_cpus() if self.percpu else 1
         self._value_stride = (info.value_size + 7) & ~7 if self.percpu else info.value_size
 
@@ -355,7 +322,7 @@ class Map:
         vbuf = ct.create_string_buffer(self._value_stride * self._ncpus)
         attr = _ElemAttr(map_fd=self.fd, key=ct.addressof(kbuf), value=ct.addressof(vbuf))
         try:
-            _bpf(MAP_LOOKUP_ELEM, attr, f"lookup in map {self.name}")
+            _bpf(U.MAP_LOOKUP_ELEM, attr, f"lookup in map {self.name}")
         except BpfError as err:
             if err.errno == errno_mod.ENOENT:
                 return None
@@ -366,17 +333,17 @@ class Map:
             return [raw[i * s : i * s + n] for i in range(self._ncpus)]
         return raw[: self.info.value_size]
 
-    def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+    def update(self, key: bytes, value: bytes, flags: int = U.BPF_ANY) -> None:
         kbuf = ct.create_string_buffer(key, len(key))
         vbuf = ct.create_string_buffer(value, len(value))
         attr = _ElemAttr(map_fd=self.fd, key=ct.addressof(kbuf), value=ct.addressof(vbuf), flags=flags)
-        _bpf(MAP_UPDATE_ELEM, attr, f"update map {self.name}")
+        _bpf(U.MAP_UPDATE_ELEM, attr, f"update map {self.name}")
 
     def delete(self, key: bytes) -> bool:
         kbuf = ct.create_string_buffer(key, len(key))
         attr = _ElemAttr(map_fd=self.fd, key=ct.addressof(kbuf))
         try:
-            _bpf(MAP_DELETE_ELEM, attr, f"delete from map {self.name}")
+            _bpf(U.MAP_DELETE_ELEM, attr, f"delete from map {self.name}")
         except BpfError as err:
             if err.errno == errno_mod.ENOENT:
                 return False
@@ -395,7 +362,7 @@ class Map:
             else:
                 attr = _ElemAttr(map_fd=self.fd, key=ct.addressof(cur), value=ct.addressof(nbuf))
             try:
-                _bpf(MAP_GET_NEXT_KEY, attr, f"iterate map {self.name}")
+                _bpf(U.MAP_GET_NEXT_KEY, attr, f"iterate map {self.name}")
             except BpfError as err:
                 if err.errno == errno_mod.ENOENT:
                     return out
@@ -411,7 +378,7 @@ class Map:
         """Every entry of a (non per-CPU) map, `chunk` or so at a time: a caller that consumes
         each chunk never holds the whole map as Python objects (500k entries at 50k Services).
         Batch lookup for hashes (the kernel has it: features.py), one by one for the others."""
-        if self.info.type not in (MAP_TYPE_HASH, MAP_TYPE_LRU_HASH):
+        if self.info.type not in (U.MAP_TYPE_HASH, U.MAP_TYPE_LRU_HASH):
             pairs = [(k, self.lookup(k)) for k in self.keys()]
             yield [(k, v) for k, v in pairs if v is not None]
             return
@@ -429,7 +396,7 @@ class Map:
                               keys=ct.addressof(keys), values=ct.addressof(values), count=n, map_fd=self.fd)
             done = False
             try:
-                _bpf(MAP_LOOKUP_BATCH, attr, f"batch read map {self.name}")
+                _bpf(U.MAP_LOOKUP_BATCH, attr, f"batch read map {self.name}")
             except BpfError as err:
                 if err.errno == errno_mod.ENOENT:
                     done = True
@@ -464,7 +431,7 @@ class Map:
         keys = ct.create_string_buffer(b"".join([k for k, _ in entries]), ks * len(entries))
         values = ct.create_string_buffer(b"".join([v for _, v in entries]), vs * len(entries))
         attr = _BatchAttr(keys=ct.addressof(keys), values=ct.addressof(values), count=len(entries), map_fd=self.fd)
-        _bpf(MAP_UPDATE_BATCH, attr, f"batch write map {self.name}")
+        _bpf(U.MAP_UPDATE_BATCH, attr, f"batch write map {self.name}")
 
     def delete_batch(self, keys: list[bytes]) -> None:
         """Delete many keys, BATCH_CHUNK per call; a key already gone is not an error."""
@@ -478,7 +445,7 @@ class Map:
         kbuf = ct.create_string_buffer(b"".join(keys), ks * len(keys))
         attr = _BatchAttr(keys=ct.addressof(kbuf), count=len(keys), map_fd=self.fd)
         try:
-            _bpf(MAP_DELETE_BATCH, attr, f"batch delete from map {self.name}")
+            _bpf(U.MAP_DELETE_BATCH, attr, f"batch delete from map {self.name}")
         except BpfError as err:
             # ENOENT stops the batch at the missing key (attr.count says where): finish the rest
             # one by one.
@@ -499,13 +466,10 @@ def possible_cpus() -> int:
     return total
 
 
-PROG_GET_FD_BY_ID = 13
-
-
 class _GetIdAttr(ct.Structure):  # bpf_attr: BPF_*_GET_FD_BY_ID
     _fields_ = [("id", ct.c_uint32), ("next_id", ct.c_uint32), ("open_flags", ct.c_uint32)]
 
 
 def prog_get_fd_by_id(prog_id: int) -> int:
     attr = _GetIdAttr(id=prog_id)
-    return _bpf(PROG_GET_FD_BY_ID, attr, f"open program id {prog_id}")
+    return _bpf(U.PROG_GET_FD_BY_ID, attr, f"open program id {prog_id}")

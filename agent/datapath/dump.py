@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 from agent.datapath import bpfsys
 from agent.datapath import layout as L
+from agent.datapath.entries import addr_text
 from agent.errors import UserError
 
 VERDICT_NAMES = {L.VERDICT_FORWARD: "forward", L.VERDICT_REJECT: "reject",
@@ -29,14 +30,8 @@ VERDICT_NAMES = {L.VERDICT_FORWARD: "forward", L.VERDICT_REJECT: "reject",
 # --- decoding helpers --------------------------------------------------------------------------
 
 
-def format_address(raw: bytes) -> str:
-    """16 address bytes as text: an IPv4-mapped address prints as plain IPv4."""
-    ip = ipaddress.IPv6Address(bytes(raw))
-    return str(ip.ipv4_mapped) if ip.ipv4_mapped is not None else str(ip)
-
-
 def format_endpoint(raw: bytes, port_be: int) -> str:
-    addr = format_address(raw)
+    addr = addr_text(raw)
     port = socket.ntohs(port_be)
     return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
@@ -137,15 +132,6 @@ class MapsView:
     counters: list[CounterRow] = field(default_factory=list)
     names: list[NameRow] = field(default_factory=list)
 
-    def group_endpoints(self, group_name: str) -> list[EndpointRow]:
-        return [e for e in self.endpoints if e.group == group_name]
-
-    def find_frontends(self, address: str, port: int, protocol: str) -> list[FrontendRow]:
-        """The default and scoped entries of one frontend (address in any text form)."""
-        addr = format_address(_addr16(address))
-        return [f for f in self.frontends
-                if f.address == addr and f.port == port and f.protocol == protocol.upper()]
-
     def as_json(self, which: str | None = None) -> dict:
         tables = DUMPABLE if which is None else (which,)
         return {name: [asdict(row) for row in getattr(self, name)] for name in tables}
@@ -153,11 +139,6 @@ class MapsView:
 
 #: Maps `meshlet maps dump WHICH` accepts, in dump order.
 DUMPABLE = ("frontends", "groups", "endpoints", "members", "affinity", "clients", "counters", "names")
-
-
-def _addr16(address: str) -> bytes:
-    ip = ipaddress.ip_address(address)
-    return (b"\0" * 10 + b"\xff\xff" + ip.packed) if ip.version == 4 else ip.packed
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -209,7 +190,7 @@ def decode(raw: dict, now_ns: int = 0) -> MapsView:
             split.append(Share(group_name(slot.group_id) if slot.group_id else "reject", slot.group_id,
                                round(share, 9)))
         view.frontends.append(FrontendRow(
-            address=format_address(bytes(key.addr)), port=socket.ntohs(key.port),
+            address=addr_text(bytes(key.addr)), port=socket.ntohs(key.port),
             protocol=L.PROTO_NAMES.get(key.proto, str(key.proto)),
             scope=names.get(key.scope, f"{key.scope:#x}") if key.scope else "",
             verdict=VERDICT_NAMES.get(val.verdict, str(val.verdict)),
@@ -229,12 +210,12 @@ def decode(raw: dict, now_ns: int = 0) -> MapsView:
     for k, v in raw.get("endpoints", {}).items():
         key, ep = L.EpKey.from_buffer_copy(k), L.EpValue.from_buffer_copy(v)
         view.endpoints.append(EndpointRow(set_owner.get(key.set_id, ""), key.set_id, key.index,
-                                          format_address(bytes(ep.addr)), socket.ntohs(ep.port)))
+                                          addr_text(bytes(ep.addr)), socket.ntohs(ep.port)))
     view.endpoints.sort(key=lambda e: (e.group, e.set_id, e.index))
 
     for k, v in raw.get("members", {}).items():
         key = L.MemberKey.from_buffer_copy(k)
-        view.members.append(MemberRow(key.set_id, format_address(bytes(key.addr)), socket.ntohs(key.port),
+        view.members.append(MemberRow(key.set_id, addr_text(bytes(key.addr)), socket.ntohs(key.port),
                                       int.from_bytes(v, "little")))
     view.members.sort(key=lambda m: (m.set_id, m.index))
 

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from agent.datapath import bpfsys
-from agent.datapath.loader import HOOKS, PROG_TYPE_CGROUP_SOCK_ADDR
+from agent.datapath import uapi as U
+from agent.datapath.uapi import HOOKS
 from agent.errors import UserError
 
 
@@ -108,7 +109,7 @@ class Support:
 
     @property
     def hooks(self) -> tuple[str, ...]:
-        """The hooks to load and attach, in loader.HOOKS order."""
+        """The hooks to load and attach, in uapi.HOOKS order."""
         return tuple(hook for hook in HOOKS if self.present[hook])
 
     @property
@@ -152,12 +153,6 @@ _PSEUDO_MAP_FD = 1
 #: offsetof(struct bpf_sock_addr, sk): after user_family .. msg_src_ip6[4], 8-aligned.
 _SOCK_ADDR_SK = 64
 
-# enum bpf_func_id
-_HELPER_SK_STORAGE_GET = 107
-_HELPER_GET_NETNS_COOKIE = 122
-_HELPER_GET_CURRENT_ANCESTOR_CGROUP_ID = 123
-_HELPER_SET_RETVAL = 187
-_SK_STORAGE_GET_F_CREATE = 1
 
 
 def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
@@ -188,7 +183,7 @@ _BTF_INT = (struct.pack("=HBBIIIII", 0xEB9F, 1, 0, 24, 0, 16, 16, 5)
 def _loads(attach_type: int, insns: bytes) -> bool:
     """Does the kernel load this sock_addr program for this attach type?"""
     try:
-        fd = bpfsys.prog_load(PROG_TYPE_CGROUP_SOCK_ADDR, insns, attach_type, log_size=4096)
+        fd = bpfsys.prog_load(U.PROG_TYPE_CGROUP_SOCK_ADDR, insns, attach_type, log_size=4096)
     except bpfsys.BpfError as err:
         return _answer(err)
     os.close(fd)
@@ -210,7 +205,7 @@ def hook_available(attach_type: int) -> bool:
 def helper_available(helper: int, attach_type: int = HOOKS["connect4"]) -> bool:
     """May a sock_addr program of this attach type call this helper (with a zero argument in r1
     when it takes a scalar; the context is already in r1 for the ones that take it)?"""
-    setup = () if helper == _HELPER_GET_NETNS_COOKIE else (_insn(_MOV64_IMM, dst=1, imm=0),)
+    setup = () if helper == U.HELPER_GET_NETNS_COOKIE else (_insn(_MOV64_IMM, dst=1, imm=0),)
     return _loads(attach_type, _call_and_accept(helper, *setup))
 
 
@@ -223,18 +218,18 @@ def sk_storage_available(attach_types: list[int]) -> bool:
         return _answer(err)
     try:
         try:
-            map_fd = bpfsys.map_create(bpfsys.MAP_TYPE_SK_STORAGE, 4, 4, 0, bpfsys.BPF_F_NO_PREALLOC,
+            map_fd = bpfsys.map_create(U.MAP_TYPE_SK_STORAGE, 4, 4, 0, U.BPF_F_NO_PREALLOC,
                                        btf_fd=btf_fd, btf_key_type_id=1, btf_value_type_id=1)
         except bpfsys.BpfError as err:
             return _answer(err)
         try:
             insns = _call_and_accept(
-                _HELPER_SK_STORAGE_GET,
+                U.HELPER_SK_STORAGE_GET,
                 _insn(_MOV64_REG, dst=6, src=1),  # r6 = ctx
                 _insn(_LDX_DW, dst=2, src=6, off=_SOCK_ADDR_SK),  # r2 = ctx->sk
                 _insn(_LD_IMM64, dst=1, src=_PSEUDO_MAP_FD, imm=map_fd), _insn(0),  # r1 = map
                 _insn(_MOV64_IMM, dst=3, imm=0),  # no initial value
-                _insn(_MOV64_IMM, dst=4, imm=_SK_STORAGE_GET_F_CREATE),
+                _insn(_MOV64_IMM, dst=4, imm=U.SK_STORAGE_GET_F_CREATE),
             )
             return all(_loads(attach_type, insns) for attach_type in attach_types)
         finally:
@@ -248,7 +243,7 @@ def cgroup_links_available() -> bool:
     links looks the cgroup up and answers EBADF; one without answers EINVAL (no such command).
     Nothing can be attached by this request."""
     try:
-        prog_fd = bpfsys.prog_load(PROG_TYPE_CGROUP_SOCK_ADDR, _ACCEPT, HOOKS["connect4"])
+        prog_fd = bpfsys.prog_load(U.PROG_TYPE_CGROUP_SOCK_ADDR, _ACCEPT, HOOKS["connect4"])
     except bpfsys.BpfError as err:
         return _answer(err)
     try:
@@ -264,7 +259,7 @@ def cgroup_links_available() -> bool:
 def map_batch_available() -> bool:
     """One BPF_MAP_UPDATE_BATCH write into a one-entry hash map of our own."""
     try:
-        fd = bpfsys.map_create(bpfsys.MAP_TYPE_HASH, 4, 4, 1)
+        fd = bpfsys.map_create(U.MAP_TYPE_HASH, 4, 4, 1)
     except bpfsys.BpfError as err:
         return _answer(err)
     try:
@@ -304,10 +299,10 @@ def probe() -> dict[str, bool]:
         return all(helper_available(helper_id, attach_type) for attach_type in at(_TRANSLATING))
 
     found["sk_storage"] = sk_storage_available(at(tuple(HOOKS)))
-    found["netns_cookie"] = helper(_HELPER_GET_NETNS_COOKIE)
-    found["ancestor_cgroup_id"] = helper(_HELPER_GET_CURRENT_ANCESTOR_CGROUP_ID)
+    found["netns_cookie"] = helper(U.HELPER_GET_NETNS_COOKIE)
+    found["ancestor_cgroup_id"] = helper(U.HELPER_GET_CURRENT_ANCESTOR_CGROUP_ID)
     found["cgroup_links"] = cgroup_links_available()
     found["map_batch"] = map_batch_available()
-    found["set_retval"] = helper(_HELPER_SET_RETVAL)
+    found["set_retval"] = helper(U.HELPER_SET_RETVAL)
     assert set(found) == set(NAMES), "probe and FEATURES disagree"
     return found

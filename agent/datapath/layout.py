@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes as ct
 from dataclasses import dataclass, fields
 
+from agent.datapath import uapi as U
 from agent.model import Verdict
 
 #: Version of the map layout; pins live under <bpffs>/v<LAYOUT_VERSION>/maps.
@@ -224,8 +225,8 @@ class MapSpec:
         return getattr(sizes, self.size_field) if self.size_field else self.fixed_max
 
 
-_HASH, _ARRAY, _PERCPU_ARRAY, _LRU_HASH, _SK_STORAGE = 1, 2, 6, 9, 24
-_NO_PREALLOC = 1
+_HASH, _ARRAY, _PERCPU_ARRAY = U.MAP_TYPE_HASH, U.MAP_TYPE_ARRAY, U.MAP_TYPE_PERCPU_ARRAY
+_LRU_HASH, _SK_STORAGE, _NO_PREALLOC = U.MAP_TYPE_LRU_HASH, U.MAP_TYPE_SK_STORAGE, U.BPF_F_NO_PREALLOC
 
 #: Every map of bpf/sock.c, in the order the reconciler writes them.
 MAP_SPECS: dict[str, MapSpec] = {

@@ -39,34 +39,17 @@ import subprocess
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from agent.datapath import bpfsys
 from agent.datapath import layout as L
+from agent.datapath import uapi as U
+from agent.datapath.features import Support
+from agent.datapath.uapi import HOOKS
 from agent.errors import UserError
-
-if TYPE_CHECKING:  # features imports this module (HOOKS): no import cycle at run time
-    from agent.datapath.features import Support
 
 #: The C sources, beside the agent package in the repository (and in the image).
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 SOURCE = BPF_DIR / "sock.c"
-
-#: BPF_PROG_TYPE_CGROUP_SOCK_ADDR
-PROG_TYPE_CGROUP_SOCK_ADDR = 18
-
-#: hook (= program function name in sock.c = link pin name = kernel feature name) -> enum
-#: bpf_attach_type. A kernel may lack some (features.py): Support.hooks are the ones loaded.
-HOOKS: dict[str, int] = {
-    "connect4": 10,  # BPF_CGROUP_INET4_CONNECT
-    "connect6": 11,  # BPF_CGROUP_INET6_CONNECT
-    "sendmsg4": 14,  # BPF_CGROUP_UDP4_SENDMSG
-    "sendmsg6": 15,  # BPF_CGROUP_UDP6_SENDMSG
-    "recvmsg4": 19,  # BPF_CGROUP_UDP4_RECVMSG
-    "recvmsg6": 20,  # BPF_CGROUP_UDP6_RECVMSG
-    "getpeername4": 29,  # BPF_CGROUP_INET4_GETPEERNAME
-    "getpeername6": 30,  # BPF_CGROUP_INET6_GETPEERNAME
-}
 
 SETUP_HINT = "run scripts/setup.sh as root"
 
@@ -191,8 +174,8 @@ def describe_mismatch(name: str, info: bpfsys.MapInfo, want: Expected) -> list[s
     """The differences between a pinned map and what this version needs, for humans."""
     diffs = []
     if info.type != want.type:
-        diffs.append(f"type {bpfsys.MAP_TYPE_NAMES.get(info.type, info.type)} "
-                     f"(expected {bpfsys.MAP_TYPE_NAMES.get(want.type, want.type)})")
+        diffs.append(f"type {U.MAP_TYPE_NAMES.get(info.type, info.type)} "
+                     f"(expected {U.MAP_TYPE_NAMES.get(want.type, want.type)})")
     if info.key_size != want.key_size:
         diffs.append(f"key size {info.key_size} (expected {want.key_size})")
     if info.value_size != want.value_size:
@@ -235,7 +218,7 @@ def check_pinned_maps(bpffs: str, sizes: L.MapSizes) -> list[str]:
 # --- compile and load --------------------------------------------------------------------------
 
 
-def cflags(bpffs: str, level: int, sizes: L.MapSizes, support: "Support") -> list[str]:
+def cflags(bpffs: str, level: int, sizes: L.MapSizes, support: Support) -> list[str]:
     """The -D flags that configure sock.c: the only way it is configured (no text substitution)."""
     flags = [f"-I{BPF_DIR}", f'-DPIN_DIR="{maps_dir(bpffs)}"', f"-DCGROUP_ROOT_LEVEL={level}"]
     for f in fields(sizes):
@@ -260,7 +243,7 @@ class Programs:
         self.fds = {}
 
 
-def compile_and_load(bpffs: str, level: int, sizes: L.MapSizes, support: "Support") -> Programs:
+def compile_and_load(bpffs: str, level: int, sizes: L.MapSizes, support: Support) -> Programs:
     """Compile sock.c with bcc (creating or reusing the pinned maps) and load the hooks this
     kernel has (support.hooks), in a child process (module docstring): only the fds come back."""
     os.makedirs(maps_dir(bpffs), exist_ok=True)
@@ -307,7 +290,7 @@ def compile_here(flags: list[str], hooks: list[str]):
     fds = {}
     try:
         for hook in hooks:
-            fds[hook] = bpf.load_func(hook.encode(), PROG_TYPE_CGROUP_SOCK_ADDR,
+            fds[hook] = bpf.load_func(hook.encode(), U.PROG_TYPE_CGROUP_SOCK_ADDR,
                                       attach_type=HOOKS[hook]).fd
     except Exception as err:
         bpf.cleanup()

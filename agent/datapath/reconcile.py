@@ -1,8 +1,10 @@
 """Reconciler: the only code that writes the datapath's maps.
 
-Role: make the planned maps (layout.PLANNED_MAPS) hold a plan.Plan (`full`) or the part of it a
-StateDelta names (`apply`), in an order that never lets a concurrent connect() see a mix of old
-and new for a frontend. It keeps a mirror of what it believes is in each map (read at adoption
+Role: make the planned maps (layout.PLANNED_MAPS) hold a Plan (`full`) or write a PlanChange
+(`apply`), both made by the planner (agent/datapath/plan.py) before the writer sees them: this
+module never plans and never imports the planner (entries.py holds the forms both share). It
+writes in an order that never lets a concurrent connect() see a mix of old and new for a
+frontend. It keeps a mirror of what it believes is in each map (read at adoption
 and at every full reconcile, updated on every write) so an incremental change costs in
 proportion to the change, not to the table.
 
@@ -10,11 +12,11 @@ It touches maps only through the `MapIO` interface: bpfsys.Map in the agent, `Di
 in-memory stand-in, named as such) in the unit tests and the benchmark. A full reconcile runs
 with the garbage collector paused (agent.gcpause): it builds the mirror's objects at once.
 
-The mirror is compact, like the plan (see agent.datapath.plan): the endpoints and members maps
+The mirror is compact, like the plan (see agent.datapath.entries): the endpoints and members maps
 are mirrored per endpoint set (`_SetMirror`: set_id -> its count, or for members its records
 as one blob), never per entry; this holds because a set_id stands for the set's content and a
 set's entries (set_id, index) never change once written. A stale set is deleted by the keys its
-count (or blob) gives. Frontends and names values are kept short (plan.short_value).
+count (or blob) gives. Frontends and names values are kept short (entries.short_value).
 
 Drift: a set found in a map in another form than we write (an index missing, a key with a
 nonzero pad byte, two members for one index), or, in a full reconcile, with other content than
@@ -60,11 +62,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Mapping, Protocol
 
+from agent.datapath import entries as E
 from agent.datapath import layout as L
-from agent.datapath import plan as P
+from agent.datapath.entries import Plan, PlanChange
 from agent.errors import TransientError
 from agent.gcpause import gc_paused
-from agent.model import DEFAULT_SCOPE, DesiredState, FrontendKey, StateDelta
 
 #: Entries expanded from sets and handed to one update_batch / delete_batch call: bounds the
 #: transient expansion (each entry is two bytes objects and a tuple) while keeping calls few.
@@ -152,7 +154,7 @@ class _SetMirror:
     """What the reconciler believes a set-keyed map (endpoints, members) holds, per set.
 
     `complete`: the sets in the form we write (every index 0..n-1, one entry each), as what
-    plan.SetLayout.kept keeps of them (an endpoint set: its count; a members set: its blob).
+    entries.SetLayout.kept keeps of them (an endpoint set: its count; a members set: its blob).
     `ragged`: the keys of every set found in another form (drift). `entries` counts the map's
     entries, for the capacity checks.
 
@@ -161,7 +163,7 @@ class _SetMirror:
     its adoption compares every planned set found in the map with the plan (load's `expected`).
     """
 
-    def __init__(self, layout: P.SetLayout):
+    def __init__(self, layout: E.SetLayout):
         self.layout = layout
         self.complete: dict[int, int | bytes] = {}
         self.ragged: dict[int, list[bytes]] = {}
@@ -185,7 +187,7 @@ class _SetMirror:
             # An index the map cannot hold cannot belong to a complete set (and must not size a
             # list).
             if parsed is None or parsed[1] >= max_entries:
-                ragged.setdefault(P.key_set_id(key), []).append(key)
+                ragged.setdefault(E.key_set_id(key), []).append(key)
                 continue
             sid, index, record = parsed
             records = found.get(sid)
@@ -256,11 +258,11 @@ class _SetMirror:
 
 def _group_set(value: bytes) -> int:
     """set_id of a groups-map value."""
-    return P.group_value_fields(value)[0]
+    return E.group_value_fields(value)[0]
 
 
 def _has_affinity(group_value: bytes) -> bool:
-    return P.group_value_fields(group_value)[2] > 0
+    return E.group_value_fields(group_value)[2] > 0
 
 
 def _references(name: str, key: bytes, value: bytes) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
@@ -270,12 +272,12 @@ def _references(name: str, key: bytes, value: bytes) -> tuple[tuple[bytes, ...],
     frontend of the state on a full sync; tuples, not sets, for the same reason. (A group's own
     name has the group's key: a group in the map keeps its name, see _name_used.)"""
     if name == "frontends":
-        route, gids = P.frontend_value_refs(value)
-        scope = P.frontend_key_scope(key)
-        return (tuple(P.u64_bytes(gid) for gid in gids if gid),
-                tuple(P.u64_bytes(ident) for ident in (scope, route) if ident))
+        route, gids = E.frontend_value_refs(value)
+        scope = E.frontend_key_scope(key)
+        return (tuple(E.u64_bytes(gid) for gid in gids if gid),
+                tuple(E.u64_bytes(ident) for ident in (scope, route) if ident))
     if name == "clients":
-        return (), (P.u64_bytes(P.client_value_scope(value)),)
+        return (), (E.u64_bytes(E.client_value_scope(value)),)
     return (), ()
 
 
@@ -284,7 +286,7 @@ _REFERRING_MAPS = ("frontends", "clients")
 
 
 def _is_scoped(key: bytes) -> bool:
-    return P.frontend_key_scope(key) != 0
+    return E.frontend_key_scope(key) != 0
 
 
 class Reconciler:
@@ -293,33 +295,28 @@ class Reconciler:
         if missing:
             raise ValueError(f"reconciler needs the maps {sorted(missing)}")
         self.maps = maps
-        #: ENTRY_MAPS: key -> value (short for plan.SHORT_VALUE_SIZES maps)
+        #: ENTRY_MAPS: key -> value (short for entries.SHORT_VALUE_SIZES maps)
         self.mirror: dict[str, dict[bytes, bytes]] = {name: {} for name in ENTRY_MAPS}
         #: SET_MAPS: per endpoint set
-        self.sets: dict[str, _SetMirror] = {name: _SetMirror(P.SET_LAYOUTS[name]) for name in SET_MAPS}
+        self.sets: dict[str, _SetMirror] = {name: _SetMirror(E.SET_LAYOUTS[name]) for name in SET_MAPS}
         #: groups key -> how many frontends entries name it (a group still in use is never deleted)
         self._users: Counter[bytes] = Counter()
         #: names key -> how many frontends and clients entries show it
         self._named: Counter[bytes] = Counter()
         #: names keys whose last user went away (deleted at the end of the write)
         self._orphaned: set[bytes] = set()
-        #: (address, port, protocol) -> consumer scopes with an entry in the state, for the
-        #: families that have any (incremental planning replans a family's entries together)
-        self._scoped: dict[P.FamilyId, set[str]] | None = None
-        #: scope id -> namespace, to refuse a collision in incremental plans too
-        self._scope_names: dict[int, str] = {}
         self.adopt()
 
     # --- mirror ----------------------------------------------------------------------------
 
-    def adopt(self, plan: P.Plan | None = None) -> None:
+    def adopt(self, plan: Plan | None = None) -> None:
         """Read what is in the maps (pinned state of an earlier agent, or drift). With the plan
         of a full reconcile, a planned set found with other content is drift to rewrite."""
         for name in L.PLANNED_MAPS:
             self._load(name, plan)
         self._rebuild_refs()
 
-    def _load(self, name: str, plan: P.Plan | None = None) -> None:
+    def _load(self, name: str, plan: Plan | None = None) -> None:
         """Read one map into the mirror (the map's old mirror is dropped first: at 50k Services,
         the old and the new endpoints mirror side by side would be ~15 MiB more at the peak)."""
         if name in SET_MAPS:
@@ -327,13 +324,13 @@ class Reconciler:
             if plan is not None:
                 expected = {group.set_id: blob for group in plan.groups.values()
                             if (blob := group.endpoints if name == "endpoints" else group.members)}
-            self.sets[name] = _SetMirror(P.SET_LAYOUTS[name])
+            self.sets[name] = _SetMirror(E.SET_LAYOUTS[name])
             self.sets[name].load(self.maps[name].chunks(), self.maps[name].max_entries, expected)
             return
         self.mirror[name] = {}
         items = self.maps[name].items()
-        if name in P.SHORT_VALUE_SIZES:
-            self.mirror[name] = {key: P.short_value(value) for key, value in items.items()}
+        if name in E.SHORT_VALUE_SIZES:
+            self.mirror[name] = {key: E.short_value(value) for key, value in items.items()}
         else:
             self.mirror[name] = items
 
@@ -371,126 +368,67 @@ class Reconciler:
 
     # --- entry points ------------------------------------------------------------------------
 
-    def full(self, plan: P.Plan, state: DesiredState | None = None) -> ReconcileStats:
+    def full(self, plan: Plan) -> ReconcileStats:
         """Make the maps equal the plan: write what differs, sweep every stale entry."""
         with gc_paused():  # the mirror is rebuilt at once: see agent.gcpause
-            return self._full(plan, state)
+            stats = ReconcileStats("full")
+            start = time.monotonic()
+            self.adopt(plan)  # a full reconcile also repairs what changed behind our back
+            drop = {name: [key for key in self.mirror[name] if key not in getattr(plan, name)]
+                    for name in ENTRY_MAPS}
+            self._write(plan, drop, old_groups=None, stats=stats)
+            stats.seconds = time.monotonic() - start
+            return stats
 
-    def _full(self, plan: P.Plan, state: DesiredState | None) -> ReconcileStats:
-        stats = ReconcileStats("full")
-        start = time.monotonic()
-        self.adopt(plan)  # a full reconcile also repairs what changed behind our back
-        drop = {name: [key for key in self.mirror[name] if key not in getattr(plan, name)] for name in ENTRY_MAPS}
-        self._write(plan, drop, old_groups=None, stats=stats)
-        self._scoped = P.scoped_families(state.frontends) if state is not None else None
-        if state is not None:
-            self._scope_names = {P.scope_id(ns): ns for ns in self._namespaces(state.frontends, state)}
-        stats.seconds = time.monotonic() - start
-        return stats
-
-    def apply(self, state: DesiredState, delta: StateDelta, pod_cgroups: Mapping[str, int]) -> ReconcileStats:
-        """Plan and write only what `delta` names (plus every client: a node has few pods)."""
+    def apply(self, change: PlanChange) -> ReconcileStats:
+        """Write an incremental plan (plan.Planner.change): what it plans, then delete what it
+        names as removed, and every clients entry it does not plan."""
         stats = ReconcileStats("incremental")
         start = time.monotonic()
-        if self._scoped is None:
-            self._scoped = P.scoped_families(state.frontends)
-        want = P.Plan()
+        groups = self.mirror["groups"]
+        old_groups = {gkey: groups[gkey] for gkey in change.touched_groups if gkey in groups}
         drop: dict[str, list[bytes]] = {name: [] for name in ENTRY_MAPS}
-        old_groups: dict[bytes, bytes] = {}
-
-        for gk in sorted(delta.groups):
-            gkey = P.group_key_bytes(gk)
-            old = self.mirror["groups"].get(gkey)
-            if old is not None:
-                old_groups[gkey] = old
-            group = state.groups.get(gk)
-            if group is None:
-                drop["groups"].append(gkey)
-                continue
-            want.add_group(P.plan_group(group))
-
-        families: dict[P.FamilyId, set[str]] = {}
-        for key in delta.frontends:
-            families.setdefault(P.family_id(key), set()).add(key.scope)
-        namespaces = {k.scope for k in delta.frontends if k.scope != DEFAULT_SCOPE}
-        namespaces |= {pod.namespace for pod in state.clients.values()}
-        self._check_scopes(namespaces)
-        for fam in sorted(families):
-            known = self._scoped.pop(fam, set())
-            for scope in families[fam] - {DEFAULT_SCOPE}:
-                if P.FrontendKey(*fam, scope) in state.frontends:
-                    known.add(scope)
-                else:
-                    known.discard(scope)
-            if known:
-                self._scoped[fam] = known
-            entries, owned, names = P.plan_frontend_family(state, fam, known | families[fam])
-            want.frontends.update(entries)
-            want.names.update(names)
-            drop["frontends"] += [key for key in owned if key not in entries]
-
-        want.clients, client_names = self._plan_clients(state, pod_cgroups)
-        want.names.update(client_names)
-        want.config = P.plan_config(want.clients)
-        drop["clients"] = [key for key in self.mirror["clients"] if key not in want.clients]
-
-        self._write(want, drop, old_groups=old_groups, stats=stats)
+        drop["groups"] = list(change.removed_groups)
+        drop["frontends"] = list(change.removed_frontends)
+        drop["clients"] = [key for key in self.mirror["clients"] if key not in change.want.clients]
+        self._write(change.want, drop, old_groups=old_groups, stats=stats)
         stats.seconds = time.monotonic() - start
         return stats
-
-    # --- planning helpers --------------------------------------------------------------------
-
-    @staticmethod
-    def _namespaces(frontends: Iterable[FrontendKey], state: DesiredState) -> set[str]:
-        names = {k.scope for k in frontends if k.scope != DEFAULT_SCOPE}
-        return names | {pod.namespace for pod in state.clients.values()}
-
-    def _check_scopes(self, namespaces: Iterable[str]) -> None:
-        for ns in namespaces:
-            sid = P.scope_id(ns)
-            other = self._scope_names.setdefault(sid, ns)
-            if other != ns:
-                P.check_scope_ids([other, ns])  # raises PlanError naming both
-
-    @staticmethod
-    def _plan_clients(state: DesiredState, pod_cgroups: Mapping[str, int]
-                      ) -> tuple[dict[bytes, bytes], dict[bytes, bytes]]:
-        """(clients entries, their names entries) of every pod with a cgroup here."""
-        clients: dict[bytes, bytes] = {}
-        names: dict[bytes, bytes] = {}
-        for uid in sorted(state.clients):
-            cgroup = pod_cgroups.get(uid)
-            if cgroup is None:
-                continue
-            key, value, pod_names = P.plan_client(state.clients[uid], cgroup)
-            clients[key] = value
-            names.update(pod_names)
-        return clients, names
 
     # --- writing -----------------------------------------------------------------------------
 
-    def _write(self, want: P.Plan, drop: dict[str, list[bytes]], old_groups: dict[bytes, bytes] | None,
+    def _write(self, want: Plan, drop: dict[str, list[bytes]], old_groups: dict[bytes, bytes] | None,
                stats: ReconcileStats) -> None:
-        """Steps 1-7 of the module docstring.
+        """Steps 1-7 of the module docstring, one phase each.
 
         drop: ENTRY_MAPS keys to delete unless planned (or, for groups, still in use).
         old_groups: the touched groups' values before this write (incremental), whose sets are
         the only candidates for step 7; None sweeps every set no group names (full).
         """
-        full: dict[str, list[str]] = {}  # map -> what kept its old state for lack of room there
-        mirror = self.mirror
-        groups = mirror["groups"]
+        refused: dict[str, list[str]] = {}  # map -> what kept its old state for lack of room there
+        uncovered, refused_groups = self._write_sets_and_groups(want, refused, stats)
+        self._write_config_clients_names(want, refused, stats)
+        self._write_frontends(want, refused_groups, refused, stats)
+        self._delete_stale(want, drop, old_groups, uncovered, stats)
+        if refused:
+            raise MapFullError(refused)
 
-        # 1-2. New endpoint sets, then the group flips.
-        set_writes, flips, refused_groups = self._admit_groups(want, full)
+    def _write_sets_and_groups(self, want: Plan, refused: dict[str, list[str]], stats: ReconcileStats
+                               ) -> tuple[dict[str, list[bytes]], set[bytes]]:
+        """Steps 1-2: new endpoint sets, then the group flips. Returns (per set map, the keys of
+        drifted sets' old forms the rewrites did not cover; the refused groups' keys)."""
+        set_writes, flips, refused_groups = self._admit_groups(want, refused)
         uncovered = {name: self._write_sets(name, set_writes[name], stats) for name in SET_MAPS}
         self._update("groups", flips, stats)
+        return uncovered, refused_groups
 
-        # 3. Config, clients and names. The config flag first: a pod that opts out is then
-        # honoured from the instant its entry appears; when the flag goes off, no pod wants
-        # out any more, so the entries still saying so are only about to be rewritten.
+    def _write_config_clients_names(self, want: Plan, refused: dict[str, list[str]],
+                                    stats: ReconcileStats) -> None:
+        """Step 3. The config flag first: a pod that opts out is then honoured from the instant
+        its entry appears; when the flag goes off, no pod wants out any more, so the entries
+        still saying so are only about to be rewritten."""
         for name in ("config", "clients", "names"):
-            current = mirror[name]
+            current = self.mirror[name]
             changed = [(k, v) for k, v in getattr(want, name).items() if current.get(k) != v]
             fits = self._room(name)
             new = [kv for kv in changed if kv[0] not in current]
@@ -498,23 +436,25 @@ class Reconciler:
                 skipped = sorted(new)[fits:]  # which ones wait does not depend on the plan's order
                 skip_keys = {k for k, _ in skipped}
                 changed = [kv for kv in changed if kv[0] not in skip_keys]
-                full.setdefault(name, []).append(f"{len(skipped)} {name} entries")
+                refused.setdefault(name, []).append(f"{len(skipped)} {name} entries")
             self._update(name, changed, stats)
 
-        # 4. Frontends: scoped before default, only those whose groups are all in their new
-        # state (a frontend needing a refused group keeps its old value).
-        current = mirror["frontends"]
+    def _write_frontends(self, want: Plan, refused_groups: set[bytes], refused: dict[str, list[str]],
+                         stats: ReconcileStats) -> None:
+        """Step 4: scoped before default, only those whose groups are all in their new state (a
+        frontend needing a refused group keeps its old value)."""
+        groups, current = self.mirror["groups"], self.mirror["frontends"]
         changed = [(k, v) for k, v in want.frontends.items() if current.get(k) != v]
         scoped_first = [kv for kv in changed if _is_scoped(kv[0])] + [kv for kv in changed if not _is_scoped(kv[0])]
         ready, refs, room_fe = [], [], self._room("frontends")
         for key, value in scoped_first:
             named = _references("frontends", key, value)
             if any(g not in groups or g in refused_groups for g in named[0]):
-                full.setdefault("groups", []).append(f"frontend {self._frontend_name(key)}")
+                refused.setdefault("groups", []).append(f"frontend {self._frontend_name(key)}")
                 continue
             if key not in current:
                 if room_fe <= 0:
-                    full.setdefault("frontends", []).append(f"frontend {self._frontend_name(key)}")
+                    refused.setdefault("frontends", []).append(f"frontend {self._frontend_name(key)}")
                     continue
                 room_fe -= 1
             ready.append((key, value))
@@ -524,12 +464,13 @@ class Reconciler:
                 ready, refs = [], []
         self._update("frontends", ready, stats, refs)
 
+    def _delete_stale(self, want: Plan, drop: dict[str, list[bytes]], old_groups: dict[bytes, bytes] | None,
+                      uncovered: dict[str, list[bytes]], stats: ReconcileStats) -> None:
+        """Steps 5-7, then the clients and names nothing plans or shows any more."""
         # 5. Stale frontends.
         self._delete("frontends", [k for k in drop["frontends"] if k not in want.frontends], stats)
-
         # 6. Stale groups nobody names any more.
         self._delete("groups", [k for k in drop["groups"] if k not in want.groups and not self._users[k]], stats)
-
         # 7. Stale sets, and what rewrites of drifted sets left over.
         self._sweep_sets(want, old_groups, uncovered, stats)
 
@@ -540,15 +481,12 @@ class Reconciler:
         self._orphaned = set()
         self._delete("names", sorted(k for k in orphans if k not in want.names and not self._name_used(k)), stats)
 
-        if full:
-            raise MapFullError(full)
-
-    def _admit_groups(self, want: P.Plan, full: dict[str, list[str]]
+    def _admit_groups(self, want: Plan, refused_by_map: dict[str, list[str]]
                       ) -> tuple[dict[str, list[tuple[int, bytes]]], list[tuple[bytes, bytes]], set[bytes]]:
         """Steps 1-2 decided: groups are admitted one by one (in the plan's order) while what
         they add fits, counting the new entries of each set they need (a set already in the map
         costs nothing). Returns (sets to write per map, group flips, refused group keys); a
-        refused group is named in `full`."""
+        refused group is named in `refused_by_map`."""
         groups = self.mirror["groups"]
         endpoints, members = self.sets["endpoints"], self.sets["members"]
         room_eps, room_members, room_groups = self._room("endpoints"), self._room("members"), self._room("groups")
@@ -569,7 +507,7 @@ class Reconciler:
                 if flip:  # (a repair of an unchanged group's set is reported, nothing waits on it)
                     refused.add(gkey)
                 short = "endpoints" if need_eps > room_eps else "members" if need_members > room_members else "groups"
-                full.setdefault(short, []).append(self._group_name(gkey, want))
+                refused_by_map.setdefault(short, []).append(self._group_name(gkey, want))
                 continue
             room_eps -= need_eps
             room_members -= need_members
@@ -582,7 +520,7 @@ class Reconciler:
                 flips.append((gkey, group.value))
         return set_writes, flips, refused
 
-    def _sweep_sets(self, want: P.Plan, old_groups: dict[bytes, bytes] | None,
+    def _sweep_sets(self, want: Plan, old_groups: dict[bytes, bytes] | None,
                     uncovered: dict[str, list[bytes]], stats: ReconcileStats) -> None:
         """Step 7: delete the endpoints of every set no group value in the map names, the
         members of a set whose group has no affinity (any more), and the `uncovered` keys.
@@ -686,8 +624,8 @@ class Reconciler:
         for start in range(0, len(entries), WRITE_CHUNK):
             chunk = entries[start:start + WRITE_CHUNK]
             exact = chunk
-            if name in P.SHORT_VALUE_SIZES:
-                exact = [(key, P.full_value(name, value)) for key, value in chunk]
+            if name in E.SHORT_VALUE_SIZES:
+                exact = [(key, E.full_value(name, value)) for key, value in chunk]
             try:
                 self.maps[name].update_batch(exact)
             except OSError:
@@ -721,10 +659,10 @@ class Reconciler:
 
     # --- names for errors ----------------------------------------------------------------------
 
-    def _group_name(self, gkey: bytes, want: P.Plan) -> str:
+    def _group_name(self, gkey: bytes, want: Plan) -> str:
         raw = want.names.get(gkey) or self.mirror["names"].get(gkey)
         if raw:
-            return "group " + P.name_text(raw)
+            return "group " + E.name_text(raw)
         return f"group {int.from_bytes(gkey, 'little'):#x}"
 
     @staticmethod

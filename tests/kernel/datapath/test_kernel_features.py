@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from agent.datapath import Datapath, bpfsys, features, loader
+from agent.datapath import Datapath, bpfsys, features, loader, uapi
 from agent.errors import UserError
 
 pytestmark = pytest.mark.kernel
@@ -27,7 +27,7 @@ def test_the_probe_finds_every_feature_on_this_kernel():
     assert set(found) == set(features.NAMES)
     assert [name for name, present in found.items() if not present] == []
     support = features.decide(found)
-    assert support.disabled == () and support.hooks == tuple(loader.HOOKS)
+    assert support.disabled == () and support.hooks == tuple(uapi.HOOKS)
 
 
 def test_the_probe_answers_no_for_what_the_kernel_does_not_have():
@@ -46,7 +46,7 @@ def test_a_kernel_missing_a_required_feature_is_refused_before_anything_is_made(
 def program_behind_links(bpffs: str) -> dict[str, int]:
     """hook -> id of the program its pinned link runs."""
     out = {}
-    for hook in loader.HOOKS:
+    for hook in uapi.HOOKS:
         fd = bpfsys.obj_get(os.path.join(loader.links_dir(bpffs), hook))
         try:
             out[hook] = bpfsys.link_info(fd)[1]
@@ -67,7 +67,7 @@ def test_without_set_retval_a_rejection_fails_with_eperm_and_getpeername_links_a
     before = program_behind_links(bpffs)
     older = Datapath.open(bpffs, lab.cgroup_root, datapath.sizes, kernel_features=LINUX_5_7)
     try:
-        loaded = tuple(h for h in loader.HOOKS if not h.startswith("getpeername"))
+        loaded = tuple(h for h in uapi.HOOKS if not h.startswith("getpeername"))
         assert tuple(older.programs.fds) == loaded
         older.attach()
         after = program_behind_links(bpffs)

@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from agent.datapath import Datapath, MapSizes, bpfsys, loader, uninstall
+from agent.datapath import Datapath, MapSizes, bpfsys, loader, uapi, uninstall
 from agent.datapath import layout as L
 from agent.errors import UserError
 
@@ -100,7 +100,7 @@ def test_an_established_connection_survives_a_table_change(datapath, shares, cli
 
 def link_ids(bpffs):
     out = {}
-    for hook in loader.HOOKS:
+    for hook in uapi.HOOKS:
         fd = bpfsys.obj_get(os.path.join(loader.links_dir(bpffs), hook))
         try:
             out[hook] = bpfsys.link_info(fd)[:2]  # (link id, program id)
@@ -131,7 +131,7 @@ def test_replacing_the_programs_under_a_connect_loop_fails_no_connection(datapat
     result = json.loads(out)
     assert result["errors"] == {} and sum(result["peers"].values()) == 3000, (result, err)
     after = link_ids(bpffs)
-    for hook in loader.HOOKS:
+    for hook in uapi.HOOKS:
         assert after[hook][0] == before[hook][0], "the same link, updated in place"
         assert after[hook][1] != before[hook][1], "a new program behind it"
 
@@ -185,7 +185,7 @@ def test_uninstall_detaches_and_removes_every_pin(lab):
     try:
         dp.attach()
         dp.close()
-        assert sorted(loader.attached_programs(cgroup)) == sorted(loader.HOOKS)
+        assert sorted(loader.attached_programs(cgroup)) == sorted(uapi.HOOKS)
         done = subprocess.run([sys.executable, "-m", "agent", "uninstall", "--bpffs", bpffs,
                                "--cgroup-root", cgroup], cwd=REPO, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
@@ -210,7 +210,7 @@ def test_bcc_compiles_in_a_child_and_never_enters_the_agent(lab):
     try:
         done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
-        assert done.stdout.split() == [",".join(sorted(loader.HOOKS)), "False"]
+        assert done.stdout.split() == [",".join(sorted(uapi.HOOKS)), "False"]
     finally:
         uninstall(bpffs)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.datapath import features, loader
+from agent.datapath import features, loader, uapi
 from agent.datapath.layout import MapSizes
 from agent.errors import UserError
 from agent.runtime.metrics import Metrics
@@ -23,7 +23,7 @@ def without(*names: str) -> dict[str, bool]:
 
 def test_a_kernel_with_everything_loads_every_hook_with_set_retval():
     support = features.decide(EVERYTHING, "6.18.0")
-    assert support.hooks == tuple(loader.HOOKS)
+    assert support.hooks == tuple(uapi.HOOKS)
     assert support.defines == ("HAVE_SET_RETVAL",)
     assert support.disabled == ()
     assert support.log_fields() == {"kernel": "6.18.0", "enabled": ",".join(features.NAMES), "disabled": "-"}
@@ -34,7 +34,7 @@ def test_without_set_retval_rejections_become_eperm_and_the_report_says_so():
     support = features.decide(without("set_retval"), "5.15.0")
     assert support.defines == ()
     assert not any("HAVE_SET_RETVAL" in flag for flag in loader.cflags("/sys/fs/bpf/x", 0, MapSizes(), support))
-    assert support.hooks == tuple(loader.HOOKS), "every hook still loads"
+    assert support.hooks == tuple(uapi.HOOKS), "every hook still loads"
     fields = support.log_fields()
     assert fields["disabled"] == "set_retval"
     assert "set_retval" not in fields["enabled"].split(",")
@@ -81,7 +81,7 @@ def test_a_name_left_out_counts_as_missing_and_an_unknown_name_is_a_bug():
 
 def test_the_floors_follow_from_the_table_and_the_docs_state_them():
     assert (features.MINIMUM_KERNEL, features.FULL_KERNEL) == ("5.7", "5.18")
-    assert {f.name for f in features.FEATURES if f.name in loader.HOOKS} == set(loader.HOOKS)
+    assert {f.name for f in features.FEATURES if f.name in uapi.HOOKS} == set(uapi.HOOKS)
     for doc in ("README.md", "daemonset/README.md"):
         text = (REPO / doc).read_text()
         assert f"Linux {features.MINIMUM_KERNEL}" in text and f"Linux {features.FULL_KERNEL}" in text, doc

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent.datapath import dump as D
+from agent.datapath import entries as E
 from agent.datapath import layout as L
 from agent.datapath import plan as P
 from agent.datapath.reconcile import DictMap, Reconciler
@@ -92,7 +93,7 @@ def test_golden_map_dumps_step_by_step():
     rec = Reconciler(maps)
     for step, state, cgroups in scenario():
         planned = P.plan(state, cgroups)
-        rec.full(planned, state)
+        rec.full(planned)
         text = D.render(D.decode({name: dict(m.data) for name, m in maps.items()}))
         path = TESTDATA / f"{step}.txt"
         if os.environ.get("MESHLET_UPDATE_GOLDEN") == "1":
@@ -143,7 +144,7 @@ def test_rejected_shares_become_one_slot_with_group_id_0_and_all_zero_is_an_empt
     assert probabilities(slots) == {P.group_id(G[0]): Fraction(1, 4), 0: Fraction(3, 4)}
     assert P.split_slots([WeightedGroup(0, G[0]), WeightedGroup(0, None)]) == []
     key, value, _ = P.plan_frontend(FrontendKey("10.0.0.1", 80, "TCP"), split(), has_scopes=False)
-    assert L.FeValue.from_buffer_copy(P.full_value("frontends", value)).verdict == L.VERDICT_REJECT
+    assert L.FeValue.from_buffer_copy(E.full_value("frontends", value)).verdict == L.VERDICT_REJECT
 
 
 def test_a_split_wider_than_the_slots_is_refused_with_the_limit():
@@ -157,7 +158,7 @@ def test_a_split_wider_than_the_slots_is_refused_with_the_limit():
 
 
 def test_ipv4_is_keyed_as_ipv4_mapped_so_both_socket_families_hit_the_same_entry():
-    assert P.addr16("10.96.0.10") == bytes(10) + b"\xff\xff" + bytes([10, 96, 0, 10])
+    assert E.addr16("10.96.0.10") == bytes(10) + b"\xff\xff" + bytes([10, 96, 0, 10])
     assert P.frontend_key_bytes("10.96.0.10", 80, "TCP", "") == P.frontend_key_bytes(
         "10.96.0.10", 80, "TCP", "")
     key = L.FeKey.from_buffer_copy(P.frontend_key_bytes("fd00::1", 443, "UDP", ""))
@@ -184,7 +185,7 @@ def test_a_scope_id_collision_between_namespaces_in_use_is_refused():
 
 def endpoint_entries(group: BackendGroup) -> dict[bytes, bytes]:
     planned = P.plan_group(group)
-    return dict(P.ENDPOINT_SETS.entries(planned.set_id, planned.endpoints))
+    return dict(E.ENDPOINT_SETS.entries(planned.set_id, planned.endpoints))
 
 
 def test_a_new_endpoint_set_gets_new_keys_and_the_same_set_the_same_keys():

@@ -5,6 +5,7 @@ forms (set blobs, short values) are expanded with plan's own functions before co
 
 import socket
 
+from agent.datapath import entries as E
 from agent.datapath import layout as L
 from agent.datapath import plan as P
 from agent.model import (
@@ -35,20 +36,20 @@ def test_group_entries_match_the_ctypes_layout():
     expected_eps, expected_members = {}, {}
     for index, ep in enumerate(group.endpoints):
         value = L.EpValue(port=socket.htons(ep.port), family=4)
-        value.addr[:] = P.addr16(ep.address)
+        value.addr[:] = E.addr16(ep.address)
         expected_eps[bytes(L.EpKey(set_id=sid, index=index))] = bytes(value)
         member = L.MemberKey(set_id=sid, port=socket.htons(ep.port))
-        member.addr[:] = P.addr16(ep.address)
+        member.addr[:] = E.addr16(ep.address)
         expected_members[bytes(member)] = bytes(L.U32(index))
-        assert P.member_key_bytes(sid, value) == bytes(member) == P.member_key_bytes(sid, bytes(value))
-    assert dict(P.ENDPOINT_SETS.entries(sid, entries.endpoints)) == expected_eps
-    assert dict(P.MEMBER_SETS.entries(sid, entries.members)) == expected_members
-    assert P.full_value("names", entries.name) == bytes(L.NameValue(str(GROUP).encode()))
+        assert E.member_key_bytes(sid, value) == bytes(member) == E.member_key_bytes(sid, bytes(value))
+    assert dict(E.ENDPOINT_SETS.entries(sid, entries.endpoints)) == expected_eps
+    assert dict(E.MEMBER_SETS.entries(sid, entries.members)) == expected_members
+    assert E.full_value("names", entries.name) == bytes(L.NameValue(str(GROUP).encode()))
 
 
 def test_ipv6_endpoint_and_rejecting_group_match_the_ctypes_layout():
     v6 = P.plan_group(BackendGroup(GROUP6, (Endpoint("fd00::5", 80),), Verdict.FORWARD))
-    (key, value), = P.ENDPOINT_SETS.entries(v6.set_id, v6.endpoints)
+    (key, value), = E.ENDPOINT_SETS.entries(v6.set_id, v6.endpoints)
     decoded = L.EpValue.from_buffer_copy(value)
     assert bytes(decoded.addr) == socket.inet_pton(socket.AF_INET6, "fd00::5")
     assert (decoded.port, decoded.family) == (socket.htons(80), 6)
@@ -63,18 +64,18 @@ def test_frontend_entries_match_the_ctypes_layout():
     fe = FrontendState("shop", "web", "http", (WeightedGroup(90, GROUP), WeightedGroup(10, None)), route)
     key, value, names = P.plan_frontend(FrontendKey("10.96.0.10", 80, "TCP", "consumer-ns"), fe, has_scopes=True)
     expected_key = L.FeKey(port=socket.htons(80), proto=6, scope=P.scope_id("consumer-ns"))
-    expected_key.addr[:] = P.addr16("10.96.0.10")
+    expected_key.addr[:] = E.addr16("10.96.0.10")
     assert key == bytes(expected_key)
     expected = L.FeValue(verdict=L.VERDICT_FORWARD, nslots=2, flags=0, route_id=P.route_id(route))
     for i, (threshold, gid) in enumerate(P.split_slots(fe.split)):
         expected.slots[i].threshold = threshold
         expected.slots[i].group_id = gid
-    assert P.full_value("frontends", value) == bytes(expected)
-    assert P.full_value("names", names[bytes(L.U64(P.route_id(route)))]) == bytes(L.NameValue(str(route).encode()))
+    assert E.full_value("frontends", value) == bytes(expected)
+    assert E.full_value("names", names[bytes(L.U64(P.route_id(route)))]) == bytes(L.NameValue(str(route).encode()))
 
     empty = FrontendState("shop", "web", "http", ())
     _key, value, _names = P.plan_frontend(FrontendKey("10.96.0.10", 80, "TCP"), empty, has_scopes=True)
-    assert P.full_value("frontends", value) == bytes(L.FeValue(verdict=L.VERDICT_REJECT, flags=L.FE_HAS_SCOPES))
+    assert E.full_value("frontends", value) == bytes(L.FeValue(verdict=L.VERDICT_REJECT, flags=L.FE_HAS_SCOPES))
 
 
 def test_client_and_long_name_match_the_ctypes_layout():
@@ -83,5 +84,5 @@ def test_client_and_long_name_match_the_ctypes_layout():
     scope = P.scope_id("n" * 200)
     assert value == bytes(L.ClientValue(scope=scope, flags=L.CLIENT_SKIP))
     # A name longer than the field is cut, and the field still ends with a NUL.
-    assert {k: P.full_value("names", v) for k, v in names.items()} == {
+    assert {k: E.full_value("names", v) for k, v in names.items()} == {
         bytes(L.U64(scope)): bytes(L.NameValue(b"n" * (L.NAME_LEN - 1)))}

@@ -11,6 +11,7 @@ import random
 
 import pytest
 
+from agent.datapath import entries as E
 from agent.datapath import layout as L
 from agent.datapath import plan as P
 from agent.datapath import reconcile as R
@@ -82,7 +83,7 @@ def reader_problems(data) -> list[str]:
                 ep = data["endpoints"].get(bytes(L.EpKey(set_id=g.set_id, index=index)))
                 if ep is None:
                     problems.append(f"group {gid:#x} names a set missing endpoint #{index}")
-                elif g.affinity_timeout_s and P.member_key_bytes(
+                elif g.affinity_timeout_s and E.member_key_bytes(
                         g.set_id, L.EpValue.from_buffer_copy(ep)) not in data["members"]:
                     problems.append(f"group {gid:#x} with affinity misses a member")
     return problems
@@ -102,15 +103,32 @@ def replay_and_check(before, log):
         assert reader_problems(data) == [], f"after {op[0]} {op[1]}"
 
 
+class PlanThenWrite:
+    """The facade's order (agent.datapath.Datapath.reconcile): plan first, then hand the plan to
+    the writer, over in-memory maps."""
+
+    def __init__(self, maps):
+        self.planner, self.writer = P.Planner(), Reconciler(maps)
+
+    def full(self, state, pod_cgroups):
+        return self.writer.full(self.planner.full(state, pod_cgroups))
+
+    def apply(self, state, delta, pod_cgroups):
+        return self.writer.apply(self.planner.change(state, delta, pod_cgroups))
+
+    def counts(self):
+        return self.writer.counts()
+
+
 A, B, C = group("a", 3), group("b", 2, base=1), group("c", 1, base=2, affinity=30)
 
 
 def test_a_new_frontend_is_written_after_its_groups_and_their_endpoints():
     log = []
     maps = make_maps(log)
-    rec = Reconciler(maps)
+    rec = PlanThenWrite(maps)
     state = state_of([frontend("10.96.0.1", (1, A), (3, B))], [A, B])
-    rec.full(P.plan(state, {}), state)
+    rec.full(state, {})
     order = [name for op, name, *_ in log if op == "update" and name != "names"]
     assert order.index("frontends") > max(i for i, n in enumerate(order) if n in ("groups", "endpoints"))
     assert order.index("groups") > max(i for i, n in enumerate(order) if n == "endpoints")
@@ -120,9 +138,9 @@ def test_a_new_frontend_is_written_after_its_groups_and_their_endpoints():
 def test_an_endpoint_change_writes_the_new_set_flips_the_group_then_deletes_the_old_set():
     log = []
     maps = make_maps(log)
-    rec = Reconciler(maps)
+    rec = PlanThenWrite(maps)
     s1 = state_of([frontend("10.96.0.1", (1, A))], [A])
-    rec.full(P.plan(s1, {}), s1)
+    rec.full(s1, {})
     A2 = group("a", 4)
     s2 = state_of([frontend("10.96.0.1", (1, A2))], [A2])
     before, log[:] = contents(maps), []
@@ -137,12 +155,12 @@ def test_an_endpoint_change_writes_the_new_set_flips_the_group_then_deletes_the_
 def test_the_opt_out_flag_is_on_before_an_opted_out_pod_appears_and_off_when_none_is_left():
     log = []
     maps = make_maps(log)
-    rec = Reconciler(maps)
+    rec = PlanThenWrite(maps)
     quiet, busy = ClientPod("u1", "quiet", "p1", skip=True), ClientPod("u2", "shop", "p2", skip=False)
     cgroups = {"u1": 1001, "u2": 1002}
     config_key = bytes(L.U32(L.CONFIG_KEY))
     state = state_of([frontend("10.96.0.1", (1, A))], [A], [busy])
-    rec.full(P.plan(state, cgroups), state)
+    rec.full(state, cgroups)
     assert L.ConfigValue.from_buffer_copy(maps["config"].data[config_key]).flags == 0
     log[:] = []
     new = state_of([frontend("10.96.0.1", (1, A))], [A], [busy, quiet])
@@ -158,9 +176,9 @@ def test_the_opt_out_flag_is_on_before_an_opted_out_pod_appears_and_off_when_non
 def test_scoped_entries_are_written_before_the_default_entry_that_announces_them():
     log = []
     maps = make_maps(log)
-    rec = Reconciler(maps)
+    rec = PlanThenWrite(maps)
     s1 = state_of([frontend("10.96.0.1", (1, A))], [A, B])
-    rec.full(P.plan(s1, {}), s1)
+    rec.full(s1, {})
     s2 = state_of([frontend("10.96.0.1", (1, A)), frontend("10.96.0.1", (1, B), scope="team-a")], [A, B])
     log[:] = []
     rec.apply(s2, delta_between(s1, s2), {})
@@ -192,15 +210,15 @@ def test_incremental_writes_equal_the_full_plan_and_readers_never_see_a_half_cha
     rng = random.Random(seed)
     log = []
     maps = make_maps(log)
-    rec = Reconciler(maps)
+    rec = PlanThenWrite(maps)
     cgroups = {f"u{i}": 1000 + i for i in range(3)}
     state = random_state(rng)
-    rec.full(P.plan(state, cgroups), state)
+    rec.full(state, cgroups)
     for step in range(8):
         new = random_state(rng)
         before, log[:] = contents(maps), []
         if step % 3 == 2:
-            rec.full(P.plan(new, cgroups), new)
+            rec.full(new, cgroups)
         else:
             rec.apply(new, delta_between(state, new), cgroups)
         replay_and_check(before, log)
@@ -213,19 +231,19 @@ def test_full_reconcile_adopts_pinned_state_and_writes_nothing_when_it_matches()
     log = []
     maps = make_maps(log)
     state = state_of([frontend("10.96.0.1", (1, A), (1, C))], [A, C])
-    Reconciler(maps).full(P.plan(state, {}), state)
+    PlanThenWrite(maps).full(state, {})
     log[:] = []
-    second = Reconciler(maps)  # a restarted agent on the same (pinned) maps
-    stats = second.full(P.plan(state, {}), state)
+    second = PlanThenWrite(maps)  # a restarted agent on the same (pinned) maps
+    stats = second.full(state, {})
     assert log == [] and sum(stats.ops.values()) == 0
 
 
 def test_a_group_that_does_not_fit_keeps_its_old_state_and_so_do_its_frontends():
     log = []
     maps = make_maps(log, endpoints=6)
-    rec = Reconciler(maps)
+    rec = PlanThenWrite(maps)
     s1 = state_of([frontend("10.96.0.1", (1, A)), frontend("10.96.0.2", (1, B))], [A, B])
-    rec.full(P.plan(s1, {}), s1)  # 5 endpoints of 6
+    rec.full(s1, {})  # 5 endpoints of 6
     before = contents(maps)
     big = group("d", 4, base=3)  # needs 4 more: no room
     B2 = group("b", 1, base=1)
@@ -247,10 +265,10 @@ def test_a_group_that_does_not_fit_keeps_its_old_state_and_so_do_its_frontends()
 
 def test_a_frontend_that_does_not_fit_is_refused_whole_and_named():
     maps = make_maps([], frontends=1)
-    rec = Reconciler(maps)
+    rec = PlanThenWrite(maps)
     state = state_of([frontend("10.96.0.1", (1, A)), frontend("10.96.0.2", (1, A))], [A])
     with pytest.raises(MapFullError, match=r"map frontends is full \(MapSizes.frontends\).*10.96.0.2:80/tcp"):
-        rec.full(P.plan(state, {}), state)
+        rec.full(state, {})
     assert len(maps["frontends"].data) == 1 and reader_problems(contents(maps)) == []
 
 
@@ -275,24 +293,24 @@ def test_a_failed_write_leaves_readers_consistent_and_the_next_full_reconcile_re
     log = []
     maps = make_maps(log)
     maps[failing] = FaultyMap(failing, 10_000, log, fail_on=2)
-    rec = Reconciler(maps)
+    rec = PlanThenWrite(maps)
     s1 = state_of([frontend("10.96.0.1", (1, A)), frontend("10.96.0.2", (1, B))], [A, B])
-    rec.full(P.plan(s1, {}), s1)
+    rec.full(s1, {})
     A2, B2 = group("a", 2, base=5), group("b", 3, base=6)
     s2 = state_of([frontend("10.96.0.1", (1, A2)), frontend("10.96.0.3", (1, B2), (1, C))], [A2, B2, C])
     before, log[:] = contents(maps), []
     with pytest.raises(OSError, match="injected"):
         rec.apply(s2, delta_between(s1, s2), {})
     replay_and_check(before, log)
-    rec.full(P.plan(s2, {}), s2)
+    rec.full(s2, {})
     assert contents(maps) == P.plan(s2, {}).expand()
 
 
 def test_a_changed_group_that_does_not_fit_keeps_its_old_set_and_its_frontends_their_old_split():
     maps = make_maps([], endpoints=5)
-    rec = Reconciler(maps)
+    rec = PlanThenWrite(maps)
     s1 = state_of([frontend("10.96.0.1", (1, A)), frontend("10.96.0.2", (1, B))], [A, B])
-    rec.full(P.plan(s1, {}), s1)  # 3 + 2 endpoints: full
+    rec.full(s1, {})  # 3 + 2 endpoints: full
     before = contents(maps)
     A2 = group("a", 3, base=7)  # a new set of 3 next to the old one: no room until the old goes
     s2 = state_of([frontend("10.96.0.1", (1, A2), (1, None)), frontend("10.96.0.2", (1, B))], [A2, B])
@@ -309,25 +327,25 @@ def set_id_of(g) -> int:
 
 
 def set_keys(g) -> set[bytes]:
-    return {P.ep_key_bytes(set_id_of(g), i) for i in range(len(g.endpoints))}
+    return {E.ep_key_bytes(set_id_of(g), i) for i in range(len(g.endpoints))}
 
 
 def member_keys(g) -> set[bytes]:
     planned = P.plan_group(g)
-    return {key for key, _ in P.MEMBER_SETS.entries(planned.set_id, planned.members)}
+    return {key for key, _ in E.MEMBER_SETS.entries(planned.set_id, planned.members)}
 
 
 def test_a_pinned_set_with_an_index_missing_is_rewritten_whole_by_a_full_reconcile():
     log = []
     maps = make_maps(log, endpoints=5, members=2)  # room for the missing entries only
     state = state_of([frontend("10.96.0.1", (1, A)), frontend("10.96.0.2", (1, C))], [A, C])
-    Reconciler(maps).full(P.plan(state, {}), state)
+    PlanThenWrite(maps).full(state, {})
     planned = P.plan(state, {}).expand()
     sid = set_id_of(A)
     # Drift behind the agent's back: index 1 of a's set gone, a stray index 7 next to it; c's
     # only member gone and a member key with a nonzero pad byte (never written by us) added.
-    del maps["endpoints"].data[P.ep_key_bytes(sid, 1)]
-    maps["endpoints"].data[P.ep_key_bytes(sid, 7)] = planned["endpoints"][P.ep_key_bytes(sid, 0)]
+    del maps["endpoints"].data[E.ep_key_bytes(sid, 1)]
+    maps["endpoints"].data[E.ep_key_bytes(sid, 7)] = planned["endpoints"][E.ep_key_bytes(sid, 0)]
     (c_member, c_index), = planned["members"].items()
     del maps["members"].data[c_member]
     foreign = c_member[:-1] + b"\x01"
@@ -335,14 +353,14 @@ def test_a_pinned_set_with_an_index_missing_is_rewritten_whole_by_a_full_reconci
     assert reader_problems(contents(maps)), "the drift is visible to a reader"
 
     log[:] = []
-    rec = Reconciler(maps)  # a restarted agent adopts the drifted maps
-    stats = rec.full(P.plan(state, {}), state)
+    rec = PlanThenWrite(maps)  # a restarted agent adopts the drifted maps
+    stats = rec.full(state, {})
     assert contents(maps) == planned and reader_problems(contents(maps)) == []
     # The sets were rewritten whole under their own keys (no group flip, nothing else touched),
     # then the keys outside them deleted.
     writes = {(op, name, key) for op, name, key, *_ in log}
     assert writes == ({("update", "endpoints", k) for k in set_keys(A)} | {("update", "members", c_member)}
-                      | {("delete", "endpoints", P.ep_key_bytes(sid, 7)), ("delete", "members", foreign)})
+                      | {("delete", "endpoints", E.ep_key_bytes(sid, 7)), ("delete", "members", foreign)})
     assert stats.ops[("groups", "update")] == 0
     assert rec.counts() == {name: len(entries) for name, entries in contents(maps).items()}
 
@@ -351,13 +369,13 @@ def test_a_pinned_set_whose_content_changed_in_place_is_rewritten_by_a_full_reco
     log = []
     maps = make_maps(log)
     state = state_of([frontend("10.96.0.1", (1, A))], [A])
-    rec = Reconciler(maps)
-    rec.full(P.plan(state, {}), state)
+    rec = PlanThenWrite(maps)
+    rec.full(state, {})
     planned = P.plan(state, {}).expand()
-    key = P.ep_key_bytes(set_id_of(A), 2)
-    maps["endpoints"].data[key] = planned["endpoints"][P.ep_key_bytes(set_id_of(A), 0)]  # same keys, other value
+    key = E.ep_key_bytes(set_id_of(A), 2)
+    maps["endpoints"].data[key] = planned["endpoints"][E.ep_key_bytes(set_id_of(A), 0)]  # same keys, other value
     log[:] = []
-    rec.full(P.plan(state, {}), state)
+    rec.full(state, {})
     assert contents(maps) == planned
     assert {(op, name, k) for op, name, k, *_ in log} == {("update", "endpoints", k) for k in set_keys(A)}
 
@@ -365,13 +383,13 @@ def test_a_pinned_set_whose_content_changed_in_place_is_rewritten_by_a_full_reco
 def test_a_drifted_set_no_group_names_is_deleted_whole():
     maps = make_maps([])
     state = state_of([frontend("10.96.0.1", (1, A))], [A])
-    Reconciler(maps).full(P.plan(state, {}), state)
+    PlanThenWrite(maps).full(state, {})
     leftover = group("gone", 4, base=9)
     planned = P.plan_group(leftover)
-    entries = dict(P.ENDPOINT_SETS.entries(planned.set_id, planned.endpoints))
-    del entries[P.ep_key_bytes(planned.set_id, 2)]  # with a hole, as a crash could leave it
+    entries = dict(E.ENDPOINT_SETS.entries(planned.set_id, planned.endpoints))
+    del entries[E.ep_key_bytes(planned.set_id, 2)]  # with a hole, as a crash could leave it
     maps["endpoints"].data.update(entries)
-    Reconciler(maps).full(P.plan(state, {}), state)
+    PlanThenWrite(maps).full(state, {})
     assert contents(maps) == P.plan(state, {}).expand()
 
 
@@ -379,12 +397,12 @@ def test_a_stale_set_is_deleted_by_the_keys_its_count_gives_also_after_a_restart
     log = []
     maps = make_maps(log)
     s1 = state_of([frontend("10.96.0.1", (1, A)), frontend("10.96.0.2", (1, C))], [A, C])
-    Reconciler(maps).full(P.plan(s1, {}), s1)
+    PlanThenWrite(maps).full(s1, {})
     A2, C2 = group("a", 2, base=5), group("c", 2, base=6, affinity=30)
     s2 = state_of([frontend("10.96.0.1", (1, A2)), frontend("10.96.0.2", (1, C2))], [A2, C2])
     before, log[:] = contents(maps), []
-    rec = Reconciler(maps)  # the mirror comes from the maps: each set from its entries
-    rec.full(P.plan(s2, {}), s2)
+    rec = PlanThenWrite(maps)  # the mirror comes from the maps: each set from its entries
+    rec.full(s2, {})
     replay_and_check(before, log)
     deleted = {(name, key) for op, name, key, *_ in log if op == "delete"}
     assert deleted == ({("endpoints", k) for k in set_keys(A) | set_keys(C)}
@@ -402,12 +420,12 @@ def test_a_stale_set_is_deleted_by_the_keys_its_count_gives_also_after_a_restart
 
 def test_overflow_is_counted_per_set_and_a_set_that_does_not_fit_is_not_written_at_all():
     maps = make_maps([], endpoints=5)
-    rec = Reconciler(maps)
+    rec = PlanThenWrite(maps)
     a3, b3, c2 = group("a", 3), group("b", 3, base=1), group("c", 2, base=2)
     state = state_of([frontend("10.96.0.1", (1, a3)), frontend("10.96.0.2", (1, b3)),
                       frontend("10.96.0.3", (1, c2))], [a3, b3, c2])
     with pytest.raises(MapFullError, match=r"map endpoints is full.*shop/b:http/tcp/v4") as err:
-        rec.full(P.plan(state, {}), state)
+        rec.full(state, {})
     assert "shop/a" not in str(err.value) and "shop/c" not in str(err.value)
     after = contents(maps)
     # a fit (3 of 5), b's 3 did not (no entry of it written), c's 2 still did after b.
@@ -419,17 +437,17 @@ def test_overflow_is_counted_per_set_and_a_set_that_does_not_fit_is_not_written_
     # first try after the change still has no room for b).
     state = state_of([frontend("10.96.0.2", (1, b3)), frontend("10.96.0.3", (1, c2))], [b3, c2])
     with pytest.raises(MapFullError, match="shop/b"):
-        rec.full(P.plan(state, {}), state)
-    rec.full(P.plan(state, {}), state)
+        rec.full(state, {})
+    rec.full(state, {})
     assert contents(maps) == P.plan(state, {}).expand()
 
 
 def test_a_group_whose_set_is_already_in_the_map_needs_no_room_for_it():
     maps = make_maps([], endpoints=3, members=3)
-    rec = Reconciler(maps)
+    rec = PlanThenWrite(maps)
     a3 = group("a", 3)
     s1 = state_of([frontend("10.96.0.1", (1, a3))], [a3])
-    rec.full(P.plan(s1, {}), s1)  # endpoints map full
+    rec.full(s1, {})  # endpoints map full
     sticky = group("a", 3, affinity=60)  # same set, now with affinity: its members are new
     assert set_id_of(sticky) == set_id_of(a3)
     s2 = state_of([frontend("10.96.0.1", (1, sticky))], [sticky])
@@ -439,11 +457,11 @@ def test_a_group_whose_set_is_already_in_the_map_needs_no_room_for_it():
 
 def test_a_group_whose_members_do_not_fit_keeps_its_old_state_and_writes_no_endpoint():
     maps = make_maps([], members=1)
-    rec = Reconciler(maps)
+    rec = PlanThenWrite(maps)
     sticky = group("d", 2, base=4, affinity=60)
     state = state_of([frontend("10.96.0.1", (1, sticky)), frontend("10.96.0.2", (1, A))], [sticky, A])
     with pytest.raises(MapFullError, match=r"map members is full \(MapSizes.members\).*shop/d"):
-        rec.full(P.plan(state, {}), state)
+        rec.full(state, {})
     after = contents(maps)
     assert set(after["endpoints"]) == set_keys(A) and after["members"] == {}
     assert P.group_key_bytes(sticky.key) not in after["groups"] and reader_problems(after) == []
