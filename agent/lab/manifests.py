@@ -46,7 +46,10 @@ def read_objects(directory: str | Path) -> list[dict]:
         raise UserError(f"manifests directory {directory} does not exist; "
                         "hint: pass --manifests DIR (examples/demo is a complete example)")
     objects: list[dict] = []
-    for relpath in list_manifest_files(directory):
+    listing = list_manifest_files(directory)
+    for relpath, (_signature, reason) in listing.broken.items():
+        raise UserError(f"{directory / relpath}: {reason}; hint: fix or remove that file")
+    for relpath in listing.files:
         with open(directory / relpath) as f:
             contents = parse_manifest(relpath, f.read())
         if contents.bad:

@@ -258,7 +258,8 @@ class Agent:
             from agent.sources.manifests import SOURCE, ManifestsSource
 
             self.store.expect(SOURCE)
-            source = ManifestsSource(s.manifests, self.store, s.manifests_poll_interval)
+            source = ManifestsSource(s.manifests, self.store, s.manifests_poll_interval,
+                                     on_bad_files=self.metrics.manifests_bad_files.set)
             source.start()
             self._stoppers.append(source.stop)
         else:

@@ -94,6 +94,10 @@ class Metrics:
                                      "1 when the kernel has a feature the socket programs use, 0 when "
                                      "it lacks it (probed at start; see the kernel.features log line).",
                                      ["feature"], registry=r)
+        self.manifests_bad_files = Gauge(f"{PREFIX}_manifests_bad_files",
+                                         "Files of the manifests directory skipped whole or holding a bad "
+                                         "document now (each is logged once per change of the file).",
+                                         registry=r)
         self.datapath_outcomes = DatapathOutcomes()
         r.register(self.datapath_outcomes)
 

@@ -17,9 +17,14 @@ Invariants:
   position there: "later file wins", as a second `kubectl apply` would; a repeat is reported;
 - `metadata.resourceVersion` is dropped from every object: a manifest is no API server, and an
   edited object that kept its exported number must still count as changed (agent.sources);
-- a bad document (unparsable, not an object, unknown kind, no name) is reported once per change of
-  its file, with the file and the document index (0-based, counting non-empty documents; an item
-  of a List adds `.items[i]`), and skipped: the rest still applies;
+- a bad document (unparsable, not an object, unknown kind, no name, nested deeper than MAX_DEPTH,
+  more than MAX_VALUES values) is reported once per change of its file, with the file and the
+  document index (0-based, counting non-empty documents; an item of a List adds `.items[i]`),
+  and skipped: the rest still applies;
+- a bad file (unreadable, vanished, not a regular file, over MAX_FILE_BYTES, a symlink loop, not
+  UTF-8) is skipped whole, as a file without objects, and reported once per change of what we can
+  see of it (its stat, or its link's): it never stops the other files. `bad_files` counts the
+  files with a bad document or skipped whole (the meshlet_manifests_bad_files gauge);
 - a Route without `metadata.creationTimestamp` gets a synthetic one in the order of the files
   (path, then position): 9000-01-01T00:00:00Z plus one second per such Route before it, so
   "first route" (SEMANTICS B7) means first in the files, and Routes without a timestamp still
@@ -30,13 +35,16 @@ Invariants:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import stat
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -55,11 +63,21 @@ _SYNTHETIC_EPOCH = datetime(9000, 1, 1, tzinfo=timezone.utc)
 _DOCUMENT_START = re.compile(r"^---(?:[ \t].*)?$")
 _DOCUMENT_END = re.compile(r"^\.\.\.[ \t]*$")
 
+#: Largest manifest file read (bytes). A Kubernetes object is at most ~1.5 MiB (etcd's limit), so
+#: a file above this is not a set of manifests; parsing it would hold the poll for minutes.
+MAX_FILE_BYTES = 16 * 1024 * 1024
+#: Deepest nesting of one document. Real objects stay below 20 levels; a document deeper than
+#: this is refused before anything walks it recursively.
+MAX_DEPTH = 100
+#: Most values (mappings, lists and scalars, each time it is reached) in one document: a YAML
+#: alias "bomb" is small text but expands to billions of values for anything that copies it.
+MAX_VALUES = 1_000_000
+
 
 @dataclass(frozen=True)
 class BadDocument:
     file: str
-    index: str
+    index: str | None  #: None: the whole file was skipped (it could not be read or parsed)
     error: str
 
 
@@ -123,7 +141,32 @@ def check_object(doc: object) -> tuple[dict | None, str | None]:
     return doc, None
 
 
+def oversize(doc: object) -> str | None:
+    """Why a parsed document is too big to take (nested deeper than MAX_DEPTH, or more than
+    MAX_VALUES values once YAML aliases are expanded), or None. Iterative: it must not itself
+    recurse into what it guards against."""
+    pending = [(doc, 1)]
+    values = 0
+    while pending:
+        value, depth = pending.pop()
+        values += 1
+        if values > MAX_VALUES:
+            return f"more than {MAX_VALUES} values (YAML aliases expanding?)"
+        if depth > MAX_DEPTH:
+            return f"nested deeper than {MAX_DEPTH} levels"
+        if isinstance(value, dict):
+            pending.extend((v, depth + 1) for v in value.values())
+            pending.extend((k, depth + 1) for k in value if not isinstance(k, (str, int, float, bool)))
+        elif isinstance(value, list):
+            pending.extend((v, depth + 1) for v in value)
+    return None
+
+
 def _expand(doc: object, index: str, file: str, objects: list, bad: list) -> None:
+    too_big = oversize(doc)
+    if too_big is not None:
+        bad.append(BadDocument(file, index, too_big))
+        return
     if isinstance(doc, dict) and isinstance(doc.get("kind"), str) and doc["kind"].endswith("List") \
             and isinstance(doc.get("items"), list):
         for i, item in enumerate(doc["items"]):
@@ -145,6 +188,8 @@ def parse_manifest(name: str, text: str) -> FileContents:
             value = json.loads(text) if text.strip() else None
         except ValueError as err:
             return FileContents((), (BadDocument(name, "0", f"not valid JSON: {err}"),))
+        except RecursionError:
+            return FileContents((), (BadDocument(name, "0", "not valid JSON: nested too deeply"),))
         values = value if isinstance(value, list) else [] if value is None else [value]
         for i, doc in enumerate(values):
             _expand(doc, str(i), name, objects, bad)
@@ -155,6 +200,16 @@ def parse_manifest(name: str, text: str) -> FileContents:
             doc = yaml.safe_load(chunk)
         except yaml.YAMLError as err:
             bad.append(BadDocument(name, str(index), _yaml_error(err, first_line)))
+            index += 1
+            continue
+        except RecursionError:
+            bad.append(BadDocument(name, str(index), f"not valid YAML (document starts at line "
+                                                     f"{first_line + 1}): nested too deeply"))
+            index += 1
+            continue
+        except Exception as err:  # a value the YAML types refuse (`2024-13-45`, `!!int 0x`): not a YAMLError
+            bad.append(BadDocument(name, str(index), f"not valid YAML (document starts at line "
+                                                     f"{first_line + 1}): {err}"))
             index += 1
             continue
         if doc is None:  # empty, or comments only: not a document
@@ -181,21 +236,102 @@ def order_routes(objects: list[dict], first: int = 0) -> list[dict]:
 # --- I/O: the directory poll ----------------------------------------------------------------------
 
 
-def list_manifest_files(directory: Path) -> dict[str, tuple]:
-    """Relative path -> stat signature of every manifest file below `directory` (sorted walk)."""
-    found: dict[str, tuple] = {}
-    for root, dirs, files in os.walk(directory, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if name.startswith(".") or not name.endswith(SUFFIXES):
+@dataclass(frozen=True)
+class Listing:
+    """One walk of the directory: the manifest files to read, and the entries that cannot be.
+
+    `files`: relative path -> stat signature (inode, size, mtime, ctime) of each regular file to
+    read. `broken`: relative path -> (signature, reason) of each entry skipped whole (a symlink
+    loop, not a regular file, over the size cap, not stat-able): its signature is what we could
+    see of it plus the reason, so it is reported again only when it (or its reason) changes.
+    """
+
+    files: dict[str, tuple]
+    broken: dict[str, tuple[tuple, str]]
+
+    def signatures(self) -> dict[str, tuple]:
+        out = dict(self.files)
+        out.update((name, signature) for name, (signature, _) in self.broken.items())
+        return dict(sorted(out.items()))
+
+
+def _lstat_signature(path: str) -> tuple:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return ()
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _kind_of(mode: int) -> str:
+    for test, what in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def list_manifest_files(directory: Path) -> Listing:
+    """Every manifest file below `directory` (names starting with "." left out), in path order.
+
+    Symlinks are followed, each directory is read once: a link back to a directory already read
+    (a loop, or a second way to the same place) is reported instead of walked again. An entry that
+    disappears while we walk is left to the next poll.
+    """
+    files: dict[str, tuple] = {}
+    broken: dict[str, tuple[tuple, str]] = {}
+    try:
+        top = os.stat(directory)
+    except OSError:
+        return Listing(files, broken)
+    seen = {(top.st_dev, top.st_ino): "."}
+    pending = [""]
+    while pending:
+        rel_dir = pending.pop()
+        try:
+            names = sorted(os.listdir(os.path.join(directory, rel_dir)))
+        except FileNotFoundError:
+            continue
+        except OSError as err:
+            if rel_dir:
+                broken[rel_dir] = (_lstat_signature(os.path.join(directory, rel_dir)),
+                                   f"cannot list this directory: {err.strerror}")
+            continue
+        subdirs = []
+        for name in names:
+            if name.startswith("."):
                 continue
-            path = os.path.join(root, name)
+            rel = os.path.join(rel_dir, name)
+            path = os.path.join(directory, rel)
+            is_manifest = name.endswith(SUFFIXES)
             try:
                 st = os.stat(path)
             except FileNotFoundError:
-                continue  # removed while we walked: the next poll sees the rest of the change
-            found[os.path.relpath(path, directory)] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    return dict(sorted(found.items()))
+                if is_manifest and os.path.islink(path):
+                    broken[rel] = (_lstat_signature(path), f"a symlink to a missing file ({os.readlink(path)})")
+                continue  # else removed while we walked: the next poll sees the rest of the change
+            except OSError as err:  # ELOOP (a symlink to itself), EACCES on the way, ...
+                if is_manifest:
+                    broken[rel] = (_lstat_signature(path), f"cannot stat: {err.strerror}")
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                first = seen.setdefault((st.st_dev, st.st_ino), rel)
+                if first != rel:
+                    broken[rel] = (_lstat_signature(path), f"leads to a directory already read as {first} "
+                                   "(a symlink loop or a second link): not read again")
+                else:
+                    subdirs.append(rel)
+            elif is_manifest:
+                signature = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                if not stat.S_ISREG(st.st_mode):
+                    broken[rel] = (signature, f"{_kind_of(st.st_mode)}, not a regular file")
+                elif st.st_size > MAX_FILE_BYTES:
+                    broken[rel] = (signature, f"{st.st_size} bytes, larger than the {MAX_FILE_BYTES} byte cap "
+                                   "on a manifest file; split it into several files")
+                else:
+                    files[rel] = signature
+        pending.extend(reversed(subdirs))
+    return Listing(dict(sorted(files.items())), dict(sorted(broken.items())))
 
 
 @dataclass(frozen=True)
@@ -206,7 +342,24 @@ class _HeldFile:
     keys: tuple[ObjectKey, ...]  #: the identities its objects have
     untimed_routes: int  #: Routes without creationTimestamp: they take synthetic ones
     route_base: int  #: the synthetic ordinal of its first such Route when it was last read
-    bad: int  #: bad documents, for the summary line
+    bad: int  #: bad documents (or 1 for a file skipped whole), for the gauge and the summary line
+
+
+@dataclass
+class _Change:
+    """One poll's work in progress, phase by phase (see ManifestsSource.poll_once)."""
+
+    signatures: dict[str, tuple]  #: every file of the listing, broken ones included
+    read: dict[str, FileContents]  #: the files read in this poll (changed, renumbered)
+    changed: set[str]  #: read because their signature changed (their bad documents are reported)
+    bases: dict[str, int] = field(default_factory=dict)  #: file -> ordinal of its first untimed Route
+    newest: dict[str, dict[ObjectKey, dict]] = field(default_factory=dict)  #: file -> its objects now
+    holders: dict[ObjectKey, tuple[str, ...]] = field(default_factory=dict)  #: the identities touched
+
+    @property
+    def touched(self) -> set[str]:
+        """Files read now, and files gone: the ones whose held record this poll replaces."""
+        return set(self.read)
 
 
 class ManifestsSource:
@@ -216,17 +369,26 @@ class ManifestsSource:
     objects depend on, see `poll_once`), upserts their objects, and deletes the identities no file
     holds any more: one `sink.apply` per poll, so the loop sees a poll whole. Per file it keeps
     the signature and the identities, per identity the files holding it (later file wins).
+    `bad_files` is the number of files with at least one bad document, or skipped whole, now;
+    `on_bad_files` (if given) is called with it after every poll that applied something.
     """
 
-    def __init__(self, directory: Path, sink: Sink, poll_interval: float = 0.2):
+    def __init__(self, directory: Path, sink: Sink, poll_interval: float = 0.2,
+                 on_bad_files: Callable[[int], None] | None = None):
         self.directory = Path(directory)
         self.sink = sink
         self.poll_interval = poll_interval
+        self.on_bad_files = on_bad_files
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._listed = False  #: a full read has been delivered
         self._held: dict[str, _HeldFile] = {}
         self._holders: dict[ObjectKey, tuple[str, ...]] = {}  #: identity -> files, sorted; last wins
+        self._last_error: str | None = None  #: the last unexpected poll error, logged once
+
+    @property
+    def bad_files(self) -> int:
+        return sum(1 for held in self._held.values() if held.bad)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="manifests", daemon=True)
@@ -244,120 +406,206 @@ class ManifestsSource:
                 if self.poll_once() and first:
                     self.sink.synced(SOURCE)
                     first = False
-            except Exception as err:  # a source never dies: report and poll again
-                log.error("manifests.error", dir=str(self.directory), error=repr(err))
+                self._last_error = None
+            except Exception as err:  # a source never dies: report (once per distinct error), poll again
+                if repr(err) != self._last_error:
+                    log.error("manifests.error", dir=str(self.directory), error=repr(err))
+                    self._last_error = repr(err)
             self._stop.wait(self.poll_interval)
 
     def poll_once(self) -> bool:
         """Apply what changed in the directory; True once a full read has been delivered.
 
-        Nothing is applied unless every file the change needs was read whole (a file changing
-        while read is a writer at work: the next poll tries again), so the sink never sees half
-        a change. Besides the changed files, a poll reads again (1) an unchanged file whose
-        Routes without creationTimestamp must be renumbered because Routes were added or removed
-        before it, and (2) an unchanged file that becomes the winner of an identity a later file
-        dropped: the source keeps no objects, only where they are.
+        Phases: list the directory; read the changed files (a file caught mid-write or gone keeps
+        its last state until the next poll, the rest applies now); number the Routes without
+        creationTimestamp, reading again an unchanged file whose Routes must be renumbered because
+        Routes were added or removed before it; work out which file holds each touched identity
+        now, reading again an unchanged file that becomes the winner of an identity a later file
+        dropped (the source keeps no objects, only where they are); push the difference as one
+        step; report the bad files and documents read; remember what was read.
+
+        A file that cannot be read or parsed (unreadable, not a regular file, over the size cap,
+        a symlink loop, not UTF-8, nested too deeply) counts as a file with no objects and one
+        bad document, reported once per change of the file: it never stops the rest.
         """
         if not self.directory.is_dir():
             if self._listed:
                 log.warning("manifests.dir_missing", dir=str(self.directory), keeping="last list")
             return self._listed
-        files = list_manifest_files(self.directory)
-        if self._listed and files == {name: held.signature for name, held in self._held.items()}:
+        listing = list_manifest_files(self.directory)
+        signatures = listing.signatures()
+        if self._listed and signatures == {name: held.signature for name, held in self._held.items()}:
             return True
-        read: dict[str, FileContents] = {}
-        for name, signature in files.items():
-            held = self._held.get(name)
-            if held is None or held.signature != signature:
-                contents = self._read(name, signature)
-                if contents is None:
-                    return self._listed  # mid-write: try the whole change again soon
-                read[name] = contents
-        changed = set(read)
-        bases, running = {}, 0
-        for name in files:
-            bases[name] = running
-            running += _untimed_routes(read[name].objects) if name in read else self._held[name].untimed_routes
-        for name, held in self._held.items():
-            if name in files and name not in read and held.untimed_routes and held.route_base != bases[name]:
-                contents = self._read(name, files[name])
-                if contents is None:
-                    return self._listed
-                read[name] = contents
-        newest = {name: _last_of_each(order_routes(list(read[name].objects), bases[name])) for name in read}
+        change = self._read_changed(listing)
+        if not self._number_routes(change):
+            return self._listed
+        self._find_holders(change)
+        if not self._read_new_winners(change):
+            return self._listed
+        upserts, deletes = self._difference(change)
+        self._report_bad(change)
+        self.sink.apply(upserts, deletes)
+        self._remember(change)
+        self._listed = True
+        bad_files = self.bad_files
+        if self.on_bad_files is not None:
+            self.on_bad_files(bad_files)
+        log.info("manifests.read", dir=str(self.directory), files=len(signatures), read=len(change.read),
+                 objects=len(self._holders), upserted=len(upserts), deleted=len(deletes),
+                 bad=sum(held.bad for held in self._held.values()), bad_files=bad_files)
+        return True
 
-        touched = set(read) | (self._held.keys() - files.keys())
+    # --- the phases of a poll ---------------------------------------------------------------------
+
+    def _read_changed(self, listing: Listing) -> _Change:
+        """Read each file whose signature changed. One caught mid-write (or gone meanwhile) is
+        left as it was for this poll: a new one is not listed yet, a known one keeps its last
+        state, and the next poll reads it again."""
+        signatures = listing.signatures()
+        read: dict[str, FileContents] = {}
+        for name, signature in list(signatures.items()):
+            held = self._held.get(name)
+            if held is not None and held.signature == signature:
+                continue
+            if name in listing.broken:
+                contents = FileContents((), (BadDocument(name, None, listing.broken[name][1]),))
+            else:
+                contents = self._read(name, signature)
+            if contents is not None:
+                read[name] = contents
+            elif held is not None:
+                signatures[name] = held.signature
+            else:
+                del signatures[name]
+        return _Change(signatures, read, set(read))
+
+    def _number_routes(self, change: _Change) -> bool:
+        """The synthetic ordinal of each file's first untimed Route (files in path order); read
+        again an unchanged file whose Routes move. False: such a file could not be read whole."""
+        running = 0
+        for name in change.signatures:
+            change.bases[name] = running
+            running += (_untimed_routes(change.read[name].objects) if name in change.read
+                        else self._held[name].untimed_routes)
+        for name, held in self._held.items():
+            if name in change.signatures and name not in change.read and held.untimed_routes \
+                    and held.route_base != change.bases[name]:
+                contents = self._read(name, change.signatures[name])
+                if contents is None:
+                    return False  # caught mid-write: the whole change again at the next poll
+                change.read[name] = contents
+        change.newest = {name: _last_of_each(order_routes(list(contents.objects), change.bases[name]))
+                         for name, contents in change.read.items()}
+        return True
+
+    def _find_holders(self, change: _Change) -> None:
+        """Per identity the files read now or forgotten touch: the files holding it after this poll."""
+        gone = self._held.keys() - change.signatures.keys()
+        touched = change.touched | gone
         incoming: dict[ObjectKey, list[str]] = {}  # identity -> the files read now that hold it
-        for name in sorted(newest):
-            for key in newest[name]:
+        for name in sorted(change.newest):
+            for key in change.newest[name]:
                 incoming.setdefault(key, []).append(name)
         keys = set(incoming)
         for name in touched & self._held.keys():
             keys.update(self._held[name].keys)
-        holders: dict[ObjectKey, tuple[str, ...]] = {}
-        winners_to_read: set[str] = set()
         for key in keys:
             before = self._holders.get(key, ())
-            after = tuple(sorted({n for n in before if n not in touched}.union(incoming.get(key, ()))))
-            holders[key] = after
-            if after and after[-1] not in newest and (not before or before[-1] != after[-1]):
-                winners_to_read.add(after[-1])  # a later file dropped it: the earlier one wins again
-        for name in winners_to_read:
-            contents = self._read(name, files[name])
-            newest[name] = _last_of_each(order_routes(list(contents.objects), bases[name])) if contents else {}
-            if contents is None or any(after and after[-1] == name and key not in newest[name]
-                                       for key, after in holders.items()):
-                # It changed or became unreadable since it was listed: the next poll reads it
-                # as a changed file (its signature forgotten), with the rest of this change.
-                self._held[name] = replace(self._held[name], signature=())
-                return self._listed
+            change.holders[key] = tuple(sorted({n for n in before if n not in touched}.union(incoming.get(key, ()))))
 
+    def _read_new_winners(self, change: _Change) -> bool:
+        """Read the unchanged files that hold an identity again because a later file dropped it.
+        False: one changed or became unreadable since it was listed (the next poll reads it as a
+        changed file, with the rest of this change)."""
+        winners = {after[-1] for key, after in change.holders.items()
+                   if after and after[-1] not in change.newest
+                   and (not self._holders.get(key) or self._holders[key][-1] != after[-1])}
+        for name in winners:
+            contents = self._read(name, change.signatures[name])
+            change.newest[name] = (_last_of_each(order_routes(list(contents.objects), change.bases[name]))
+                                   if contents else {})
+            if contents is None or any(after and after[-1] == name and key not in change.newest[name]
+                                       for key, after in change.holders.items()):
+                self._held[name] = replace(self._held[name], signature=())
+                return False
+        return True
+
+    def _difference(self, change: _Change) -> tuple[list[dict], list[dict]]:
+        """The objects to upsert (each identity's winning file's object) and the identities to delete."""
         upserts, deletes = [], []
-        for key, after in holders.items():
+        for key, after in change.holders.items():
             if not after:
                 deletes.append(identity_stub(key))
-            elif after[-1] in newest:
-                upserts.append(newest[after[-1]][key])
-            if len(after) > 1 and (set(after) & changed):
+            elif after[-1] in change.newest:
+                upserts.append(change.newest[after[-1]][key])
+            if len(after) > 1 and (set(after) & change.changed):
                 log.warning("manifests.duplicate", kind=key[1], namespace=key[2], name=key[3],
                             files=",".join(after), applied=after[-1])
-        for name in sorted(changed):
-            for doc in read[name].bad:
-                log.warning("manifests.bad_document", file=doc.file, index=doc.index, error=doc.error)
-        self.sink.apply(upserts, deletes)
+        return upserts, deletes
 
-        for name in touched:
-            if name in read:
-                self._held[name] = _HeldFile(files[name], tuple(newest[name]), _untimed_routes(read[name].objects),
-                                             bases[name], len(read[name].bad))
-            else:
-                del self._held[name]
-        for key, after in holders.items():
+    def _report_bad(self, change: _Change) -> None:
+        """One line per bad file or document of the files that changed: never again until they change."""
+        for name in sorted(change.changed):
+            for doc in change.read[name].bad:
+                if doc.index is None:
+                    log.warning("manifests.bad_file", file=doc.file, error=doc.error)
+                else:
+                    log.warning("manifests.bad_document", file=doc.file, index=doc.index, error=doc.error)
+
+    def _remember(self, change: _Change) -> None:
+        for name in self._held.keys() - change.signatures.keys():
+            del self._held[name]
+        for name, contents in change.read.items():
+            self._held[name] = _HeldFile(change.signatures[name], tuple(change.newest[name]),
+                                         _untimed_routes(contents.objects), change.bases[name], len(contents.bad))
+        for key, after in change.holders.items():
             if after:
                 self._holders[key] = after
             else:
                 del self._holders[key]
-        self._listed = True
-        log.info("manifests.read", dir=str(self.directory), files=len(files), read=len(read),
-                 objects=len(self._holders), upserted=len(upserts), deleted=len(deletes),
-                 bad=sum(held.bad for held in self._held.values()))
-        return True
 
     def _read(self, name: str, signature: tuple) -> FileContents | None:
-        """The file's contents, or None when it changed while we read it (a writer at work:
-        the next poll reads the finished file instead of applying half of it)."""
-        path = self.directory / name
+        """The file's contents (a file that cannot be read or parsed gives one bad document), or
+        None when it changed or went away while we read it (a writer at work: the next poll reads
+        the finished file instead of applying half of it)."""
         try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-                st = os.fstat(f.fileno())
+            data, st = read_capped(self.directory / name, MAX_FILE_BYTES)
         except FileNotFoundError:
             return None
-        except (OSError, UnicodeDecodeError) as err:
-            return FileContents((), (BadDocument(name, "0", f"cannot read: {err}"),))
+        except OSError as err:
+            return FileContents((), (BadDocument(name, None, f"cannot read: {err.strerror or err}"),))
         if (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != signature:
             return None
-        return parse_manifest(name, text)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            return FileContents((), (BadDocument(name, None, f"not UTF-8 text (byte {err.start}: {err.reason})"),))
+        try:
+            return parse_manifest(name, text)
+        except Exception as err:  # parse_manifest reports what it knows; anything else skips the file alone
+            return FileContents((), (BadDocument(name, None, f"cannot parse: {err!r}"),))
+
+
+def read_capped(path: Path, cap: int) -> tuple[bytes, os.stat_result]:
+    """The bytes of a regular file (at most cap + 1 of them) and its stat, taken after the read.
+
+    Opened non-blocking, so a FIFO put in place of the file after the listing cannot hang the poll.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, f"{_kind_of(st.st_mode)}, not a regular file")
+        chunks, total = [], 0
+        while total <= cap:
+            chunk = os.read(fd, min(1 << 20, cap + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        return b"".join(chunks), os.fstat(fd)
+    finally:
+        os.close(fd)
 
 
 def _untimed_routes(objects) -> int:

@@ -8,7 +8,9 @@ import time
 
 import pytest
 
-from agent.sources import object_key
+from pathlib import Path
+
+from agent.sources import manifests, object_key
 from agent.sources.manifests import SOURCE, ManifestsSource, order_routes, parse_manifest, split_yaml_documents
 
 SERVICE = """\
@@ -276,3 +278,219 @@ def test_a_file_caught_mid_write_while_read_again_is_not_half_applied(tmp_path, 
     source.poll_once()
     assert sink.get("Service", "echo")["spec"]["clusterIP"] == "10.96.0.10"
     assert sink.names() == [("HTTPRoute", "r1"), ("Service", "echo")]
+
+
+# --- one bad file never stops the rest (issue 13) --------------------------------------------------
+
+
+def _deep_yaml(path):
+    path.write_text("a: " + "{a: " * 5000 + "b" + "}" * 5000 + "\n")
+
+
+def _deep_json(path):
+    path.write_text("[" * 100_000 + "]" * 100_000)
+
+
+def _self_symlink(path):
+    os.symlink(path.name, path)
+
+
+def _directory_loop(path):
+    path.parent.mkdir()
+    os.symlink("..", path)
+
+
+def _fifo(path):
+    os.mkfifo(path)
+
+
+def _over_the_cap(path, monkeypatch):
+    monkeypatch.setattr(manifests, "MAX_FILE_BYTES", 1000)
+    path.write_text(SERVICE.replace("echo", "big") + "#" * 2000 + "\n")
+
+
+def _not_utf8(path):
+    path.write_bytes(b"kind: Service\nmetadata: {name: \xff\xfe}\n")
+
+
+def _bad_timestamp(path):
+    path.write_text("a: 2024-13-45\n")
+
+
+def _alias_bomb(path):
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    path.write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: bomb}\ndata:\n"
+                    + "".join("  " + line + "\n" for line in lines))
+
+
+def _unreadable(path, monkeypatch):
+    path.write_text(SERVICE.replace("echo", "secret"))
+    real = manifests.read_capped
+
+    def refuse(p, cap):
+        if Path(p).name == path.name:
+            raise PermissionError(13, "Permission denied")
+        return real(p, cap)
+    monkeypatch.setattr(manifests, "read_capped", refuse)
+
+
+BAD_FILES = {
+    # name: (how to make it, its name in the directory, a word the reason must contain)
+    "deep-yaml": (_deep_yaml, "deep.yaml", "nested"),
+    "deep-json": (_deep_json, "deep.json", "nested"),
+    "symlink-to-itself": (_self_symlink, "self.yaml", "symbolic links"),
+    "directory-loop": (_directory_loop, "sub/loop", "already read"),
+    "fifo": (_fifo, "pipe.yaml", "FIFO"),
+    "over-the-cap": (_over_the_cap, "big.yaml", "cap"),
+    "not-utf8": (_not_utf8, "latin.yaml", "UTF-8"),
+    "bad-timestamp": (_bad_timestamp, "date.yaml", "month"),
+    "alias-bomb": (_alias_bomb, "bomb.yaml", "values"),
+    "permission": (_unreadable, "secret.yaml", "Permission denied"),
+}
+
+
+def _bad_reports(caplog):
+    return [r for r in caplog.records
+            if getattr(r, "meshlet_event", "") in ("manifests.bad_file", "manifests.bad_document", "manifests.error")]
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_a_bad_file_is_skipped_alone_reported_once_and_counted(tmp_path, caplog, monkeypatch, case):
+    make, name, reason = BAD_FILES[case]
+    (tmp_path / "svc.yaml").write_text(SERVICE)
+    bad = tmp_path / name
+    if "monkeypatch" in make.__code__.co_varnames:
+        make(bad, monkeypatch)
+    else:
+        make(bad)
+    sink, counted = RecordingSink(), []
+    source = ManifestsSource(tmp_path, sink, on_bad_files=counted.append)
+    with caplog.at_level(logging.WARNING):
+        assert source.poll_once()
+        assert sink.names() == [("Service", "echo")]
+        (report,) = _bad_reports(caplog)
+        assert report.meshlet_event != "manifests.error"
+        assert report.meshlet_fields["file"] == name
+        assert reason in report.meshlet_fields["error"]
+        assert source.bad_files == 1 and counted == [1]
+
+        # The rest of the directory keeps applying; the bad file is not reported again.
+        (tmp_path / "other.yaml").write_text(SERVICE.replace("echo", "other").replace("10.96.0.10", "10.96.0.20"))
+        for _ in range(3):
+            source.poll_once()
+        assert sink.names() == [("Service", "echo"), ("Service", "other")]
+        assert len(_bad_reports(caplog)) == 1
+        assert counted[-1] == 1
+
+        # Removed: it is no longer counted.
+        bad.unlink()
+        source.poll_once()
+        assert source.bad_files == 0 and counted[-1] == 0
+        assert len(_bad_reports(caplog)) == 1
+
+
+def test_a_bad_file_is_reported_again_when_it_changes(tmp_path, caplog):
+    (tmp_path / "svc.yaml").write_text(SERVICE)
+    _deep_yaml(tmp_path / "deep.yaml")
+    os.symlink("self.yaml", tmp_path / "self.yaml")
+    source = ManifestsSource(tmp_path, RecordingSink())
+    with caplog.at_level(logging.WARNING):
+        source.poll_once()
+        assert sorted(r.meshlet_fields["file"] for r in _bad_reports(caplog)) == ["deep.yaml", "self.yaml"]
+        caplog.clear()
+        source.poll_once()
+        assert _bad_reports(caplog) == []
+        write(tmp_path / "deep.yaml", "[" * 5000 + "]" * 5000 + "\n")
+        (tmp_path / "self.yaml").unlink()
+        os.symlink("other-loop.yaml", tmp_path / "self.yaml")
+        os.symlink("self.yaml", tmp_path / "other-loop.yaml")
+        source.poll_once()
+        assert sorted(r.meshlet_fields["file"] for r in _bad_reports(caplog)) == [
+            "deep.yaml", "other-loop.yaml", "self.yaml"]
+        assert source.bad_files == 3
+
+
+def test_a_good_file_that_turns_bad_loses_its_objects_and_recovers(tmp_path):
+    (tmp_path / "svc.yaml").write_text(SERVICE)
+    (tmp_path / "other.yaml").write_text(SERVICE.replace("echo", "other").replace("10.96.0.10", "10.96.0.20"))
+    sink = RecordingSink()
+    source = ManifestsSource(tmp_path, sink)
+    source.poll_once()
+    write(tmp_path / "other.yaml", "[" * 5000 + "]" * 5000 + "\n")
+    source.poll_once()
+    assert sink.names() == [("Service", "echo")] and source.bad_files == 1
+    write(tmp_path / "other.yaml", SERVICE.replace("echo", "other").replace("10.96.0.10", "10.96.0.20"))
+    source.poll_once()
+    assert sink.names() == [("Service", "echo"), ("Service", "other")] and source.bad_files == 0
+
+
+def test_a_file_that_vanishes_while_read_is_left_to_the_next_poll_and_the_rest_applies(tmp_path, monkeypatch):
+    (tmp_path / "svc.yaml").write_text(SERVICE)
+    (tmp_path / "gone.yaml").write_text(ROUTE % "r1")
+    real = manifests.read_capped
+
+    def vanish(path, cap):
+        if Path(path).name == "gone.yaml":
+            os.unlink(path)
+            raise FileNotFoundError(2, "No such file or directory")
+        return real(path, cap)
+    monkeypatch.setattr(manifests, "read_capped", vanish)
+    sink = RecordingSink()
+    source = ManifestsSource(tmp_path, sink)
+    assert source.poll_once()
+    assert sink.names() == [("Service", "echo")]
+    assert source.poll_once() and source.bad_files == 0
+
+
+def test_a_file_caught_mid_write_keeps_its_last_state_while_other_files_apply(tmp_path, monkeypatch):
+    (tmp_path / "svc.yaml").write_text(SERVICE)
+    (tmp_path / "routes.yaml").write_text(ROUTE % "r1")
+    sink = RecordingSink()
+    source = ManifestsSource(tmp_path, sink)
+    source.poll_once()
+    write(tmp_path / "routes.yaml", ROUTE % "r2")
+    (tmp_path / "other.yaml").write_text(SERVICE.replace("echo", "other").replace("10.96.0.10", "10.96.0.20"))
+    real = source._read
+    monkeypatch.setattr(source, "_read", lambda name, sig: None if name == "routes.yaml" else real(name, sig))
+    source.poll_once()
+    assert sink.names() == [("HTTPRoute", "r1"), ("Service", "echo"), ("Service", "other")]
+    monkeypatch.setattr(source, "_read", real)
+    source.poll_once()
+    assert sink.names() == [("HTTPRoute", "r2"), ("Service", "echo"), ("Service", "other")]
+
+
+def test_an_unexpected_poll_error_is_logged_once_while_it_lasts(tmp_path, caplog, monkeypatch):
+    (tmp_path / "svc.yaml").write_text(SERVICE)
+    sink = RecordingSink()
+    source = ManifestsSource(tmp_path, sink, poll_interval=0.01)
+    polls = threading.Semaphore(0)
+
+    def broken():
+        polls.release()
+        raise RuntimeError("boom")
+    monkeypatch.setattr(source, "poll_once", broken)
+    with caplog.at_level(logging.ERROR):
+        source.start()
+        try:
+            for _ in range(5):
+                assert polls.acquire(timeout=30)
+        finally:
+            source.stop()
+    assert len([r for r in caplog.records if getattr(r, "meshlet_event", "") == "manifests.error"]) == 1
+
+
+def test_the_bad_files_gauge_follows_the_directory(tmp_path):
+    from prometheus_client import generate_latest
+
+    from agent.runtime.metrics import Metrics
+
+    metrics = Metrics()
+    (tmp_path / "svc.yaml").write_text(SERVICE)
+    os.symlink("self.yaml", tmp_path / "self.yaml")
+    source = ManifestsSource(tmp_path, RecordingSink(), on_bad_files=metrics.manifests_bad_files.set)
+    source.poll_once()
+    assert b"meshlet_manifests_bad_files 1.0" in generate_latest(metrics.registry)
+    (tmp_path / "self.yaml").unlink()
+    source.poll_once()
+    assert b"meshlet_manifests_bad_files 0.0" in generate_latest(metrics.registry)
