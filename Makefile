@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 export MESHLET_REQUIRE_KERNEL ?= 1
 
-.PHONY: setup demo test test-unit test-kernel bench clean-lab
+.PHONY: setup demo test test-unit test-kernel bench clean-lab image
 
 setup:
 	bash scripts/setup.sh
@@ -12,9 +12,10 @@ demo: setup
 	$(PY) -m agent demo
 
 # The test target also sets up the kernel-matrix VM (qemu, Debian's 6.1 kernel and headers):
-# tests/vm boots it and runs the kernel tests inside, beside the run on the host kernel.
+# tests/vm boots it and runs the kernel tests inside, beside the run on the host kernel; and podman
+# for tests/image, which builds the image and runs it as daemonset/daemonset.yaml says.
 test:
-	WITH_VM=1 bash scripts/setup.sh
+	WITH_VM=1 WITH_IMAGE=1 bash scripts/setup.sh
 	$(PY) -m pytest -q tests
 
 test-unit: setup
@@ -22,6 +23,10 @@ test-unit: setup
 
 test-kernel: setup
 	$(PY) -m pytest -q -m kernel tests
+
+# The container image (podman; made from Debian's packages when no registry answers).
+image:
+	bash scripts/image.sh
 
 bench: setup
 	$(PY) -m bench

@@ -15,9 +15,11 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "run as root (bcc compiles and loads eBPF programs): sudo $0"
 command -v apt-get >/dev/null || die "this script knows Debian/Ubuntu (apt-get); install python3-bpfcc, kernel headers and iproute2 by hand"
 
-# Packages: with WITH_VM=1 also what the kernel-matrix VM test needs.
+# Packages: with WITH_VM=1 also what the kernel-matrix VM test needs, with WITH_IMAGE=1 podman.
 pkgs=(python3-bpfcc python3-venv python3-pip iproute2 iptables nftables bpftool procps)
 [ "${WITH_VM:-0}" = 1 ] && pkgs+=(qemu-system-x86 linux-image-amd64 linux-headers-amd64 busybox-static)
+# With WITH_IMAGE=1 what `make image` and tests/image need (scripts/image.sh).
+[ "${WITH_IMAGE:-0}" = 1 ] && pkgs+=(podman runc mmdebstrap)
 missing=()
 for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 apt_updated=0

@@ -1,9 +1,10 @@
-"""The Dockerfile and the image's entrypoint, checked without a container engine.
+"""The Dockerfile and the image's entrypoint, checked as text (fast, no container engine).
 
-No Docker here or in CI, so the Dockerfile is read as text: the base image, the packages, the
-venv with the system site packages (bcc is Debian's), every COPY source present in the
-repository, the labels, a non-root default user, and an entrypoint that ends in the real
-`meshlet` console script. The entrypoint script itself runs here (it is plain sh): its header
+The image itself is built and run as the DaemonSet runs it by tests/image (podman). Here the
+Dockerfile is read as text: the base image of both stages, the packages (nothing in the final
+stage that only the build needs), the venv with the system site packages (bcc is Debian's), every
+COPY source present in the repository, the labels, a non-root default user, and an entrypoint that
+ends in the real `meshlet` console script. The entrypoint script itself runs here (it is plain sh): its header
 preflight must refuse a missing header tree with the fix, and pass the rest through to meshlet.
 """
 
@@ -42,23 +43,53 @@ def args_of(name: str) -> list[str]:
     return [rest for word, rest in instructions() if word == name]
 
 
-def test_base_image_is_debian_bookworm_slim():
-    assert args_of("FROM") == ["debian:bookworm-slim"]
+def stages() -> list[list[tuple[str, str]]]:
+    """The instructions of each stage, FROM first."""
+    out: list[list[tuple[str, str]]] = []
+    for word, rest in instructions():
+        if word == "FROM":
+            out.append([])
+        if out:
+            out[-1].append((word, rest))
+    return out
 
 
-def test_installs_debians_bcc_and_a_venv_that_sees_it():
-    (run_apt, run_venv, *_) = args_of("RUN")
-    assert "apt-get install" in run_apt and "--no-install-recommends" in run_apt
-    assert {"python3-bpfcc", "python3-venv", "util-linux"} <= set(run_apt.split())
-    assert "rm -rf /var/lib/apt/lists/*" in run_apt
+def test_both_stages_build_on_debian_bookworm_slim():
+    assert args_of("FROM") == ["debian:bookworm-slim AS build", "debian:bookworm-slim"]
+
+
+def test_build_stage_makes_a_venv_that_sees_debians_bcc():
+    build = [rest for word, rest in stages()[0] if word == "RUN"]
+    run_venv = next(rest for rest in build if "venv" in rest and "pip install" in rest)
     assert "-m venv --system-site-packages /opt/meshlet/venv" in run_venv
-    assert "pip install" in run_venv and "import bcc" in run_venv
+    assert "--no-cache-dir" in run_venv and "pip uninstall" in run_venv
+
+
+def test_final_stage_installs_what_runs_and_nothing_only_the_build_needs():
+    final = stages()[-1]
+    run_apt = next(rest for word, rest in final if word == "RUN" and "apt-get install" in rest)
+    assert "--no-install-recommends" in run_apt and "rm -rf /var/lib/apt/lists/*" in run_apt
+    packages = set(run_apt.split())
+    assert {"python3", "python3-bpfcc", "util-linux", "iproute2", "ca-certificates"} <= packages
+    assert not packages & {"python3-venv", "python3-pip", "build-essential", "gcc", "clang"}
+    assert ("COPY", "--from=build /opt/meshlet /opt/meshlet") in final
+    assert any(word == "RUN" and "import bcc, agent.cli" in rest for word, rest in final)
+
+
+def test_the_host_ca_bundle_reaches_pip_in_the_build_stage_only():
+    """scripts/image.sh mounts the host's bundle for the build; no layer of the image keeps it."""
+    text = DOCKERFILE.read_text()
+    assert "HOST_CA_BUNDLE" in "".join(rest for _, rest in stages()[0])
+    assert "HOST_CA_BUNDLE" not in "".join(rest for _, rest in stages()[-1])
+    assert not re.search(r"^(COPY|ADD)\s.*(\.crt|\.pem)", text, re.M)
 
 
 def test_every_copy_source_is_in_the_repository_and_not_docker_ignored():
     ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")}
     for rest in args_of("COPY"):
+        if rest.startswith("--from="):
+            continue  # from the build stage, not the repository
         *sources, _dest = shlex.split(rest)
         for source in sources:
             assert (REPO / source).exists(), f"COPY {source}: not in the repository"
@@ -70,7 +101,7 @@ def test_bpf_sources_ship_beside_the_agent_package():
     copies = {shlex.split(rest)[0]: shlex.split(rest)[-1] for rest in args_of("COPY")}
     assert copies["agent"] == "./agent" and copies["bpf"] == "./bpf"
     assert args_of("WORKDIR") == ["/opt/meshlet"]
-    assert " -e ." in args_of("RUN")[1]  # editable: agent/ stays in /opt/meshlet, beside bpf/
+    assert any(" -e ." in rest for rest in args_of("RUN"))  # editable: agent/ stays in /opt/meshlet, beside bpf/
 
 
 def test_version_labels():
