@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent import mounts
 from agent.errors import UserError
 from bench.synth import POD_CIDR, SERVICE_CIDR, TARGET_PORT
 
@@ -39,11 +40,11 @@ def run(*cmd: str, check: bool = True, timeout: float | None = 60) -> subprocess
 
 
 def cgroup2_mount() -> Path:
-    for line in Path("/proc/mounts").read_text().splitlines():
-        fields = line.split()
-        if len(fields) > 2 and fields[2] == "cgroup2":
-            return Path(fields[1])
-    raise UserError("no cgroup2 mount found in /proc/mounts; the meshlet mode needs one (mount cgroup2 or drop --modes meshlet)")
+    """The cgroup2 mount point (agent.mounts)."""
+    point = mounts.cgroup2_mount()
+    if point is None:
+        raise UserError("no cgroup2 mount found in /proc/mounts; the meshlet mode needs one (mount cgroup2 or drop --modes meshlet)")
+    return Path(point)
 
 
 @dataclass

@@ -14,8 +14,8 @@ import os
 import click
 
 from agent.datapath import dump as D
+from agent.datapath import loader
 
-DEFAULT_BPFFS = "/sys/fs/bpf/meshlet"
 
 #: WHICH -> (column headers, row -> cells)
 COLUMNS = {
@@ -64,7 +64,7 @@ def maps():
 
 @maps.command()
 @click.argument("which", required=False, type=click.Choice(D.DUMPABLE))
-@click.option("--bpffs", default=DEFAULT_BPFFS, show_default=True, help="The agent's bpffs directory.")
+@click.option("--bpffs", default=loader.DEFAULT_BPFFS, show_default=True, help="The agent's bpffs directory.")
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
 def dump(which, bpffs, output):
     """Print the pinned maps, decoded: addresses, ports, verdicts, shares and names.
@@ -89,7 +89,7 @@ def dump(which, bpffs, output):
 
 
 @click.command()
-@click.option("--bpffs", default=DEFAULT_BPFFS, show_default=True, help="The agent's bpffs directory.")
+@click.option("--bpffs", default=loader.DEFAULT_BPFFS, show_default=True, help="The agent's bpffs directory.")
 @click.option("--cgroup-root", default=None,
               help="The cgroup the agent attached to: checked afterwards for programs still attached.")
 def uninstall(bpffs, cgroup_root):
@@ -102,8 +102,6 @@ def uninstall(bpffs, cgroup_root):
     Example:
       meshlet uninstall --bpffs /sys/fs/bpf/meshlet --cgroup-root /sys/fs/cgroup
     """
-    from agent.datapath import loader
-
     removed = loader.uninstall(bpffs)
     for path in removed:
         click.echo(f"removed {path}")

@@ -46,12 +46,16 @@ from agent.datapath import uapi as U
 from agent.datapath.features import Support
 from agent.datapath.uapi import HOOKS
 from agent.errors import UserError
+from agent.mounts import cgroup2_mount, mount_of, read_mounts
 
 #: The C sources, beside the agent package in the repository (and in the image).
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 SOURCE = BPF_DIR / "sock.c"
 
 SETUP_HINT = "run scripts/setup.sh as root"
+
+#: Where the agent pins its maps and links unless told otherwise (--bpffs of every command).
+DEFAULT_BPFFS = "/sys/fs/bpf/meshlet"
 
 
 def version_dir(bpffs: str) -> str:
@@ -83,35 +87,6 @@ def _effective_caps() -> int:
     return 0
 
 
-def _mounts() -> list[tuple[str, str]]:
-    """(mount point, fs type) of every mount, in /proc/mounts order."""
-    out = []
-    with open("/proc/mounts") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) > 2:
-                out.append((parts[1].replace("\\040", " "), parts[2]))
-    return out
-
-
-def _mount_of(path: str, mounts: list[tuple[str, str]]) -> tuple[str, str] | None:
-    """The mount holding `path` (the longest mount point that is a prefix; the last one wins)."""
-    path = os.path.realpath(path)
-    best = None
-    for point, fstype in mounts:
-        if path == point or path.startswith(point.rstrip("/") + "/"):
-            if best is None or len(point) >= len(best[0]):
-                best = (point, fstype)
-    return best
-
-
-def cgroup2_mount(mounts: list[tuple[str, str]] | None = None) -> str | None:
-    for point, fstype in mounts if mounts is not None else _mounts():
-        if fstype == "cgroup2":
-            return point
-    return None
-
-
 def cgroup_root_level(cgroup_root: str, mount: str) -> int:
     """Depth of the cgroup root below the cgroup2 mount (0 = the mount itself): the level
     bpf_get_current_ancestor_cgroup_id() gives the root at (CGROUP_ROOT_LEVEL in sock.c)."""
@@ -125,8 +100,8 @@ def preflight(bpffs: str, cgroup_root: str) -> int:
     if not (caps >> _CAP_SYS_ADMIN & 1 or (caps >> _CAP_BPF & 1 and caps >> _CAP_NET_ADMIN & 1)):
         raise UserError("loading the socket programs needs root (CAP_SYS_ADMIN, or CAP_BPF with "
                         "CAP_NET_ADMIN); hint: run as root, or grant those capabilities to the agent")
-    mounts = _mounts()
-    where = _mount_of(bpffs, mounts)
+    mounts = read_mounts()
+    where = mount_of(bpffs, mounts)
     if where is None or where[1] != "bpf":
         raise UserError(f"{bpffs} is not on a bpf filesystem; hint: mount -t bpf bpf /sys/fs/bpf "
                         f"(or {SETUP_HINT}), or pass --bpffs a directory below the bpffs mount")
@@ -137,7 +112,7 @@ def preflight(bpffs: str, cgroup_root: str) -> int:
     if not os.path.isdir(cgroup_root):
         raise UserError(f"cgroup root {cgroup_root} does not exist; hint: pass --cgroup-root a "
                         f"directory of the cgroup2 mount {mount}")
-    holder = _mount_of(cgroup_root, mounts)
+    holder = mount_of(cgroup_root, mounts)
     if holder is None or holder[1] != "cgroup2":
         raise UserError(f"cgroup root {cgroup_root} is not on the cgroup2 mount {mount}; hint: pass "
                         f"--cgroup-root {mount} or a directory below it")
@@ -406,8 +381,8 @@ def uninstall(bpffs: str) -> list[str]:
         for entry in sorted(os.listdir(bpffs)):
             if entry.startswith("v") and entry[1:].isdigit():
                 removed += _remove_tree(os.path.join(bpffs, entry))
-        if not os.listdir(bpffs) and _mount_of(bpffs, _mounts()) is not None \
-                and os.path.realpath(bpffs) != _mount_of(bpffs, _mounts())[0]:
+        if not os.listdir(bpffs) and mount_of(bpffs, read_mounts()) is not None \
+                and os.path.realpath(bpffs) != mount_of(bpffs, read_mounts())[0]:
             os.rmdir(bpffs)
             removed.append(bpffs)
     return removed

@@ -55,6 +55,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 
 from agent.errors import UserError
+from agent.mounts import require_cgroup2_mount
 from agent.kubelet import LAYOUTS, QOS_CLASSES, pod_cgroup_path
 
 CLONE_NEWNET = 0x40000000
@@ -111,14 +112,8 @@ def unique_lab_name(prefix: str = "t") -> str:
 
 
 def cgroup2_mount() -> str:
-    """The cgroup2 mount point, from /proc/mounts (/sys/fs/cgroup on most machines)."""
-    with open("/proc/mounts") as mounts:
-        for line in mounts:
-            fields = line.split()
-            if len(fields) > 2 and fields[2] == "cgroup2":
-                return fields[1]
-    raise UserError("no cgroup2 mount in /proc/mounts; hint: the socket hooks need cgroup v2 "
-                    "(mount -t cgroup2 none /sys/fs/cgroup/unified)")
+    """The cgroup2 mount point (agent.mounts; /sys/fs/cgroup on most machines)."""
+    return require_cgroup2_mount()
 
 
 class AddressPool:

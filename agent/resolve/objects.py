@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
+from agent.kinds import ROUTE_KINDS, ObjectKey, identify  # re-exported: resolve reads them as o.*
 from agent.model import (
     DEFAULT_AFFINITY_TIMEOUT,
     MAX_BACKEND_REFS,
@@ -32,16 +33,6 @@ from agent.model import (
     SKIP_KEY,
     RouteId,
 )
-
-GATEWAY_GROUP = "gateway.networking.k8s.io"
-#: Every version a cluster may serve the route kinds in; the fields meshlet reads are the same.
-GATEWAY_VERSIONS = ("v1", "v1beta1", "v1alpha2", "v1alpha3")
-#: Route kinds in precedence order on a TCP port, strongest first (SEMANTICS B6); UDPRoute alone
-#: owns UDP ports.
-ROUTE_KINDS = ("GRPCRoute", "HTTPRoute", "TLSRoute", "TCPRoute", "UDPRoute")
-CORE_KINDS = ("Namespace", "Node", "Pod", "Service")
-CLUSTER_SCOPED_KINDS = ("Namespace", "Node")
-ENDPOINTSLICE_API = "discovery.k8s.io/v1"
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
@@ -55,18 +46,6 @@ ZONE_LABEL = "topology.kubernetes.io/zone"
 MAX_WEIGHT = 1_000_000
 MAX_AFFINITY_TIMEOUT = 86400
 
-#: The namespace the API server gives a namespaced object that names none (kubectl's default).
-DEFAULT_NAMESPACE = "default"
-
-
-@dataclass(frozen=True, order=True, slots=True)
-class ObjectKey:
-    kind: str
-    namespace: str  #: "" for cluster-scoped kinds
-    name: str
-
-    def __str__(self) -> str:
-        return f"{self.kind} {self.namespace}/{self.name}" if self.namespace else f"{self.kind} {self.name}"
 
 
 ServiceId = tuple[str, str]  #: (namespace, name)
@@ -320,45 +299,6 @@ def _labels(meta: dict) -> dict:
 
 def _is_true(value: Any) -> bool:
     return isinstance(value, str) and value.lower() == "true"
-
-
-# --- identity ---------------------------------------------------------------------------------
-
-
-def identify(obj: Any) -> tuple[ObjectKey | None, str]:
-    """The object's key, or None and the reason it cannot be used (unknown kind, no name...)."""
-    if not isinstance(obj, dict):
-        return None, f"ignored an object that is not a mapping ({type(obj).__name__})"
-    api_version = obj.get("apiVersion")
-    kind = obj.get("kind")
-    meta = obj.get("metadata")
-    name = meta.get("name") if isinstance(meta, dict) else None
-    label = f"{kind or '?'} {name or '?'}"
-    if not isinstance(kind, str) or not isinstance(api_version, str):
-        return None, f"ignored {label}: apiVersion and kind must both be strings"
-    if not _kind_supported(api_version, kind):
-        return None, f"ignored {label}: {api_version} {kind} is not a kind meshlet reads"
-    if not isinstance(name, str) or not name:
-        return None, f"ignored a {kind} without metadata.name"
-    if kind in CLUSTER_SCOPED_KINDS:
-        return ObjectKey(kind, "", name), ""
-    namespace = meta.get("namespace")
-    if namespace is None or namespace == "":
-        namespace = DEFAULT_NAMESPACE
-    if not isinstance(namespace, str):
-        return None, f"ignored {kind} {name}: metadata.namespace is not a string"
-    return ObjectKey(kind, namespace, name), ""
-
-
-def _kind_supported(api_version: str, kind: str) -> bool:
-    if kind in CORE_KINDS:
-        return api_version == "v1"
-    if kind == "EndpointSlice":
-        return api_version == ENDPOINTSLICE_API
-    if kind in ROUTE_KINDS:
-        group, _, version = api_version.partition("/")
-        return group == GATEWAY_GROUP and version in GATEWAY_VERSIONS
-    return False
 
 
 # --- per kind ---------------------------------------------------------------------------------

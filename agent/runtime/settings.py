@@ -14,10 +14,12 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.datapath import loader
 from agent.errors import UserError
+from agent.mounts import PROC_MOUNTS, require_cgroup2_mount
 
 #: Defaults from the CLI contract (DESIGN.md, "The command line").
-DEFAULT_BPFFS = Path("/sys/fs/bpf/meshlet")
+DEFAULT_BPFFS = Path(loader.DEFAULT_BPFFS)
 DEFAULT_LISTEN = "127.0.0.1:9966"
 
 LOG_FORMATS = ("kv", "json")
@@ -94,20 +96,9 @@ def default_node_name() -> str:
     return os.environ.get("NODE_NAME") or socket.gethostname()
 
 
-def default_cgroup_root(mounts: str = "/proc/mounts") -> Path:
-    """The host's cgroup2 mount point, read from /proc/mounts (not always /sys/fs/cgroup:
-    hybrid hosts mount it at /sys/fs/cgroup/unified)."""
-    try:
-        with open(mounts) as f:
-            lines = f.read().splitlines()
-    except OSError as err:
-        raise UserError(f"cannot read {mounts} to find cgroup2 ({err.strerror}); pass --cgroup-root") from None
-    for line in lines:
-        fields = line.split()
-        if len(fields) >= 3 and fields[2] == "cgroup2":
-            return Path(fields[1])
-    raise UserError("no cgroup2 filesystem is mounted; mount one (mount -t cgroup2 none /sys/fs/cgroup) "
-                    "or pass --cgroup-root")
+def default_cgroup_root(mounts: str = PROC_MOUNTS) -> Path:
+    """The host's cgroup2 mount point (agent.mounts)."""
+    return Path(require_cgroup2_mount(mounts))
 
 
 def parse_listen(text: str) -> tuple[str, int]:

@@ -26,8 +26,8 @@ from typing import Mapping
 from agent.errors import TransientError
 from agent.model import CONTROLLER_NAME, RouteId, RouteStatus
 from agent.runtime.logs import get_logger
+from agent.kinds import GATEWAY_GROUP
 from agent.sources.kubeapi import (
-    GATEWAY_GROUP,
     ApiError,
     ApiHttp,
     discover_route_kinds,

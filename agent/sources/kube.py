@@ -42,9 +42,9 @@ from typing import TYPE_CHECKING
 
 import urllib3
 
+from agent.kinds import CLUSTER_KINDS, ROUTE_KINDS
 from agent.runtime.logs import get_logger
 from agent.sources.kubeapi import (
-    ROUTE_PLURALS,
     ApiError,
     ApiHttp,
     Backoff,
@@ -61,10 +61,7 @@ if TYPE_CHECKING:
 log = get_logger("kube")
 
 #: The kinds every cluster serves, in the order their watchers start.
-CORE_KINDS = ("Namespace", "Node", "Service", "EndpointSlice", "Pod")
-
-#: The Gateway API route kinds we follow when the cluster serves them.
-ROUTE_KINDS = tuple(ROUTE_PLURALS)
+CORE_KINDS = tuple(CLUSTER_KINDS)
 
 #: A quiet watch that the server ended after this long was still a healthy one (no backoff before
 #: the next); one that ended sooner without an event hints at a broken server, so we back off.
@@ -100,13 +97,9 @@ class KubeSettings:
 
 def core_kinds(node_name: str) -> dict[str, ResourceKind]:
     """The built-in kinds, with the field selectors that keep this node's share small."""
-    return {
-        "Namespace": ResourceKind("Namespace", "", "v1", "namespaces"),
-        "Node": ResourceKind("Node", "", "v1", "nodes", f"metadata.name={node_name}"),
-        "Service": ResourceKind("Service", "", "v1", "services"),
-        "EndpointSlice": ResourceKind("EndpointSlice", "discovery.k8s.io", "v1", "endpointslices"),
-        "Pod": ResourceKind("Pod", "", "v1", "pods", f"spec.nodeName={node_name}"),
-    }
+    selectors = {"Node": f"metadata.name={node_name}", "Pod": f"spec.nodeName={node_name}"}
+    return {kind: ResourceKind(kind, k.group, k.version, k.plural, selectors.get(kind, ""))
+            for kind, k in CLUSTER_KINDS.items()}
 
 
 class _Stopped(Exception):

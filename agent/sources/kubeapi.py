@@ -23,20 +23,10 @@ from urllib.parse import quote, urlencode
 import urllib3
 
 from agent.errors import TransientError
+from agent.kinds import GATEWAY_GROUP, GATEWAY_VERSIONS, ROUTE_PLURALS
 
-GATEWAY_GROUP = "gateway.networking.k8s.io"
-
-#: Gateway API versions we understand, best first (the task's order: stable before beta/alpha).
-ROUTE_VERSION_PREFERENCE = ("v1", "v1beta1", "v1alpha2", "v1alpha3")
-
-#: Route kind -> its plural resource name in the Gateway API group.
-ROUTE_PLURALS = {
-    "HTTPRoute": "httproutes",
-    "GRPCRoute": "grpcroutes",
-    "TLSRoute": "tlsroutes",
-    "TCPRoute": "tcproutes",
-    "UDPRoute": "udproutes",
-}
+#: Gateway API versions we understand, best first.
+ROUTE_VERSION_PREFERENCE = GATEWAY_VERSIONS
 
 #: Connections the client's pool keeps per API server: one long-lived watch per kind (up to ten)
 #: plus discovery, the Lease and status writes. A smaller pool (the client's default is 5 per CPU)

@@ -49,7 +49,7 @@ from typing import Callable
 import yaml
 
 from agent.runtime.logs import get_logger
-from agent.resolve.objects import ROUTE_KINDS, identify
+from agent.kinds import ROUTE_KINDS, identify
 from agent.sources import ObjectKey, Sink, identity_stub, object_key
 
 log = get_logger("manifests")
@@ -126,7 +126,7 @@ def _yaml_error(err: yaml.YAMLError, first_line: int) -> str:
 def check_object(doc: object) -> tuple[dict | None, str | None]:
     """(object ready to apply, None) or (None, why it is skipped).
 
-    Which kinds and versions count is resolve's rule (`identify`), kept in one place; a namespaced
+    Which kinds and versions count is agent.kinds' rule (`identify`), kept in one place; a namespaced
     object without namespace lands in "default", as `kubectl apply` would put it; a
     resourceVersion is dropped (see the module docstring)."""
     key, why = identify(doc)

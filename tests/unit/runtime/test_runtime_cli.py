@@ -163,3 +163,10 @@ def test_status_publisher_writes_only_while_leading_and_retries():
         assert metrics.registry.get_sample_value("meshlet_leader") == 0
     finally:
         publisher.stop()
+
+
+def test_a_cgroup2_mount_point_with_a_space_is_found(tmp_path):
+    # /proc/mounts writes a space in a mount point as \040 (agent.mounts decodes it).
+    mounts = tmp_path / "mounts"
+    mounts.write_text("cgroup2 /run/my\\040cgroup cgroup2 rw 0 0\n")
+    assert str(default_cgroup_root(str(mounts))) == "/run/my cgroup"
