@@ -166,9 +166,12 @@ def check_pinned_maps(bpffs: str, sizes: L.MapSizes) -> list[str]:
     """Check each map already pinned under the version dir; return the names found.
 
     Raises UserError naming the map, what differs and the fix, before anything is compiled
-    (bcc would silently reuse a pinned map of another shape).
+    (bcc would silently reuse a pinned map of another shape). Sizes are checked last and all
+    at once: a pinned map cannot be resized in place, so a size other than the pinned one is
+    refused with both ways on (keep the pinned sizes, or uninstall and start with the new ones).
     """
     found = []
+    resized: list[tuple[str, int, int]] = []  # (size name, pinned entries, asked entries)
     for name, spec in L.MAP_SPECS.items():
         path = map_pin(bpffs, name)
         if not os.path.exists(path):
@@ -179,15 +182,29 @@ def check_pinned_maps(bpffs: str, sizes: L.MapSizes) -> list[str]:
         except bpfsys.BpfError as err:
             raise UserError(f"cannot open the pinned map {path}: {err.strerror}; hint: "
                             "`meshlet uninstall` removes our pins") from None
-        diffs = describe_mismatch(name, info, expected(spec, sizes))
+        want = expected(spec, sizes)
+        diffs = describe_mismatch(name, info, want)
+        if spec.size_field and info.max_entries != want.max_entries:
+            resized.append((spec.size_field, info.max_entries, want.max_entries))
+            diffs = [d for d in diffs if not d.startswith("max_entries")]
         if diffs:
-            fix = "`meshlet uninstall`, then start again"
-            if spec.size_field and info.max_entries != spec.max_entries(sizes):
-                fix += f" (or set MapSizes.{spec.size_field} back to {info.max_entries})"
             raise UserError(f"pinned map {path} does not match this meshlet: {', '.join(diffs)}; "
-                            f"hint: {fix}")
+                            "hint: `meshlet uninstall`, then start again")
         found.append(name)
+    if resized:
+        raise UserError(resize_refusal(maps_dir(bpffs), resized))
     return found
+
+
+def resize_refusal(where: str, resized: list[tuple[str, int, int]]) -> str:
+    """The one message for a start with map sizes other than the pinned maps' (pure)."""
+    asked = ", ".join(f"{name} {want} (pinned: {have})" for name, have, want in resized)
+    keep = " ".join(f"{L.SIZE_OPTION} {name}={have}" for name, have, _ in resized)
+    new = " ".join(f"{L.SIZE_OPTION} {name}={want}" for name, _, want in resized)
+    return (f"the maps pinned in {where} were made with other sizes than asked ({asked}), and a "
+            f"pinned map cannot be resized in place; hint: start with {keep} to keep serving from "
+            f"them, or resize in a maintenance window: `meshlet uninstall` (Service addresses are "
+            f"not translated until the agent is back), then start with {new}")
 
 
 # --- compile and load --------------------------------------------------------------------------

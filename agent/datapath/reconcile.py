@@ -48,7 +48,7 @@ Overflow (SEMANTICS D4): capacity is checked before anything of a group or front
 counting the peak (old entries are deleted only in steps 5-7) and the new keys of each set a
 group needs. A group whose new set does not fit keeps its old state and so does every frontend
 that would need it; everything else is still written, and a MapFullError naming the map and the
-MapSizes field is raised at the end. The stale entries deleted at the end free room, so a retry
+option that sizes it (`--map-size`) is raised at the end. The stale entries deleted at the end free room, so a retry
 can succeed on its own.
 
 A failed write (an OSError from the map) re-reads that map into the mirror, since what reached
@@ -130,17 +130,23 @@ class DictMap:
 
 
 class MapFullError(TransientError):
-    """Some groups or frontends kept their old state because a map had no room for the new one."""
+    """Some groups or frontends kept their old state because a map had no room for the new one.
 
-    def __init__(self, problems: dict[str, list[str]]):
+    capacities: map -> its max_entries, for the hint (the option to raise, from what)."""
+
+    def __init__(self, problems: dict[str, list[str]], capacities: Mapping[str, int] | None = None):
         self.problems = problems
-        parts = []
+        capacities = capacities or {}
+        parts, raise_to = [], []
         for map_name, what in sorted(problems.items()):
-            field_name = L.MAP_SPECS[map_name].size_field
+            size = L.MAP_SPECS[map_name].size_field
+            have = capacities.get(map_name)
             shown = ", ".join(what[:3]) + (f" and {len(what) - 3} more" if len(what) > 3 else "")
-            parts.append(f"map {map_name} is full (MapSizes.{field_name}); kept the old state of {shown}")
-        super().__init__("; ".join(parts) + "; hint: raise the size setting (then `meshlet uninstall` "
-                         "and restart, pinned maps keep their size)")
+            parts.append(f"map {map_name} is full ({L.SIZE_OPTION} {size}"
+                         f"{f'={have}' if have else ''}); kept the old state of {shown}")
+            raise_to.append(f"{L.SIZE_OPTION} {size}={have * 2 if have else 'MORE'}")
+        super().__init__("; ".join(parts) + f"; hint: start the agent with a larger size, e.g. "
+                         f"{' '.join(raise_to)} (after `meshlet uninstall`: a pinned map keeps its size)")
 
 
 @dataclass
@@ -411,7 +417,7 @@ class Reconciler:
         self._write_frontends(want, refused_groups, refused, stats)
         self._delete_stale(want, drop, old_groups, uncovered, stats)
         if refused:
-            raise MapFullError(refused)
+            raise MapFullError(refused, {name: self.maps[name].max_entries for name in refused})
 
     def _write_sets_and_groups(self, want: Plan, refused: dict[str, list[str]], stats: ReconcileStats
                                ) -> tuple[dict[str, list[bytes]], set[bytes]]:

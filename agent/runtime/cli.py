@@ -43,6 +43,7 @@ from agent.runtime.settings import (
     default_cgroup_root,
     default_node_name,
     parse_listen,
+    parse_map_sizes,
 )
 from agent.runtime.store import Store
 from agent.sources import POD_CGROUPS
@@ -53,7 +54,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def build_settings(manifests: Path | None, kubeconfig: Path | None, node_name: str | None,
-                   cgroup_root: Path | None, bpffs: Path, listen: str, log_format: str) -> Settings:
+                   cgroup_root: Path | None, bpffs: Path, listen: str, log_format: str,
+                   map_sizes: tuple[str, ...] = ()) -> Settings:
     if manifests is not None and kubeconfig is not None:
         raise UserError("--manifests and --kubeconfig exclude each other; hint: pass one of them "
                         "(neither means the in-cluster config)")
@@ -74,6 +76,7 @@ def build_settings(manifests: Path | None, kubeconfig: Path | None, node_name: s
         manifests=manifests,
         kubeconfig=kubeconfig,
         log_format=log_format,
+        map_sizes=parse_map_sizes(map_sizes),
         leader_namespace=os.environ.get("POD_NAMESPACE") or Settings.leader_namespace,
     )
 
@@ -238,9 +241,14 @@ class Agent:
 
     def _open_datapath(self):
         from agent.datapath import Datapath
-        from agent.datapath.layout import MapSizes
+        from agent.datapath.layout import SIZED_MAPS, memory_cost
 
-        datapath = Datapath.open(str(self.settings.bpffs), str(self.settings.cgroup_root), MapSizes())
+        sizes = self.settings.map_sizes
+        log.info("maps.sizes", **{name: getattr(sizes, name) for name in SIZED_MAPS},
+                 kernel_memory_upfront_mib=round(sum(memory_cost(n, sizes)[0] for n in SIZED_MAPS) / 2**20, 1),
+                 kernel_memory_full_mib=round(sum(memory_cost(n, sizes)[0] + memory_cost(n, sizes)[1]
+                                                  * getattr(sizes, n) for n in SIZED_MAPS) / 2**20, 1))
+        datapath = Datapath.open(str(self.settings.bpffs), str(self.settings.cgroup_root), sizes)
         # close() releases our file descriptors only: attachments and pins stay (D1).
         self._stoppers.append(datapath.close)
         log.info("datapath.opened", adopted=datapath.adopted)
@@ -300,7 +308,21 @@ class Agent:
             self._publisher.publish(statuses)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+def map_size_help() -> str:
+    """The --help epilog: each sized map, its default capacity and its kernel memory cost."""
+    from agent.datapath.layout import SIZED_MAPS, MapSizes, memory_cost
+
+    defaults = MapSizes()
+    lines = ["\b", "--map-size NAME=ENTRIES (kernel memory: up front + per entry in use; at the default):"]
+    for name in SIZED_MAPS:
+        upfront, per_entry = memory_cost(name, defaults)
+        cost = f"{upfront / 2**20:.2f} MiB up front" + (f" + {per_entry} B per entry" if per_entry else
+                                                         " (preallocated)")
+        lines.append(f"  {name:<10} default {getattr(defaults, name):>7}   {cost}")
+    return "\n".join(lines)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=map_size_help())
 @click.option("--manifests", type=click.Path(path_type=Path), default=None, metavar="DIR",
               help="Read objects from the manifests below DIR instead of a cluster (re-read within 1 s).")
 @click.option("--kubeconfig", type=click.Path(path_type=Path), default=None, metavar="FILE",
@@ -314,7 +336,10 @@ class Agent:
               help="HTTP listener: /healthz /readyz /metrics /status/routes.")
 @click.option("--log-format", type=click.Choice(LOG_FORMATS), default="kv", show_default=True,
               help="key=value lines, or one JSON object per line.")
-def run(manifests, kubeconfig, node_name, cgroup_root, bpffs, listen, log_format):
+@click.option("--map-size", "map_sizes", multiple=True, metavar="NAME=ENTRIES",
+              help="Capacity of one map (repeatable); NAME and cost are listed below. Must match the "
+                   "pinned maps: to change it, `meshlet uninstall` first.")
+def run(manifests, kubeconfig, node_name, cgroup_root, bpffs, listen, log_format, map_sizes):
     """Run the agent: program every Service frontend into the kernel and keep it right.
 
     \b
@@ -326,7 +351,7 @@ def run(manifests, kubeconfig, node_name, cgroup_root, bpffs, listen, log_format
     last programmed state until the next agent adopts it. `meshlet uninstall` detaches.
     """
     logs.configure(log_format)
-    settings = build_settings(manifests, kubeconfig, node_name, cgroup_root, bpffs, listen, log_format)
+    settings = build_settings(manifests, kubeconfig, node_name, cgroup_root, bpffs, listen, log_format, map_sizes)
     code = Agent(settings).run()
     if code:
         raise SystemExit(code)

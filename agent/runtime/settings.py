@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.datapath import loader
+from agent.datapath.layout import SIZE_OPTION, SIZED_MAPS, MapSizes
 from agent.errors import UserError
 from agent.mounts import PROC_MOUNTS, require_cgroup2_mount
 
@@ -82,6 +83,10 @@ class Settings:
     """Seconds between two reads of the datapath's counters and map fill for /metrics (reading
     the fill of an LRU map walks its keys: not something to do on every sync)."""
 
+    map_sizes: MapSizes = MapSizes()
+    """Capacity of each sized map (`--map-size NAME=ENTRIES`); see MapSizes for what each holds
+    and costs in kernel memory. Must equal the pinned maps' sizes (a pinned map keeps its size)."""
+
     leader_namespace: str = "kube-system"
     """Namespace of the Lease that elects the one Route status writer (Kubernetes mode)."""
 
@@ -113,3 +118,23 @@ def parse_listen(text: str) -> tuple[str, int]:
     except ValueError:
         raise UserError(f"--listen {text!r}: {host!r} is not an IP address; e.g. --listen 127.0.0.1:9966") from None
     return host, int(port)
+
+
+def parse_map_sizes(values: tuple[str, ...] | list[str]) -> MapSizes:
+    """`--map-size NAME=ENTRIES` values (repeatable) -> MapSizes; unnamed maps keep their default."""
+    sizes: dict[str, int] = {}
+    for text in values:
+        name, sep, number = text.partition("=")
+        name = name.strip()
+        if not sep or name not in SIZED_MAPS:
+            raise UserError(f"{SIZE_OPTION} {text!r} is not NAME=ENTRIES with NAME one of {', '.join(SIZED_MAPS)}; "
+                            f"e.g. {SIZE_OPTION} frontends=262144")
+        try:
+            sizes[name] = int(number.strip().replace("_", ""))
+        except ValueError:
+            raise UserError(f"{SIZE_OPTION} {text!r}: {number!r} is not a whole number of entries; "
+                            f"e.g. {SIZE_OPTION} {name}={getattr(MapSizes(), name)}") from None
+    try:
+        return MapSizes(**sizes)
+    except ValueError as err:
+        raise UserError(f"{SIZE_OPTION}: {err}; hint: `meshlet run --help` lists each map and its cost") from None

@@ -164,8 +164,10 @@ def test_a_pinned_map_of_another_size_is_refused_before_compiling(datapath, lab,
     with pytest.raises(UserError) as err:
         Datapath.open(bpffs, lab.cgroup_root, MapSizes(affinity=1024, clients=64, endpoints=999))
     text = str(err.value)
-    assert "maps/endpoints" in text and "max_entries" in text and "MapSizes.endpoints" in text
-    assert "meshlet uninstall" in text
+    pinned = datapath.sizes.endpoints
+    assert f"endpoints 999 (pinned: {pinned})" in text and "cannot be resized in place" in text
+    assert f"start with --map-size endpoints={pinned} to keep serving" in text
+    assert "`meshlet uninstall`" in text and "then start with --map-size endpoints=999" in text
 
 
 def test_preflight_names_what_is_missing(lab):

@@ -251,7 +251,7 @@ def test_a_group_that_does_not_fit_keeps_its_old_state_and_so_do_its_frontends()
     with pytest.raises(MapFullError) as err:
         rec.apply(s2, delta_between(s1, s2), {})
     message = str(err.value)
-    assert "map endpoints is full (MapSizes.endpoints)" in message and "shop/d:http/tcp/v4" in message
+    assert "map endpoints is full (--map-size endpoints=" in message and "shop/d:http/tcp/v4" in message
     after = contents(maps)
     # The frontend that needed the big group still has its old split; the other one moved on.
     key1 = P.frontend_key_bytes("10.96.0.1", 80, "TCP", "")
@@ -267,7 +267,7 @@ def test_a_frontend_that_does_not_fit_is_refused_whole_and_named():
     maps = make_maps([], frontends=1)
     rec = PlanThenWrite(maps)
     state = state_of([frontend("10.96.0.1", (1, A)), frontend("10.96.0.2", (1, A))], [A])
-    with pytest.raises(MapFullError, match=r"map frontends is full \(MapSizes.frontends\).*10.96.0.2:80/tcp"):
+    with pytest.raises(MapFullError, match=r"map frontends is full \(--map-size frontends=\d+\).*10.96.0.2:80/tcp.*hint: .*--map-size frontends=\d+"):
         rec.full(state, {})
     assert len(maps["frontends"].data) == 1 and reader_problems(contents(maps)) == []
 
@@ -460,7 +460,7 @@ def test_a_group_whose_members_do_not_fit_keeps_its_old_state_and_writes_no_endp
     rec = PlanThenWrite(maps)
     sticky = group("d", 2, base=4, affinity=60)
     state = state_of([frontend("10.96.0.1", (1, sticky)), frontend("10.96.0.2", (1, A))], [sticky, A])
-    with pytest.raises(MapFullError, match=r"map members is full \(MapSizes.members\).*shop/d"):
+    with pytest.raises(MapFullError, match=r"map members is full \(--map-size members=\d+\).*shop/d"):
         rec.full(state, {})
     after = contents(maps)
     assert set(after["endpoints"]) == set_keys(A) and after["members"] == {}

@@ -297,3 +297,12 @@ def test_pre_stop_leaves_the_datapath_alone():
     command = container(agent_pod(), "agent")["lifecycle"]["preStop"]["exec"]["command"]
     words = shlex.split(" ".join(command))
     assert "meshlet" not in words and "uninstall" not in words and "rm" not in words
+
+
+def test_the_daemonset_sets_every_map_size_and_each_is_valid():
+    from agent.datapath.layout import SIZED_MAPS
+    from agent.runtime.settings import parse_map_sizes
+
+    args = [arg.split("=", 1)[1] for arg in container(agent_pod(), "agent")["args"] if arg.startswith("--map-size=")]
+    assert sorted(arg.split("=")[0] for arg in args) == sorted(SIZED_MAPS)
+    parse_map_sizes(args)

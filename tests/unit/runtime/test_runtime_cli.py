@@ -170,3 +170,50 @@ def test_a_cgroup2_mount_point_with_a_space_is_found(tmp_path):
     mounts = tmp_path / "mounts"
     mounts.write_text("cgroup2 /run/my\\040cgroup cgroup2 rw 0 0\n")
     assert str(default_cgroup_root(str(mounts))) == "/run/my cgroup"
+
+
+def test_map_sizes_are_parsed_with_defaults_for_the_rest():
+    from agent.datapath.layout import MapSizes
+    from agent.runtime.settings import parse_map_sizes
+
+    sizes = parse_map_sizes(["frontends=1000", "endpoints = 2_000"])
+    assert sizes == MapSizes(frontends=1000, endpoints=2000)
+    assert parse_map_sizes([]) == MapSizes()
+
+
+@pytest.mark.parametrize("text, words", [
+    ("frontend=10", "NAME=ENTRIES with NAME one of frontends, groups"),
+    ("frontends", "NAME=ENTRIES"),
+    ("frontends=many", "not a whole number"),
+    ("frontends=0", "from 1 to"),
+    ("frontends=99999999999", "from 1 to"),
+])
+def test_a_bad_map_size_is_one_clear_error(text, words):
+    from agent.errors import UserError
+    from agent.runtime.settings import parse_map_sizes
+
+    with pytest.raises(UserError) as err:
+        parse_map_sizes([text])
+    assert words in str(err.value) and "--map-size" in str(err.value)
+
+
+def test_run_help_lists_each_map_size_and_its_kernel_memory():
+    from click.testing import CliRunner
+
+    from agent.datapath.layout import SIZED_MAPS
+    from agent.runtime.cli import run
+
+    out = CliRunner().invoke(run, ["--help"]).output
+    assert "--map-size NAME=ENTRIES" in out
+    for name in SIZED_MAPS:
+        assert f"  {name} " in out
+    assert "MiB up front" in out
+
+
+def test_resize_refusal_says_both_ways_on():
+    from agent.datapath.loader import resize_refusal
+
+    text = resize_refusal("/sys/fs/bpf/meshlet/v3/maps", [("frontends", 131072, 1000)])
+    assert "frontends 1000 (pinned: 131072)" in text
+    assert "start with --map-size frontends=131072 to keep serving" in text
+    assert "`meshlet uninstall`" in text and "then start with --map-size frontends=1000" in text
