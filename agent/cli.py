@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "maps": "agent.datapath.cli:maps",
     "explain": "agent.explain:explain",
     "uninstall": "agent.datapath.cli:uninstall",
+    "trace": "agent.datapath.cli:trace",
     "lab": "agent.lab.cli:lab",
     "demo": "agent.lab.demo:demo",
 }

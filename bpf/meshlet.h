@@ -25,6 +25,7 @@
 #define SOCK_XLATS 8      /* remembered translations per socket (see struct sock_state) */
 #define NAME_LEN 96       /* bytes of a human name in the names map */
 #define MAX_POD_DEPTH 8   /* cgroup levels below the root searched for a pod cgroup */
+#define TRACE_RING_BYTES 262144 /* ring buffer of trace events: ~2700 decisions in flight */
 
 _Static_assert((SOCK_XLATS & (SOCK_XLATS - 1)) == 0, "SOCK_XLATS is a power of two (slot mask)");
 _Static_assert(MAX_SLOTS <= 255, "fe_value.nslots is a __u8");
@@ -76,6 +77,27 @@ struct decision {
     __u8 outcome;         /* OUT_* */
     __u8 pad;
     __u32 err;            /* errno the call fails with, 0 = none */
+};
+
+/* trace_control: one entry (index 0), written by `meshlet trace` (agent/datapath/trace.py).
+ * Tracing is on while bpf_ktime_get_ns() < expires_ns: the trace renews it every second, so one
+ * that was killed stops within its lease (TRACE_LEASE_S in trace.py). Filters run in the kernel, so a
+ * busy node sends user space only the decisions asked for; events that find the ring buffer
+ * full are counted in `dropped` (and shown), never waited for. */
+#define TRACE_MATCH_FRONTEND 1 /* trace_control.flags: only decisions for `frontend` */
+#define TRACE_MATCH_CLIENT 2   /* only clients inside cgroup `client_cgroup` (at `client_level`) */
+
+struct trace_control {
+    __u64 expires_ns;     /* bpf_ktime_get_ns() clock; 0 = off */
+    __u64 dropped;        /* events lost to a full ring buffer (atomic add) */
+    __u64 client_cgroup;  /* TRACE_MATCH_CLIENT: the pod's cgroup id */
+    __u8 frontend[16];    /* TRACE_MATCH_FRONTEND: the address */
+    __u16 frontend_port;  /* network order; 0 = any port */
+    __u8 proto;           /* 0 = any protocol */
+    __u8 pad;
+    __u32 outcomes;       /* bit (1 << OUT_*) set = traced */
+    __u32 flags;          /* TRACE_MATCH_* */
+    __u32 client_level;   /* TRACE_MATCH_CLIENT: level of client_cgroup below the cgroup2 root */
 };
 
 /* frontends: (address, port, protocol, client scope) -> the whole weighted split.

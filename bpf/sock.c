@@ -53,6 +53,23 @@ BPF_TABLE_PINNED("percpu_array", __u32, __u64, counters, OUT_COUNT, PIN_DIR "/co
 BPF_TABLE_PINNED("array", __u32, struct config_value, config, 1, PIN_DIR "/config");
 BPF_TABLE_PINNED("hash", __u64, struct name_value, names, NAMES_MAX,
                  PIN_DIR "/names", BPF_F_NO_PREALLOC);
+#ifdef HAVE_RINGBUF
+/* `meshlet trace`: its switch and filters, and the ring buffer of decisions (struct decision).
+ * The control map is mmapable: the trace renews its lease by writing expires_ns in place, and
+ * the kernel's atomic `dropped` is never overwritten by a whole-value update. The ring buffer is
+ * declared the way bcc's BPF_RINGBUF_OUTPUT does, pinned like the others. */
+BPF_TABLE_PINNED("array", __u32, struct trace_control, trace_control, 1, PIN_DIR "/trace_control",
+                 BPF_F_MMAPABLE);
+struct trace_events_table_t {
+    int key;
+    __u32 leaf;
+    int (*ringbuf_output)(void *, __u64, __u64);
+    __u32 max_entries;
+};
+__attribute__((section("maps/ringbuf:" PIN_DIR "/trace_events")))
+struct trace_events_table_t trace_events = {.max_entries = TRACE_RING_BYTES};
+#endif
+
 /* Socket-local storage, pinned too: a restarted or upgraded agent's programs keep reading
  * the translations of sockets opened before. */
 BPF_TABLE_PINNED("sk_storage", int, struct sock_state, sockets, 0,
@@ -267,8 +284,43 @@ static __always_inline __u32 pick_endpoint(struct bpf_sock_addr *ctx, __u64 grou
     return OUT_TRANSLATED;
 }
 
-/* The end of every translation of a frontend: count the outcome, and return what the call
- * gets (0: go on, possibly rewritten; -errno: fail it). */
+/* Send a decision to `meshlet trace` if one is running and its filters take it. Off, this costs
+ * one array lookup (and nothing for a datagram reusing its socket's choice: not a decision). */
+static __always_inline void trace(struct bpf_sock_addr *ctx, struct decision *d)
+{
+#ifdef HAVE_RINGBUF
+    if (d->kind == DECISION_REMEMBERED)
+        return;
+    __u32 zero = 0;
+    struct trace_control *tc = trace_control.lookup(&zero);
+    if (!tc || !tc->expires_ns)
+        return;
+    __u64 now = bpf_ktime_get_ns();
+    if (now >= tc->expires_ns || !(tc->outcomes & (1U << d->outcome)))
+        return;
+    if (tc->proto && tc->proto != d->proto)
+        return;
+    if (tc->frontend_port && tc->frontend_port != d->frontend_port)
+        return;
+    if (tc->flags & TRACE_MATCH_FRONTEND) {
+        const __u32 *want = (const __u32 *)tc->frontend;
+        const __u32 *got = (const __u32 *)d->frontend;
+        if (want[0] != got[0] || want[1] != got[1] || want[2] != got[2] || want[3] != got[3])
+            return;
+    }
+    if ((tc->flags & TRACE_MATCH_CLIENT) &&
+        bpf_get_current_ancestor_cgroup_id(tc->client_level) != tc->client_cgroup)
+        return;
+    d->time_ns = now;
+    d->cgroup_id = bpf_get_current_cgroup_id();
+    d->netns_cookie = bpf_get_netns_cookie(ctx);
+    if (trace_events.ringbuf_output(d, sizeof(*d), 0) < 0)
+        __sync_fetch_and_add(&tc->dropped, 1);
+#endif
+}
+
+/* The end of every translation of a frontend: count the outcome, trace it, and return what the
+ * call gets (0: go on, possibly rewritten; -errno: fail it). */
 static __always_inline int conclude(struct bpf_sock_addr *ctx, struct decision *d, __u32 outcome)
 {
     count(outcome);
@@ -277,6 +329,7 @@ static __always_inline int conclude(struct bpf_sock_addr *ctx, struct decision *
         d->err = ECONNREFUSED;
     else if (outcome == OUT_UNREACHABLE)
         d->err = EHOSTUNREACH;
+    trace(ctx, d);
     return -(int)d->err;
 }
 

@@ -68,7 +68,8 @@ class Datapath:
         maps: dict[str, bpfsys.Map] = {}
         try:
             for name in L.MAP_SPECS:
-                if name != "sockets":  # socket storage: only the programs use it
+                # socket storage: only the programs use it; the trace maps: only `meshlet trace`
+                if name != "sockets" and name not in L.TRACE_MAPS:
                     maps[name] = bpfsys.Map.open_pinned(loader.map_pin(bpffs, name))
             adopted = set(L.PLANNED_MAPS) <= set(found) and links_pinned
             return cls(bpffs, cgroup_root, sizes, programs, maps, adopted, support)

@@ -1,7 +1,8 @@
-"""`meshlet maps dump` and `meshlet uninstall`: read or remove the pinned datapath, no agent needed.
+"""`meshlet maps dump`, `meshlet trace` and `meshlet uninstall`: the pinned datapath, no agent needed.
 
-Role: a thin command-line layer over agent.datapath.dump (read-only decoding) and
-agent.datapath.loader.uninstall. Neither command compiles anything or imports bcc. The table and
+Role: a thin command-line layer over agent.datapath.dump (read-only decoding),
+agent.datapath.trace (live decisions) and agent.datapath.loader.uninstall. None of them compiles
+anything or imports bcc. The table and
 the JSON come from the same records (dump.MapsView); JSON keys are the record field names and
 are stable for scripts.
 """
@@ -115,3 +116,42 @@ def uninstall(bpffs, cgroup_root):
             raise UserError(f"programs named like ours are still attached to {cgroup_root}: "
                             f"{', '.join(left)}; hint: another meshlet with a different --bpffs attached them")
         click.echo(f"no meshlet program attached to {os.path.abspath(cgroup_root)}")
+
+
+@click.command()
+@click.option("--from", "source", metavar="NS/POD", help="Only connections from this pod (of this node).")
+@click.option("--to", "target", metavar="ADDR[:PORT][/PROTO]", help="Only connections to this frontend.")
+@click.option("--verdict", "verdicts", multiple=True, type=click.Choice(["forward", "reject", "unreachable", "skip", "miss"]),
+              help="Only these verdicts (repeat the option for several; default: all).")
+@click.option("--count", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Stop after this many events (0: until Ctrl-C).")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True,
+              help="json: one object per line, keys stable for scripts.")
+@click.option("--bpffs", default=DEFAULT_BPFFS, show_default=True, help="The agent's bpffs directory.")
+def trace(source, target, verdicts, count, output, bpffs):
+    """Print the datapath's decisions as they happen, with names; tracing is off again on exit.
+
+    One line per decision: a connect(), or the first datagram of an unconnected UDP socket to a
+    frontend. The filters run in the kernel. Needs only the pins: works while the agent is down.
+    A trace killed without a chance to clean up switches itself off within seconds.
+
+    \b
+    Example:
+      meshlet trace --from default/client --to 10.96.0.10:80/tcp
+      meshlet trace --verdict reject --verdict unreachable -o json --count 10
+    """
+    from agent.datapath import trace as T
+
+    flt = T.Filter(tuple(verdicts) or tuple(T.VERDICTS), T.parse_to(target) if target else None)
+    if output == "table":
+        click.echo(T.table_row(T.COLUMNS))
+
+    def emit(event):
+        if output == "json":
+            click.echo(json.dumps(T.as_json(event), sort_keys=True))
+        else:
+            click.echo(T.table_row(T.table_cells(event)))
+
+    summary = T.trace(bpffs, source, flt, count, emit, ready=lambda text: click.echo(f"meshlet: {text}", err=True))
+    lost = f"; {summary.dropped} lost to a full ring buffer (narrow the filters)" if summary.dropped else ""
+    click.echo(f"meshlet: {summary.events} events{lost}; tracing is off", err=True)

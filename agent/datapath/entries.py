@@ -156,6 +156,15 @@ def frontend_key_scope(key: bytes) -> int:
     return FE_KEY.unpack(key)[3]
 
 
+def client_key_cgroup(key: bytes) -> int:
+    return U64.unpack(key)[0]
+
+
+def pod_name_key(cgroup_id: int) -> bytes:
+    """The names-map key of a client pod's "namespace/name" (layout.POD_NAME_TAG)."""
+    return U64.pack(cgroup_id | L.POD_NAME_TAG)
+
+
 def client_value_scope(value: bytes) -> int:
     return CLIENT_VALUE.unpack(value)[0]
 

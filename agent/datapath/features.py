@@ -76,6 +76,9 @@ FEATURES: tuple[Feature, ...] = (
             without="a rejected connection fails with EPERM instead of ECONNREFUSED, and one with no "
                     "usable endpoint with EPERM instead of EHOSTUNREACH",
             define="HAVE_SET_RETVAL"),
+    Feature("ringbuf", "BPF ring buffers (BPF_MAP_TYPE_RINGBUF), which `meshlet trace` reads", "5.8",
+            without="`meshlet trace` is unavailable (no perf-buffer fallback)",
+            define="HAVE_RINGBUF"),
 )
 
 NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)
@@ -270,6 +273,16 @@ def map_batch_available() -> bool:
         os.close(fd)
 
 
+def ringbuf_available() -> bool:
+    """A one-page ring buffer of our own (no key, no value)."""
+    try:
+        fd = bpfsys.map_create(U.MAP_TYPE_RINGBUF, 0, 0, os.sysconf("SC_PAGE_SIZE"))
+    except bpfsys.BpfError as err:
+        return _answer(err)
+    os.close(fd)
+    return True
+
+
 def _raise_memlock() -> None:
     # Kernels before 5.11 charge BPF objects to RLIMIT_MEMLOCK, often 64 KiB: a probe refused
     # for that would read as "no feature". bcc raises the limit the same way when it loads.
@@ -304,5 +317,6 @@ def probe() -> dict[str, bool]:
     found["cgroup_links"] = cgroup_links_available()
     found["map_batch"] = map_batch_available()
     found["set_retval"] = helper(U.HELPER_SET_RETVAL)
+    found["ringbuf"] = ringbuf_available()
     assert set(found) == set(NAMES), "probe and FEATURES disagree"
     return found

@@ -26,6 +26,7 @@ MAX_SLOTS = 16
 SOCK_XLATS = 8
 NAME_LEN = 96
 MAX_POD_DEPTH = 8
+TRACE_RING_BYTES = 262144
 
 VERDICT_FORWARD = 0
 VERDICT_REJECT = 1
@@ -36,10 +37,20 @@ assert (VERDICT_FORWARD, VERDICT_REJECT, VERDICT_UNREACHABLE) == (
 FE_HAS_SCOPES = 1
 CLIENT_SKIP = 1
 CONFIG_CLIENT_SKIPS = 1
+TRACE_MATCH_FRONTEND = 1
+TRACE_MATCH_CLIENT = 2
+
+#: struct decision's kind: which call was decided (the C DECISION_* defines).
+DECISION_KINDS = {1: "connect", 2: "datagram", 3: "remembered"}
 
 #: Outcome counters: index in the `counters` array -> name (the C OUT_* defines).
 OUTCOMES = {0: "translated", 1: "rejected", 2: "unreachable", 3: "skipped", 4: "miss"}
 OUT_COUNT = 8
+
+#: Names-map key of a client pod's "namespace/name": its cgroup id with this bit set, so it never
+#: meets a group, route or scope id (cgroup ids are kernfs ids, far below 2^63). Read by
+#: `meshlet trace` to name clients and to find the pod of --from, with the agent down too.
+POD_NAME_TAG = 1 << 63
 
 #: Threshold scale of the weighted pick: the program draws r uniform in [0, THRESHOLD_SCALE).
 THRESHOLD_SCALE = 1 << 31
@@ -165,8 +176,56 @@ class SockState(ct.Structure):
     _fields_ = [("xlat", SockXlat * SOCK_XLATS), ("next", ct.c_uint32), ("pad", ct.c_uint32)]
 
 
+class TraceControl(ct.Structure):
+    """struct trace_control {
+        __u64 expires_ns;     // bpf_ktime_get_ns() clock; 0 = off
+        __u64 dropped;
+        __u64 client_cgroup;
+        __u8 frontend[16];
+        __u16 frontend_port;  // network order; 0 = any
+        __u8 proto;           // 0 = any
+        __u8 pad;
+        __u32 outcomes;       // bit (1 << OUT_*) set = traced
+        __u32 flags;          // TRACE_MATCH_*
+        __u32 client_level;
+    };"""
+
+    _fields_ = [("expires_ns", ct.c_uint64), ("dropped", ct.c_uint64), ("client_cgroup", ct.c_uint64),
+                ("frontend", ct.c_uint8 * 16), ("frontend_port", ct.c_uint16), ("proto", ct.c_uint8),
+                ("pad", ct.c_uint8), ("outcomes", ct.c_uint32), ("flags", ct.c_uint32),
+                ("client_level", ct.c_uint32)]
+
+
+class Decision(ct.Structure):
+    """struct decision {           // one trace event
+        __u64 time_ns;
+        __u64 cgroup_id;
+        __u64 netns_cookie;
+        __u64 route_id;
+        __u64 group_id;
+        __u8 frontend[16];
+        __u8 endpoint[16];
+        __u16 frontend_port;      // network order
+        __u16 endpoint_port;      // network order
+        __u32 scope;
+        __u8 proto;
+        __u8 kind;                // DECISION_*
+        __u8 outcome;             // OUT_*
+        __u8 pad;
+        __u32 err;
+    };"""
+
+    _fields_ = [("time_ns", ct.c_uint64), ("cgroup_id", ct.c_uint64), ("netns_cookie", ct.c_uint64),
+                ("route_id", ct.c_uint64), ("group_id", ct.c_uint64), ("frontend", ct.c_uint8 * 16),
+                ("endpoint", ct.c_uint8 * 16), ("frontend_port", ct.c_uint16), ("endpoint_port", ct.c_uint16),
+                ("scope", ct.c_uint32), ("proto", ct.c_uint8), ("kind", ct.c_uint8), ("outcome", ct.c_uint8),
+                ("pad", ct.c_uint8), ("err", ct.c_uint32)]
+
+
 U64 = ct.c_uint64
 U32 = ct.c_uint32
+#: A ring buffer has no key and no value (key_size = value_size = 0).
+NOTHING = ct.c_uint8 * 0
 
 
 #: The agent flag that sets a MapSizes field (`meshlet run --map-size NAME=ENTRIES`, repeatable):
@@ -272,6 +331,7 @@ class MapSpec:
 
 _HASH, _ARRAY, _PERCPU_ARRAY = U.MAP_TYPE_HASH, U.MAP_TYPE_ARRAY, U.MAP_TYPE_PERCPU_ARRAY
 _LRU_HASH, _SK_STORAGE, _NO_PREALLOC = U.MAP_TYPE_LRU_HASH, U.MAP_TYPE_SK_STORAGE, U.BPF_F_NO_PREALLOC
+_RINGBUF, _MMAPABLE = U.MAP_TYPE_RINGBUF, U.BPF_F_MMAPABLE
 
 #: Every map of bpf/sock.c, in the order the reconciler writes them.
 MAP_SPECS: dict[str, MapSpec] = {
@@ -287,8 +347,14 @@ MAP_SPECS: dict[str, MapSpec] = {
         MapSpec("affinity", _LRU_HASH, AffinityKey, AffinityValue, 0, "affinity"),
         MapSpec("counters", _PERCPU_ARRAY, U32, ct.c_uint64, 0, None, OUT_COUNT),
         MapSpec("sockets", _SK_STORAGE, ct.c_int32, SockState, _NO_PREALLOC, None, 0),
+        MapSpec("trace_control", _ARRAY, U32, TraceControl, _MMAPABLE, None, 1),
+        MapSpec("trace_events", _RINGBUF, NOTHING, NOTHING, 0, None, TRACE_RING_BYTES),
     )
 }
+
+#: Maps of `meshlet trace` only (agent/datapath/trace.py): absent on a kernel without ring buffers
+#: (features.py), never opened by the agent.
+TRACE_MAPS = ("trace_control", "trace_events")
 
 #: Maps whose content the agent owns (plans, writes, sweeps). The others belong to the programs.
 PLANNED_MAPS = ("endpoints", "members", "groups", "clients", "config", "names", "frontends")

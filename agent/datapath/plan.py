@@ -232,10 +232,11 @@ def client_key_bytes(cgroup_id: int) -> bytes:
 
 
 def plan_client(pod: ClientPod, cgroup_id: int) -> tuple[bytes, bytes, dict[bytes, bytes]]:
-    """(key, value, name entries) of one client pod; names short."""
+    """(key, value, name entries) of one client pod: its scope's name and its own; names short."""
     scope = scope_id(pod.namespace)
     return (client_key_bytes(cgroup_id), E.CLIENT_VALUE.pack(scope, L.CLIENT_SKIP if pod.skip else 0),
-            {E.U64.pack(scope): _name_value(pod.namespace)})
+            {E.U64.pack(scope): _name_value(pod.namespace),
+             E.pod_name_key(cgroup_id): _name_value(f"{pod.namespace}/{pod.name}")})
 
 
 def plan_config(clients: Mapping[bytes, bytes]) -> dict[bytes, bytes]:

@@ -274,7 +274,7 @@ def _has_affinity(group_value: bytes) -> bool:
 def _references(name: str, key: bytes, value: bytes) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
     """(groups keys, names keys) an entry of a frontends or clients map refers to: the groups a
     frontend splits over (each once: plan merges a group's shares), and the ids whose names it
-    shows (route, scope ids). One decode of the entry for both, because this runs for every
+    shows (route, scope ids; a client also its pod name). One decode of the entry for both, because this runs for every
     frontend of the state on a full sync; tuples, not sets, for the same reason. (A group's own
     name has the group's key: a group in the map keeps its name, see _name_used.)"""
     if name == "frontends":
@@ -283,7 +283,7 @@ def _references(name: str, key: bytes, value: bytes) -> tuple[tuple[bytes, ...],
         return (tuple(E.u64_bytes(gid) for gid in gids if gid),
                 tuple(E.u64_bytes(ident) for ident in (scope, route) if ident))
     if name == "clients":
-        return (), (E.u64_bytes(E.client_value_scope(value)),)
+        return (), (E.u64_bytes(E.client_value_scope(value)), E.pod_name_key(E.client_key_cgroup(key)))
     return (), ()
 
 

@@ -34,6 +34,7 @@ MAP_TYPE_ARRAY = 2
 MAP_TYPE_PERCPU_ARRAY = 6
 MAP_TYPE_LRU_HASH = 9
 MAP_TYPE_SK_STORAGE = 24
+MAP_TYPE_RINGBUF = 27
 
 #: For messages: "type array (expected hash)", never a bare number for a type we know.
 MAP_TYPE_NAMES = {
@@ -42,10 +43,12 @@ MAP_TYPE_NAMES = {
     MAP_TYPE_PERCPU_ARRAY: "percpu_array",
     MAP_TYPE_LRU_HASH: "lru_hash",
     MAP_TYPE_SK_STORAGE: "sk_storage",
+    MAP_TYPE_RINGBUF: "ringbuf",
 }
 
 # map_flags
 BPF_F_NO_PREALLOC = 1
+BPF_F_MMAPABLE = 1024
 # BPF_MAP_UPDATE_ELEM flags
 BPF_ANY = 0
 

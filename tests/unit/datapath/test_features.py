@@ -24,7 +24,7 @@ def without(*names: str) -> dict[str, bool]:
 def test_a_kernel_with_everything_loads_every_hook_with_set_retval():
     support = features.decide(EVERYTHING, "6.18.0")
     assert support.hooks == tuple(uapi.HOOKS)
-    assert support.defines == ("HAVE_SET_RETVAL",)
+    assert support.defines == ("HAVE_SET_RETVAL", "HAVE_RINGBUF")
     assert support.disabled == ()
     assert support.log_fields() == {"kernel": "6.18.0", "enabled": ",".join(features.NAMES), "disabled": "-"}
     assert "-DHAVE_SET_RETVAL=1" in loader.cflags("/sys/fs/bpf/x", 0, MapSizes(), support)
@@ -32,7 +32,7 @@ def test_a_kernel_with_everything_loads_every_hook_with_set_retval():
 
 def test_without_set_retval_rejections_become_eperm_and_the_report_says_so():
     support = features.decide(without("set_retval"), "5.15.0")
-    assert support.defines == ()
+    assert support.defines == ("HAVE_RINGBUF",)
     assert not any("HAVE_SET_RETVAL" in flag for flag in loader.cflags("/sys/fs/bpf/x", 0, MapSizes(), support))
     assert support.hooks == tuple(uapi.HOOKS), "every hook still loads"
     fields = support.log_fields()
@@ -43,15 +43,22 @@ def test_without_set_retval_rejections_become_eperm_and_the_report_says_so():
 
 
 def test_without_getpeername_those_two_hooks_are_neither_loaded_nor_attached():
-    support = features.decide(without("getpeername4", "getpeername6", "set_retval"), "5.7.0")
+    support = features.decide(without("getpeername4", "getpeername6", "set_retval", "ringbuf"), "5.7.0")
     assert support.hooks == ("connect4", "connect6", "sendmsg4", "sendmsg6", "recvmsg4", "recvmsg6")
     fields = support.log_fields()
-    assert fields["disabled"] == "getpeername4,getpeername6,set_retval"
+    assert fields["disabled"] == "getpeername4,getpeername6,set_retval,ringbuf"
     assert "getpeername() on a translated socket shows the endpoint" in fields["effects"]
 
 
+def test_without_ring_buffers_trace_is_off_and_the_report_says_so():
+    support = features.decide(without("ringbuf"), "5.7.0")
+    assert "HAVE_RINGBUF" not in support.defines
+    assert "ringbuf: `meshlet trace` is unavailable" in support.log_fields()["effects"]
+    assert "HAVE_RINGBUF" in features.decide(EVERYTHING).defines
+
+
 @pytest.mark.parametrize("missing", [name for name in features.NAMES
-                                     if name not in ("getpeername4", "getpeername6", "set_retval")])
+                                     if name not in ("getpeername4", "getpeername6", "set_retval", "ringbuf")])
 def test_every_other_feature_is_required(missing):
     with pytest.raises(UserError, match=f"Linux >= {features.MINIMUM_KERNEL}"):
         features.decide(without(missing))

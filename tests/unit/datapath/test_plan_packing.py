@@ -85,4 +85,5 @@ def test_client_and_long_name_match_the_ctypes_layout():
     assert value == bytes(L.ClientValue(scope=scope, flags=L.CLIENT_SKIP))
     # A name longer than the field is cut, and the field still ends with a NUL.
     assert {k: E.full_value("names", v) for k, v in names.items()} == {
-        bytes(L.U64(scope)): bytes(L.NameValue(b"n" * (L.NAME_LEN - 1)))}
+        bytes(L.U64(scope)): bytes(L.NameValue(b"n" * (L.NAME_LEN - 1))),
+        bytes(L.U64(4242 | L.POD_NAME_TAG)): bytes(L.NameValue(b"n" * (L.NAME_LEN - 1)))}  # "nnn.../pod", cut

@@ -1,0 +1,476 @@
+"""`meshlet trace`: the datapath's decisions as they happen, read from the pinned ring buffer.
+
+Role: switch tracing on through the pinned control map (`trace_control`, struct trace_control in
+bpf/meshlet.h), read the decisions bpf/sock.c sends (struct decision) from the pinned ring buffer
+(`trace_events`), name them from the names map (backend groups, routes, scopes, and client pods:
+plan.pod_name_key) and switch tracing off on exit. Only the pins are needed: no bcc, no agent, so
+it works while the agent is down.
+
+Pure: `Filter` (what --from/--to/--verdict ask) -> the control fields, `parse_to`, `decode`
+(record bytes -> Event, names from a names image). I/O: `Ring` (the ring buffer through mmap),
+`Control` (the control map through mmap), `ClientNamer` (cgroup id -> pod, through cgroupfs and
+the names map), `trace` (the loop).
+
+The ring buffer, as the kernel lays it out for mmap (kernel/bpf/ringbuf.c): page 0 holds the
+consumer position (ours to write), page 1 the producer position, then the data pages mapped twice
+in a row, so a record that wraps around the end reads as one slice. Each record starts with an
+8-byte header (length with a BUSY and a DISCARD bit, page offset) and is padded to 8 bytes.
+
+Lease: the kernel traces only while its clock is below expires_ns. `trace` renews it to now +
+TRACE_LEASE_S every RENEW_S seconds and writes 0 on exit (also on Ctrl-C or SIGTERM); one that was
+killed stops costing anything within TRACE_LEASE_S. One trace at a time: the ring has one consumer
+position and the filters are node-wide, so a second `meshlet trace` refuses while a lease is
+alive. In-kernel filters (client pod, frontend, verdicts) keep a busy node from flooding us;
+decisions that still find the ring full are counted by the kernel (`dropped`) and reported.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import mmap
+import os
+import select
+import signal
+import struct
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator, Mapping
+
+from agent.datapath import bpfsys
+from agent.datapath import layout as L
+from agent.datapath import entries as E
+from agent.datapath.dump import format_endpoint
+from agent.errors import UserError
+
+#: Seconds a trace stays on without being renewed (a killed trace stops after this).
+TRACE_LEASE_S = 5
+#: Seconds between renewals (well inside the lease).
+RENEW_S = 1.0
+
+#: --verdict names -> the OUT_* outcome they select (names as users say them).
+VERDICTS = {"forward": 0, "reject": 1, "unreachable": 2, "skip": 3, "miss": 4}
+VERDICT_OF = {v: k for k, v in VERDICTS.items()}
+assert {L.OUTCOMES[v] for v in VERDICTS.values()} == set(L.OUTCOMES.values()), "a verdict per outcome"
+
+_ERRNO_NAMES = {0: "", 111: "ECONNREFUSED", 113: "EHOSTUNREACH"}
+
+_RINGBUF_BUSY = 1 << 31
+_RINGBUF_DISCARD = 1 << 30
+_RINGBUF_HDR = 8
+_U64 = struct.Struct("=Q")
+_U32 = struct.Struct("=I")
+_PAGE = mmap.PAGESIZE
+
+
+def monotonic_ns() -> int:
+    """The clock of bpf_ktime_get_ns() (CLOCK_MONOTONIC)."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+# --- what to trace (pure) ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class To:
+    """--to ADDR[:PORT][/PROTO]: port 0 and protocol "" mean any."""
+
+    address: str
+    port: int = 0
+    protocol: str = ""
+
+
+def parse_to(text: str) -> To:
+    """ADDR, ADDR:PORT, ADDR:PORT/PROTO, ADDR/PROTO; IPv6 as [ADDR] or [ADDR]:PORT (or bare)."""
+    hint = "hint: write it as 10.96.0.10, 10.96.0.10:80, 10.96.0.10:53/udp or [fd00::a]:80/tcp"
+    rest, _, proto = text.partition("/")
+    protocol = proto.upper()
+    if protocol and protocol not in L.PROTO_NUMBERS:
+        raise UserError(f"--to {text}: protocol {proto!r} is not one of tcp, udp, sctp; {hint}")
+    port = ""
+    if rest.startswith("["):
+        host, _, tail = rest[1:].partition("]")
+        if tail:
+            if not tail.startswith(":"):
+                raise UserError(f"--to {text}: cannot read it; {hint}")
+            port = tail[1:]
+    elif rest.count(":") == 1:
+        host, _, port = rest.partition(":")
+    else:
+        host = rest  # IPv4 without port, or bare IPv6
+    try:
+        address = str(ipaddress.ip_address(host))
+    except ValueError:
+        raise UserError(f"--to {text}: {host!r} is not an IP address; {hint}") from None
+    if port and not (port.isdigit() and 0 < int(port) < 65536):
+        raise UserError(f"--to {text}: port {port!r} is not a number from 1 to 65535; {hint}")
+    return To(address, int(port or 0), protocol)
+
+
+@dataclass(frozen=True)
+class Filter:
+    """What one trace asks the kernel for."""
+
+    verdicts: tuple[str, ...] = tuple(VERDICTS)  #: names of VERDICTS
+    to: To | None = None
+    client_cgroup: int = 0  #: the --from pod's cgroup id, 0 = any client
+    client_level: int = 0  #: its depth below the cgroup2 mount
+
+    def control(self, expires_ns: int) -> L.TraceControl:
+        """The control value that asks for this (dropped left 0: the caller keeps the kernel's)."""
+        tc = L.TraceControl(expires_ns=expires_ns)
+        for name in self.verdicts:
+            tc.outcomes |= 1 << VERDICTS[name]
+        if self.to is not None:
+            tc.frontend[:] = E.addr16(self.to.address)
+            tc.flags |= L.TRACE_MATCH_FRONTEND
+            tc.frontend_port = struct.unpack("=H", struct.pack("!H", self.to.port))[0]
+            tc.proto = L.PROTO_NUMBERS[self.to.protocol] if self.to.protocol else 0
+        if self.client_cgroup:
+            tc.flags |= L.TRACE_MATCH_CLIENT
+            tc.client_cgroup = self.client_cgroup
+            tc.client_level = self.client_level
+        return tc
+
+
+# --- events (pure) -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Event:
+    """One decision, named. JSON keys are these field names (stable for scripts)."""
+
+    time: float  #: Unix time, seconds
+    kind: str  #: connect | datagram
+    client: str  #: "namespace/pod", or the cgroup path of a process that is no known pod
+    cgroup_id: int
+    netns_cookie: int
+    frontend: str  #: ADDR:PORT
+    protocol: str
+    scope: str  #: "" = the default (producer) view, else the consumer namespace
+    route: str  #: "" = none
+    backend: str  #: the backend group chosen, "" = none
+    endpoint: str  #: ADDR:PORT, "" = none
+    verdict: str  #: forward | reject | unreachable | skip | miss
+    errno: str  #: ECONNREFUSED | EHOSTUNREACH | ""
+
+
+def decode(raw: bytes, names: Mapping[int, str], client: Callable[[int], str], clock_offset_ns: int) -> Event:
+    """An event from one ring-buffer record. `names`: names-map id -> name; `client`: cgroup id ->
+    client name; clock_offset_ns: Unix time minus the monotonic clock."""
+    d = L.Decision.from_buffer_copy(raw[: ctypes.sizeof(L.Decision)])
+    return Event(
+        time=(d.time_ns + clock_offset_ns) / 1e9,
+        kind=L.DECISION_KINDS.get(d.kind, str(d.kind)),
+        client=client(d.cgroup_id),
+        cgroup_id=d.cgroup_id,
+        netns_cookie=d.netns_cookie,
+        frontend=format_endpoint(bytes(d.frontend), d.frontend_port),
+        protocol=L.PROTO_NAMES.get(d.proto, str(d.proto)),
+        scope=names.get(d.scope, f"{d.scope:#010x}") if d.scope else "",
+        route=names.get(d.route_id, f"{d.route_id:#018x}") if d.route_id else "",
+        backend=names.get(d.group_id, f"{d.group_id:#018x}") if d.group_id else "",
+        endpoint=format_endpoint(bytes(d.endpoint), d.endpoint_port) if d.endpoint_port else "",
+        verdict=VERDICT_OF.get(d.outcome, str(d.outcome)),
+        errno=_ERRNO_NAMES.get(d.err, str(d.err)),
+    )
+
+
+# --- the pins (I/O) ----------------------------------------------------------------------------
+
+
+def _pin(bpffs: str, name: str) -> str:
+    from agent.datapath.loader import map_pin  # one home for pin paths
+
+    return map_pin(bpffs, name)
+
+
+def _open_pin(bpffs: str, name: str) -> bpfsys.Map:
+    path = _pin(bpffs, name)
+    if not os.path.exists(path):
+        if os.path.exists(_pin(bpffs, "frontends")):
+            raise UserError(f"no trace ring buffer is pinned at {path}: the agent's kernel lacks BPF ring "
+                            "buffers (Linux >= 5.8) or the agent predates `meshlet trace`; hint: the agent's "
+                            "start-up log lists the kernel features, and a restart of a newer agent adds it")
+        raise UserError(f"no meshlet maps pinned under {os.path.dirname(path)}; hint: is the agent running "
+                        "here (or was it)? pass the --bpffs it uses")
+    try:
+        return bpfsys.Map.open_pinned(path)
+    except bpfsys.BpfError as err:
+        raise UserError(f"cannot open the pinned map {path}: {err.strerror}; hint: run as root") from None
+
+
+class Control:
+    """The control map's one value, mapped into our memory (the map is BPF_F_MMAPABLE): fields
+    are written in place, so the kernel's atomic `dropped` is never overwritten."""
+
+    def __init__(self, bpffs: str):
+        self._map = _open_pin(bpffs, "trace_control")
+        self._mm = mmap.mmap(self._map.fd, _PAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._tc = L.TraceControl.from_buffer(self._mm)
+
+    def read(self) -> L.TraceControl:
+        return L.TraceControl.from_buffer_copy(bytes(self._tc))
+
+    def on_until(self) -> int:
+        """expires_ns while a lease is alive, else 0."""
+        expires = self._tc.expires_ns
+        return expires if expires > monotonic_ns() else 0
+
+    def start(self, flt: Filter, expires_ns: int) -> None:
+        want = flt.control(0)
+        for name, _ in L.TraceControl._fields_:
+            if name not in ("expires_ns", "dropped"):
+                setattr(self._tc, name, getattr(want, name))
+        self._tc.expires_ns = expires_ns  # last: the filters are in place before it turns on
+
+    def renew(self, expires_ns: int) -> None:
+        self._tc.expires_ns = expires_ns
+
+    def off(self) -> None:
+        self._tc.expires_ns = 0
+
+    @property
+    def dropped(self) -> int:
+        return self._tc.dropped
+
+    def close(self) -> None:
+        del self._tc
+        self._mm.close()
+        self._map.close()
+
+
+class Ring:
+    """The consumer side of a pinned BPF ring buffer, through mmap (no bcc, no libbpf)."""
+
+    def __init__(self, bpffs: str):
+        self._map = _open_pin(bpffs, "trace_events")
+        size = self._map.info.max_entries
+        self._mask = size - 1
+        self._consumer = mmap.mmap(self._map.fd, _PAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._data = mmap.mmap(self._map.fd, _PAGE + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=_PAGE)
+        self._poll = select.poll()
+        self._poll.register(self._map.fd, select.POLLIN)
+
+    @property
+    def producer(self) -> int:
+        return _U64.unpack_from(self._data, 0)[0]
+
+    def skip_pending(self) -> None:
+        """Forget what an earlier trace left unread."""
+        _U64.pack_into(self._consumer, 0, self.producer)
+
+    def wait(self, timeout_s: float) -> None:
+        self._poll.poll(max(0, int(timeout_s * 1000)))
+
+    def records(self) -> Iterator[bytes]:
+        """The records committed so far, each consumed as it is handed out."""
+        cons = _U64.unpack_from(self._consumer, 0)[0]
+        while cons < self.producer:
+            offset = _PAGE + (cons & self._mask)
+            length = _U32.unpack_from(self._data, offset)[0]
+            if length & _RINGBUF_BUSY:
+                break  # reserved, not committed yet
+            size = length & ~(_RINGBUF_BUSY | _RINGBUF_DISCARD)
+            record = None if length & _RINGBUF_DISCARD else self._data[offset + _RINGBUF_HDR:
+                                                                      offset + _RINGBUF_HDR + size]
+            cons += (size + _RINGBUF_HDR + 7) & ~7
+            _U64.pack_into(self._consumer, 0, cons)
+            if record is not None:
+                yield record
+
+    def close(self) -> None:
+        self._poll.unregister(self._map.fd)
+        self._consumer.close()
+        self._data.close()
+        self._map.close()
+
+
+def read_names(bpffs: str) -> dict[int, str]:
+    """The names map: id -> name."""
+    with _open_pin(bpffs, "names") as m:
+        return {int.from_bytes(k, "little"): L.NameValue.from_buffer_copy(v).name.decode(errors="replace")
+                for k, v in m.items().items()}
+
+
+def pod_names(names: Mapping[int, str]) -> dict[int, str]:
+    """Client pod cgroup id -> "namespace/name" (the POD_NAME_TAG entries of the names map)."""
+    return {ident & ~L.POD_NAME_TAG: name for ident, name in names.items() if ident & L.POD_NAME_TAG}
+
+
+class ClientNamer:
+    """cgroup id of a client task -> its pod ("namespace/name"), or its cgroup path.
+
+    A task runs in its pod's cgroup or in a container cgroup below it: the cgroup's directory is
+    found by its inode number (= cgroup id) under the cgroup2 mount, then the nearest directory
+    up that is a known pod names it. The scan is cached and redone at most once a second."""
+
+    def __init__(self, mount: str, pods: Callable[[], Mapping[int, str]]):
+        self.mount = mount
+        self._pods = pods
+        self._paths: dict[int, str] = {}
+        self._scanned = 0.0
+        self._names: dict[int, str] = {}
+
+    def path_of(self, cgroup_id: int) -> str | None:
+        if cgroup_id not in self._paths and time.monotonic() - self._scanned > 1.0:
+            self._scan()
+        return self._paths.get(cgroup_id)
+
+    def _scan(self) -> None:
+        self._scanned = time.monotonic()
+        paths = {}
+        for top, dirs, _files in os.walk(self.mount):
+            try:
+                paths[os.stat(top).st_ino] = top
+            except OSError:
+                continue  # went away meanwhile
+        self._paths = paths
+
+    def __call__(self, cgroup_id: int) -> str:
+        if cgroup_id in self._names:
+            return self._names[cgroup_id]
+        path = self.path_of(cgroup_id)
+        if path is None:
+            return f"cgroup {cgroup_id}"
+        pods = self._pods()
+        name = None
+        probe = path
+        while probe.startswith(self.mount) and len(probe) >= len(self.mount):
+            try:
+                ino = os.stat(probe).st_ino
+            except OSError:
+                break
+            if ino in pods:
+                name = pods[ino]
+                break
+            probe = os.path.dirname(probe)
+        if name is None:
+            rel = os.path.relpath(path, self.mount)
+            name = "/" if rel == "." else "/" + rel  # a process outside every known pod
+        self._names[cgroup_id] = name
+        return name
+
+
+def find_pod(names: Mapping[int, str], text: str, namer: ClientNamer) -> tuple[int, int]:
+    """--from NS/POD -> (the pod's cgroup id, its level below the cgroup2 mount)."""
+    if text.count("/") != 1:
+        raise UserError(f"--from {text}: expected NAMESPACE/POD; hint: --from default/client")
+    matches = [cg for cg, name in pod_names(names).items() if name == text]
+    if not matches:
+        raise UserError(f"--from {text}: no such pod among this node's clients; hint: `meshlet maps dump "
+                        "names` lists them (pods are named once the agent has seen them)")
+    cgroup_id = matches[0]
+    path = namer.path_of(cgroup_id)
+    if path is None:
+        raise UserError(f"--from {text}: its cgroup (id {cgroup_id}) is gone; hint: is the pod still running?")
+    rel = os.path.relpath(path, namer.mount)
+    return cgroup_id, (0 if rel == "." else len(rel.split(os.sep)))
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    events: int = 0
+    dropped: int = 0  #: decisions lost to a full ring buffer while we traced
+
+
+def trace(bpffs: str, flt_from: str | None, flt: Filter, count: int, emit: Callable[[Event], None],
+          ready: Callable[[str], None] = lambda _: None, mount: str | None = None,
+          stop: Callable[[], bool] = lambda: False) -> Summary:
+    """Switch tracing on, hand each decision to `emit` until `count` (0 = no end) or Ctrl-C,
+    SIGTERM or `stop()`, and switch tracing off again whatever happens."""
+    from agent.datapath.loader import cgroup2_mount
+
+    mount = mount or cgroup2_mount()
+    if mount is None:
+        raise UserError("no cgroup2 mount found; hint: meshlet needs the unified cgroup hierarchy")
+    names = read_names(bpffs)
+    names_read = time.monotonic()
+
+    def current_pods() -> Mapping[int, str]:
+        return pod_names(names)
+
+    namer = ClientNamer(mount, current_pods)
+    if flt_from:
+        cgroup, level = find_pod(names, flt_from, namer)
+        flt = Filter(flt.verdicts, flt.to, cgroup, level)
+
+    control = Control(bpffs)
+    try:
+        busy = control.on_until()
+        if busy:
+            raise UserError(f"another `meshlet trace` is running on this node (its lease ends in "
+                            f"{(busy - monotonic_ns()) / 1e9:.0f} s); hint: one trace at a time, stop the other")
+        ring = Ring(bpffs)
+    except BaseException:
+        control.close()
+        raise
+    summary = Summary()
+    previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    dropped_before = control.dropped
+    try:
+        ring.skip_pending()
+        clock_offset = time.time_ns() - monotonic_ns()
+        control.start(flt, monotonic_ns() + TRACE_LEASE_S * 10**9)
+        renewed = time.monotonic()
+        ready(f"tracing for {TRACE_LEASE_S} s at a time, renewed every {RENEW_S:g} s (Ctrl-C stops)")
+        try:
+            while not count or summary.events < count:
+                if time.monotonic() - renewed >= RENEW_S:
+                    control.renew(monotonic_ns() + TRACE_LEASE_S * 10**9)
+                    renewed = time.monotonic()
+                if stop():
+                    break
+                ring.wait(RENEW_S / 2)
+                for record in ring.records():
+                    event = decode(record, names, namer, clock_offset)
+                    if _unnamed(event) and time.monotonic() - names_read > 1.0:
+                        names.update(read_names(bpffs))  # the agent named something new meanwhile
+                        names_read = time.monotonic()
+                        event = decode(record, names, namer, clock_offset)
+                    emit(event)
+                    summary.events += 1
+                    if count and summary.events >= count:
+                        break
+        except KeyboardInterrupt:
+            pass
+    finally:
+        control.off()
+        summary.dropped = control.dropped - dropped_before
+        signal.signal(signal.SIGTERM, previous_term)
+        ring.close()
+        control.close()
+    return summary
+
+
+def _unnamed(e: Event) -> bool:
+    return any(text.startswith("0x") for text in (e.route, e.backend, e.scope))
+
+
+def _raise_interrupt(_signum, _frame):
+    raise KeyboardInterrupt
+
+
+# --- output ------------------------------------------------------------------------------------
+
+COLUMNS = ("TIME", "CLIENT", "FRONTEND", "PROTO", "SCOPE", "ROUTE", "BACKEND", "ENDPOINT", "VERDICT")
+_WIDTHS = (15, 22, 21, 5, 8, 10, 24, 21, 7)
+
+
+def table_row(cells: tuple[str, ...]) -> str:
+    return "  ".join(c.ljust(w) for c, w in zip(cells, _WIDTHS)).rstrip()
+
+
+def table_cells(e: Event) -> tuple[str, ...]:
+    t = time.localtime(e.time)
+    stamp = time.strftime("%H:%M:%S", t) + f".{int(e.time * 1e6) % 1000000:06d}"
+    verdict = e.verdict + (f" {e.errno}" if e.errno else "")
+    return (stamp, e.client, e.frontend, e.protocol, e.scope or "-", e.route or "-", e.backend or "-",
+            e.endpoint or "-", verdict)
+
+
+def as_json(e: Event) -> dict:
+    return asdict(e)

@@ -1,0 +1,64 @@
+"""`meshlet trace` without the kernel: --to parsing, the control value a filter asks for, decoding."""
+
+import pytest
+
+from agent.datapath import layout as L
+from agent.datapath import trace as T
+from agent.errors import UserError
+
+
+@pytest.mark.parametrize("text,want", [
+    ("10.96.0.10", T.To("10.96.0.10")),
+    ("10.96.0.10:80", T.To("10.96.0.10", 80)),
+    ("10.96.0.10:53/udp", T.To("10.96.0.10", 53, "UDP")),
+    ("10.96.0.10/tcp", T.To("10.96.0.10", 0, "TCP")),
+    ("fd00::a", T.To("fd00::a")),
+    ("[fd00::a]", T.To("fd00::a")),
+    ("[fd00::a]:80/tcp", T.To("fd00::a", 80, "TCP")),
+])
+def test_to_takes_an_address_with_optional_port_and_protocol(text, want):
+    assert T.parse_to(text) == want
+
+
+@pytest.mark.parametrize("text", ["web:80", "10.96.0.10:0", "10.96.0.10:80/icmp", "[fd00::a]80"])
+def test_a_bad_to_is_one_sentence_with_a_hint(text):
+    with pytest.raises(UserError, match="hint: write it as"):
+        T.parse_to(text)
+
+
+def test_the_filter_becomes_the_control_fields_the_kernel_compares():
+    flt = T.Filter(("reject", "unreachable"), T.parse_to("10.96.0.10:80/tcp"), client_cgroup=42, client_level=3)
+    tc = flt.control(expires_ns=123)
+    assert tc.expires_ns == 123 and tc.dropped == 0
+    assert tc.outcomes == (1 << 1) | (1 << 2)
+    assert bytes(tc.frontend) == b"\0" * 10 + b"\xff\xff" + bytes([10, 96, 0, 10])
+    assert tc.frontend_port.to_bytes(2, "little") == (80).to_bytes(2, "big"), "network order, as the hook has it"
+    assert tc.proto == 6
+    assert tc.flags == L.TRACE_MATCH_FRONTEND | L.TRACE_MATCH_CLIENT
+    assert (tc.client_cgroup, tc.client_level) == (42, 3)
+    anything = T.Filter().control(1)
+    assert anything.flags == 0 and anything.proto == 0 and anything.outcomes == 0b11111
+
+
+def test_a_record_decodes_with_names_from_the_names_map():
+    d = L.Decision(time_ns=5_000_000_000, cgroup_id=7, netns_cookie=9, route_id=0x55, group_id=0x66, scope=0x77,
+                   proto=6, kind=1, outcome=0, err=0)
+    d.frontend[:] = b"\0" * 10 + b"\xff\xff" + bytes([10, 96, 0, 10])
+    d.endpoint[:] = b"\0" * 10 + b"\xff\xff" + bytes([10, 244, 0, 5])
+    d.frontend_port = int.from_bytes((80).to_bytes(2, "big"), "little")
+    d.endpoint_port = int.from_bytes((8080).to_bytes(2, "big"), "little")
+    names = {0x55: "HTTPRoute team-a/canary rule 0", 0x66: "shop/web:http/tcp/v4", 0x77: "team-a"}
+    e = T.decode(bytes(d) + b"\0" * 8, names, lambda cg: f"pod-of-{cg}", clock_offset_ns=1_000_000_000)
+    assert e == T.Event(time=6.0, kind="connect", client="pod-of-7", cgroup_id=7, netns_cookie=9,
+                        frontend="10.96.0.10:80", protocol="TCP", scope="team-a",
+                        route="HTTPRoute team-a/canary rule 0", backend="shop/web:http/tcp/v4",
+                        endpoint="10.244.0.5:8080", verdict="forward", errno="")
+    d.outcome, d.err, d.route_id, d.scope = 1, 111, 0, 0
+    rejected = T.decode(bytes(d), {}, str, 0)
+    assert (rejected.verdict, rejected.errno, rejected.route, rejected.scope, rejected.backend) == (
+        "reject", "ECONNREFUSED", "", "", "0x0000000000000066")
+
+
+def test_pod_names_are_the_tagged_entries_of_the_names_map():
+    assert T.pod_names({0x1234 | L.POD_NAME_TAG: "default/client", 0x1234: "shop/web:http/tcp/v4"}) == {
+        0x1234: "default/client"}
