@@ -127,7 +127,7 @@ def uninstall(bpffs, cgroup_root):
               help="Stop after this many events (0: until Ctrl-C).")
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True,
               help="json: one object per line, keys stable for scripts.")
-@click.option("--bpffs", default=DEFAULT_BPFFS, show_default=True, help="The agent's bpffs directory.")
+@click.option("--bpffs", default=loader.DEFAULT_BPFFS, show_default=True, help="The agent's bpffs directory.")
 def trace(source, target, verdicts, count, output, bpffs):
     """Print the datapath's decisions as they happen, with names; tracing is off again on exit.
 

@@ -382,11 +382,9 @@ def trace(bpffs: str, flt_from: str | None, flt: Filter, count: int, emit: Calla
           stop: Callable[[], bool] = lambda: False) -> Summary:
     """Switch tracing on, hand each decision to `emit` until `count` (0 = no end) or Ctrl-C,
     SIGTERM or `stop()`, and switch tracing off again whatever happens."""
-    from agent.datapath.loader import cgroup2_mount
+    from agent.mounts import require_cgroup2_mount
 
-    mount = mount or cgroup2_mount()
-    if mount is None:
-        raise UserError("no cgroup2 mount found; hint: meshlet needs the unified cgroup hierarchy")
+    mount = mount or require_cgroup2_mount()
     names = read_names(bpffs)
     names_read = time.monotonic()
 
