@@ -43,8 +43,9 @@ DEFAULT_AFFINITY_TIMEOUT = 10800
 #: Client scope of the default (producer) view.
 DEFAULT_SCOPE = ""
 
-#: Split slots the datapath holds per frontend: a Route rule with more backendRefs is rejected
-#: whole (UnsupportedValue) instead of being cut short.
+#: Split slots the datapath holds per frontend (layout.MAX_SLOTS is this number, and
+#: bpf/meshlet.h's MAX_SLOTS must equal it: a unit test checks): a Route rule with more
+#: backendRefs is rejected whole (UnsupportedValue) instead of being cut short.
 MAX_BACKEND_REFS = 16
 
 #: Our name for the `service.kubernetes.io/service-proxy-name` label: a Service labelled with any
@@ -62,13 +63,19 @@ class Verdict(enum.IntEnum):
     UNREACHABLE = 2  #: endpoints exist, none usable from this node: EHOSTUNREACH (A7)
 
 
+def host_port(host: str, port: int | str) -> str:
+    """`host:port`, an IPv6 host in brackets (`[fd00::a]:80`): the one way meshlet writes an
+    address with a port (logs, errors, dumps, explain, the lab)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass(frozen=True, order=True, slots=True)
 class Endpoint:
     address: str
     port: int
 
     def __str__(self) -> str:
-        return f"[{self.address}]:{self.port}" if ":" in self.address else f"{self.address}:{self.port}"
+        return host_port(self.address, self.port)
 
 
 @dataclass(frozen=True, order=True, slots=True)
@@ -123,9 +130,8 @@ class FrontendKey:
     scope: str = DEFAULT_SCOPE  #: "" = default view, else the consumer namespace
 
     def __str__(self) -> str:
-        addr = f"[{self.address}]" if ":" in self.address else self.address
         scope = f" scope={self.scope}" if self.scope else ""
-        return f"{addr}:{self.port}/{self.protocol.lower()}{scope}"
+        return f"{host_port(self.address, self.port)}/{self.protocol.lower()}{scope}"
 
 
 @dataclass(frozen=True, slots=True)

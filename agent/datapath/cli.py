@@ -16,21 +16,22 @@ import click
 
 from agent.datapath import dump as D
 from agent.datapath import loader
+from agent.model import host_port
 
 
 #: WHICH -> (column headers, row -> cells)
 COLUMNS = {
     "frontends": (("FRONTEND", "PROTO", "SCOPE", "VERDICT", "SPLIT", "ROUTE"), lambda r: (
-        _hostport(r.address, r.port), r.protocol, r.scope or "-",
+        host_port(r.address, r.port), r.protocol, r.scope or "-",
         r.verdict + (" (has scopes)" if r.has_scopes else ""),
         ", ".join(f"{s.share:.4g} {s.group}" for s in r.split) or "-", r.route or "-")),
     "groups": (("GROUP", "VERDICT", "ENDPOINTS", "AFFINITY", "SET"), lambda r: (
         r.group, r.verdict, str(r.count), f"{r.affinity_timeout}s" if r.affinity_timeout else "-",
         f"{r.set_id:#018x}")),
     "endpoints": (("GROUP", "INDEX", "ENDPOINT", "SET"), lambda r: (
-        r.group or "(stale set)", str(r.index), _hostport(r.address, r.port), f"{r.set_id:#018x}")),
+        r.group or "(stale set)", str(r.index), host_port(r.address, r.port), f"{r.set_id:#018x}")),
     "members": (("SET", "ENDPOINT", "INDEX"), lambda r: (
-        f"{r.set_id:#018x}", _hostport(r.address, r.port), str(r.index))),
+        f"{r.set_id:#018x}", host_port(r.address, r.port), str(r.index))),
     "affinity": (("NETNS-COOKIE", "GROUP", "ENDPOINT", "IDLE"), lambda r: (
         str(r.netns_cookie), r.group, r.endpoint, f"{r.idle_seconds:.1f}s")),
     "clients": (("CGROUP-ID", "NAMESPACE", "SKIP"), lambda r: (
@@ -38,10 +39,6 @@ COLUMNS = {
     "counters": (("OUTCOME", "CONNECTIONS"), lambda r: (r.outcome, str(r.total))),
     "names": (("ID", "NAME"), lambda r: (f"{r.id:#018x}", r.name)),
 }
-
-
-def _hostport(address: str, port: int) -> str:
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 def format_table(headers, rows) -> str:

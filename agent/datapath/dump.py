@@ -22,6 +22,7 @@ from agent.datapath import bpfsys
 from agent.datapath import layout as L
 from agent.datapath.entries import addr_text
 from agent.errors import UserError
+from agent.model import host_port
 
 VERDICT_NAMES = {L.VERDICT_FORWARD: "forward", L.VERDICT_REJECT: "reject",
                  L.VERDICT_UNREACHABLE: "unreachable"}
@@ -31,9 +32,7 @@ VERDICT_NAMES = {L.VERDICT_FORWARD: "forward", L.VERDICT_REJECT: "reject",
 
 
 def format_endpoint(raw: bytes, port_be: int) -> str:
-    addr = addr_text(raw)
-    port = socket.ntohs(port_be)
-    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+    return host_port(addr_text(raw), socket.ntohs(port_be))
 
 
 def format_frontend_key(key: L.FeKey) -> str:
@@ -261,8 +260,7 @@ def render(view: MapsView, tables: tuple[str, ...] = ("frontends", "groups", "en
 
 def _render_row(row) -> list[str]:
     if isinstance(row, FrontendRow):
-        addr = f"[{row.address}]" if ":" in row.address else row.address
-        head = f"{addr}:{row.port}/{row.protocol.lower()}"
+        head = f"{host_port(row.address, row.port)}/{row.protocol.lower()}"
         head += f" scope={row.scope}" if row.scope else ""
         head += f" {row.verdict}" + (" has-scopes" if row.has_scopes else "")
         head += f" via {row.route}" if row.route else ""
@@ -271,11 +269,9 @@ def _render_row(row) -> list[str]:
         affinity = f" affinity={row.affinity_timeout}s" if row.affinity_timeout else ""
         return [f"{row.group} {row.verdict} count={row.count} set={row.set_id:#018x}{affinity}"]
     if isinstance(row, EndpointRow):
-        addr = f"[{row.address}]" if ":" in row.address else row.address
-        return [f"{row.group or '(stale set)'} #{row.index} {addr}:{row.port}"]
+        return [f"{row.group or '(stale set)'} #{row.index} {host_port(row.address, row.port)}"]
     if isinstance(row, MemberRow):
-        addr = f"[{row.address}]" if ":" in row.address else row.address
-        return [f"set={row.set_id:#018x} {addr}:{row.port} -> #{row.index}"]
+        return [f"set={row.set_id:#018x} {host_port(row.address, row.port)} -> #{row.index}"]
     if isinstance(row, ClientRow):
         return [f"cgroup {row.cgroup_id} scope={row.scope}" + (" skip" if row.skip else "")]
     if isinstance(row, NameRow):

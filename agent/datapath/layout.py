@@ -16,13 +16,13 @@ import ctypes as ct
 from dataclasses import dataclass, fields
 
 from agent.datapath import uapi as U
-from agent.model import Verdict
+from agent.model import MAX_BACKEND_REFS, Verdict
 
 #: Version of the map layout; pins live under <bpffs>/v<LAYOUT_VERSION>/maps.
 LAYOUT_VERSION = 2  # 2: the config map
 
 # --- constants of bpf/meshlet.h (checked against the header by a unit test) --------------------
-MAX_SLOTS = 16
+MAX_SLOTS = MAX_BACKEND_REFS  # one limit: resolve refuses a wider rule, the maps hold this many
 SOCK_XLATS = 8
 NAME_LEN = 96
 MAX_POD_DEPTH = 8
@@ -369,3 +369,24 @@ def to_bytes(obj: ct._SimpleCData | ct.Structure) -> bytes:
 
 def from_bytes(cls, raw: bytes):
     return cls.from_buffer_copy(raw)
+
+
+def field_layout(cls, base: int = 0) -> list[tuple[str, int, int]]:
+    """(path, offset, size) of every field of a mirror, recursing into structs and arrays of
+    structs (paths as C writes them: `slots[3].group_id`): what the layout checks compare with
+    the compiler's view of bpf/meshlet.h."""
+    if not hasattr(cls, "_fields_"):
+        return [("", base, ct.sizeof(cls))]
+    out = []
+    for name, ftype, *_ in cls._fields_:
+        offset = base + getattr(cls, name).offset
+        element = getattr(ftype, "_type_", None)
+        if hasattr(ftype, "_length_") and hasattr(element, "_fields_"):
+            for i in range(ftype._length_):
+                out += [(f"{name}[{i}].{p}", o, s)
+                        for p, o, s in field_layout(element, offset + i * ct.sizeof(element))]
+        elif hasattr(ftype, "_fields_"):
+            out += [(f"{name}.{p}", o, s) for p, o, s in field_layout(ftype, offset)]
+        else:
+            out.append((name, offset, ct.sizeof(ftype)))
+    return out

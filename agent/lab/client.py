@@ -14,7 +14,8 @@ runs inside a lab pod (agent.lab.pods.Pod.run) and prints one JSON object:
 
 Errors are counted by errno name (ECONNREFUSED, EHOSTUNREACH, ETIMEDOUT for a timeout), plus
 EOF for a connection closed without an answer. Addresses print as `ip:port` or `[ip6]:port`.
-Standard library only: it starts in a few tens of milliseconds inside a pod.
+The standard library and agent.model only (no third-party package): it starts in a few tens
+of milliseconds inside a pod.
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ import json
 import socket
 import sys
 
+from agent.model import host_port
+
 FAMILIES = ("4", "6", "mapped")
 
 
 def format_address(sockaddr) -> str:
-    host, port = sockaddr[0], sockaddr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return host_port(sockaddr[0], sockaddr[1])
 
 
 def error_name(err: BaseException) -> str:

@@ -27,12 +27,12 @@ from typing import Mapping
 
 import click
 
+from agent import logs
 from agent.errors import UserError
+from agent.logs import get_logger
 from agent.model import RouteId, RouteStatus
-from agent.runtime import logs
 from agent.runtime.health import Health
 from agent.runtime.http import Listener, RouteStatusBoard
-from agent.runtime.logs import get_logger
 from agent.runtime.loop import SyncLoop
 from agent.runtime.metrics import Metrics
 from agent.runtime.settings import (

@@ -25,9 +25,9 @@ from typing import Callable, Mapping
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent.errors import UserError
-from agent.model import RouteId, RouteStatus
+from agent.logs import get_logger
+from agent.model import RouteId, RouteStatus, host_port
 from agent.runtime.health import Health
-from agent.runtime.logs import get_logger
 from agent.runtime.metrics import Metrics
 from agent.runtime.status_writer import merge_parents
 from agent.sources.kubeapi import format_time
@@ -121,8 +121,7 @@ class Listener:
             self.server = AgentHTTPServer(address, health, metrics, board)
         except OSError as err:
             host, port = address
-            shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            raise UserError(f"cannot listen on {shown}: {err.strerror}; hint: pass --listen with a free "
+            raise UserError(f"cannot listen on {host_port(host, port)}: {err.strerror}; hint: pass --listen with a free "
                             "address and port (another meshlet running?)") from None
         self.address = self.server.server_address[:2]
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
@@ -131,7 +130,7 @@ class Listener:
     def start(self) -> None:
         self._thread.start()
         host, port = self.address
-        log.info("http.listening", address=f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        log.info("http.listening", address=host_port(host, port))
 
     def stop(self) -> None:
         self.server.shutdown()

@@ -27,7 +27,7 @@ import threading
 import time
 from typing import Callable
 
-from agent.runtime.logs import get_logger
+from agent.logs import get_logger
 from agent.sources.kubeapi import ApiError, ApiHttp, ResourceKind, format_micro_time
 
 log = get_logger("leader")

@@ -40,9 +40,9 @@ import time
 from typing import Callable, Iterable, Mapping, Protocol
 
 from agent.gcpause import freeze_long_lived, pause_collector, release_free_heap, resume_collector
+from agent.logs import get_logger
 from agent.model import DesiredState, RouteId, RouteStatus, StateDelta
 from agent.runtime.health import Health
-from agent.runtime.logs import get_logger
 from agent.runtime.metrics import Metrics
 from agent.runtime.store import Batch, Store
 

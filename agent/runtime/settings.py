@@ -17,6 +17,7 @@ from pathlib import Path
 from agent.datapath import loader
 from agent.datapath.layout import SIZE_OPTION, SIZED_MAPS, MapSizes
 from agent.errors import UserError
+from agent.model import host_port
 from agent.mounts import PROC_MOUNTS, require_cgroup2_mount
 
 #: Defaults from the CLI contract (DESIGN.md, "The command line").
@@ -93,7 +94,7 @@ class Settings:
     @property
     def listen_text(self) -> str:
         host, port = self.listen
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return host_port(host, port)
 
 
 def default_node_name() -> str:

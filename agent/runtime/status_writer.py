@@ -24,9 +24,9 @@ import time
 from typing import Mapping
 
 from agent.errors import TransientError
-from agent.model import CONTROLLER_NAME, RouteId, RouteStatus
-from agent.runtime.logs import get_logger
 from agent.kinds import GATEWAY_GROUP
+from agent.logs import get_logger
+from agent.model import CONTROLLER_NAME, RouteId, RouteStatus
 from agent.sources.kubeapi import (
     ApiError,
     ApiHttp,

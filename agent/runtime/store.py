@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from agent.runtime.logs import get_logger
+from agent.logs import get_logger
 from agent.sources import POD_CGROUPS, ObjectKey, identity_stub, object_key
 
 log = get_logger("store")

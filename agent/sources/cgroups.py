@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.kubelet import pod_uid_of
-from agent.runtime.logs import get_logger
+from agent.logs import get_logger
 from agent.sources import Sink
 from agent.sources.inotify import IN_IGNORED, IN_Q_OVERFLOW, Inotify, InotifyError
 

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 import urllib3
 
 from agent.kinds import CLUSTER_KINDS, ROUTE_KINDS
-from agent.runtime.logs import get_logger
+from agent.logs import get_logger
 from agent.sources.kubeapi import (
     ApiError,
     ApiHttp,

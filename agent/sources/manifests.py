@@ -48,8 +48,8 @@ from typing import Callable
 
 import yaml
 
-from agent.runtime.logs import get_logger
 from agent.kinds import ROUTE_KINDS, identify
+from agent.logs import get_logger
 from agent.sources import ObjectKey, Sink, identity_stub, object_key
 
 log = get_logger("manifests")

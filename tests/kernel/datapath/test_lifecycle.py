@@ -36,24 +36,6 @@ def compiled_types(bpf, name: str):
     return key, leaf
 
 
-def layout_of(cls, base=0) -> list[tuple[str, int, int]]:
-    """(path, offset, size) of every field, recursing into structs and arrays of structs."""
-    if not hasattr(cls, "_fields_"):
-        return [("", base, ct.sizeof(cls))]
-    out = []
-    for name, ftype, *_ in cls._fields_:
-        offset = base + getattr(cls, name).offset
-        element = getattr(ftype, "_type_", None)
-        if hasattr(ftype, "_length_") and hasattr(element, "_fields_"):
-            for i in range(ftype._length_):
-                out += [(f"{name}[{i}].{p}", o, s) for p, o, s in layout_of(element, offset + i * ct.sizeof(element))]
-        elif hasattr(ftype, "_fields_"):
-            out += [(f"{name}.{p}", o, s) for p, o, s in layout_of(ftype, offset)]
-        else:
-            out.append((name, offset, ct.sizeof(ftype)))
-    return out
-
-
 def test_every_mirror_matches_the_struct_bcc_compiled(datapath):
     # The agent compiles in a child process; compile here once more (same flags, the maps are
     # reused, nothing is loaded) to ask clang for its view of the structs.
@@ -67,7 +49,7 @@ def test_every_mirror_matches_the_struct_bcc_compiled(datapath):
             key, leaf = compiled_types(bpf, name)
             for mirror, compiled in ((spec.key, key), (spec.value, leaf)):
                 assert ct.sizeof(mirror) == ct.sizeof(compiled), (name, mirror)
-                assert layout_of(mirror) == layout_of(compiled), (name, mirror)
+                assert L.field_layout(mirror) == L.field_layout(compiled), (name, mirror)
     finally:
         bpf.cleanup()
 

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
+from agent import logs
 from agent.errors import UserError
-from agent.runtime import logs
 from agent.runtime.cli import build_settings
 from agent.runtime.settings import DEFAULT_BPFFS, default_cgroup_root, parse_listen
 
