@@ -37,19 +37,21 @@ def world(lab, tmp_path):
 
     class World:
         manifests_dir = directory
+        bpffs_dir = bpffs
         pods = lab.pods
 
         @staticmethod
-        def agent(manifests_dir=None, source: list[str] | None = None) -> AgentProcess:
+        def agent(manifests_dir=None, source: list[str] | None = None, extra: list[str] = ()) -> AgentProcess:
             log_path = tmp_path / f"agent-{len(started)}.log"
             source = source or ["--manifests", str(manifests_dir or directory)]
-            agent = AgentProcess(source, lab.cgroup_root, bpffs, log_path)
+            agent = AgentProcess(source, lab.cgroup_root, bpffs, log_path, extra)
             started.append(agent)
             return agent
 
         @staticmethod
-        def connect_loop() -> ConnectLoop:
-            loop = ConnectLoop(lab.pods["default/client"], tmp_path / f"loop-{len(started)}.jsonl")
+        def connect_loop(**target) -> ConnectLoop:
+            """target: address= and port= of ConnectLoop (default the echo Service's)."""
+            loop = ConnectLoop(lab.pods["default/client"], tmp_path / f"loop-{len(started)}.jsonl", **target)
             started.append(loop)
             return loop
 

@@ -89,11 +89,11 @@ class AgentProcess:
     """`meshlet run` as a subprocess of the test (stopped by its pid); `source` is
     ["--manifests", DIR] or ["--kubeconfig", FILE]."""
 
-    def __init__(self, source: list[str], cgroup_root: str, bpffs: str, log_path):
+    def __init__(self, source: list[str], cgroup_root: str, bpffs: str, log_path, extra: list[str] = ()):
         self.log_path = log_path
         self.argv = [sys.executable, "-m", "agent", "run", *source,
                      "--cgroup-root", cgroup_root, "--bpffs", bpffs, "--listen", "127.0.0.1:0",
-                     "--node-name", NODE]
+                     "--node-name", NODE, *extra]
         self._log = open(log_path, "a")
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self._log,
                                      stderr=subprocess.STDOUT, cwd=REPO)
@@ -158,10 +158,10 @@ class AgentProcess:
 class ConnectLoop:
     """CONNECT_LOOP running in a pod; `lines()` parses what it printed so far."""
 
-    def __init__(self, pod, out_path, pause: float = 0.02):
+    def __init__(self, pod, out_path, pause: float = 0.02, address: str = CLUSTER_IP, port: int = 80):
         self.out_path = out_path
         self._out = open(out_path, "w")
-        self.proc = pod.popen([sys.executable, "-c", CONNECT_LOOP, CLUSTER_IP, "80", str(pause)],
+        self.proc = pod.popen([sys.executable, "-c", CONNECT_LOOP, address, str(port), str(pause)],
                               stdin=subprocess.DEVNULL, stdout=self._out, stderr=subprocess.STDOUT)
 
     def lines(self) -> list[dict]:
