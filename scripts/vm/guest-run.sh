@@ -2,7 +2,8 @@
 # Stage 2 of the kernel-matrix VM: PID 1 after switch_root, on the host's filesystem (read-only,
 # over 9p). Mounts what a node has (proc, sys, devtmpfs, a pure cgroup2 hierarchy at
 # /sys/fs/cgroup, bpffs at /sys/fs/bpf) and tmpfs where the tests write (/tmp, /run, /var/tmp),
-# then runs the job the host wrote to the results share and leaves its exit code there.
+# with the checkout kept visible wherever it lies (also under /tmp), then runs the job the host
+# wrote to the results share and leaves its exit code there.
 # Invariants: nothing here writes the host's filesystem except the results directory the host made
 # for this run; the VM has no network device, so test traffic cannot leave it; the VM always
 # powers off, whatever happens.
@@ -19,7 +20,18 @@ mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /dev/shm 2>/dev/null
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
+# The checkout may lie under a directory the tmpfs mounts below cover (a clone in /tmp, say): keep
+# a handle on it first (a bind mount on devtmpfs, the only writable place yet), and bind it back
+# at its own path on top of the tmpfs, so the paths the host wrote (REPO, the venv, the editable
+# install) resolve inside the VM as on the host.
+checkout=$(cd "$(dirname "$0")/../.." && pwd)
+handle=/dev/meshlet-checkout
+mkdir -p "$handle" && mount --bind "$checkout" "$handle" || { say "cannot bind $checkout"; exit 1; }
 for dir in /tmp /run /var/tmp /root; do mount -t tmpfs -o mode=1777 tmpfs "$dir"; done
+if [ ! -e "$checkout/scripts/vm/guest-run.sh" ]; then
+  mkdir -p "$checkout" && mount --bind "$handle" "$checkout" || { say "cannot bind $checkout back"; exit 1; }
+fi
+umount "$handle" && rmdir "$handle"
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mount -t bpf bpf /sys/fs/bpf
 mkdir -p "$results"

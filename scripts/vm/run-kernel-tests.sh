@@ -117,7 +117,10 @@ vm() {  # vm ACCEL SECONDS EXTRA-KERNEL-ARGS
 
 if [ "$accel" = auto ]; then
   # A kernel that does not reach userspace in 30 s under KVM never will at a useful speed.
-  if vm kvm 30 meshlet.probe 2>&1 | grep -q "meshlet-vm: probe booted"; then
+  # The console goes to a file, then grep reads it: in a pipe, `grep -q` leaving at the first match
+  # gets qemu a SIGPIPE, and pipefail would turn a boot that worked into "KVM did not boot".
+  vm kvm 30 meshlet.probe > "$work/probe.log" 2>&1 || true
+  if grep -q "meshlet-vm: probe booted" "$work/probe.log"; then
     accel=kvm
   else
     say "KVM did not boot $kver within 30 s (nested virtualization without working acceleration?): using TCG emulation"
