@@ -18,6 +18,10 @@ status writer are tested over real sockets, through the official client's connec
 - create (POST), replace (PUT, with a resourceVersion precondition: 409 Conflict), delete, and the
   status subresource (PUT, and PATCH with application/merge-patch+json), also with 409 on a stale
   resourceVersion; `metadata.generation` bumped when the spec changes, never by a status write;
+- RBAC on demand (`rbac=`, tests/standin_rbac.py): every request must carry the bearer `token`
+  and is authorized as the policy's ServiceAccount (401 / 403 with the real server's Status
+  otherwise); HTTPS on demand (`tls=(certfile, keyfile)`), for clients that insist on it (the
+  in-cluster config);
 - faults on demand: `drop_watches()` cuts open watch connections without ending the chunked stream
   (the client sees a broken connection), `add_hook()` answers or perturbs chosen requests.
 Tests drive it directly (create/update/delete/compact/send_bookmarks) and read `requests`, the log
@@ -33,6 +37,7 @@ import copy
 import json
 import queue
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -41,6 +46,8 @@ from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 from urllib.parse import parse_qs, urlsplit
+
+from standin_rbac import request_attributes
 
 GATEWAY_GROUP = "gateway.networking.k8s.io"
 
@@ -182,7 +189,11 @@ def _now_text() -> str:
 class StandInApiServer:
     """The stand-in (see the module docstring). Use as a context manager, or start()/stop()."""
 
-    def __init__(self, page_delay: float = 0.0):
+    def __init__(self, page_delay: float = 0.0, rbac=None, token: str = "standin-token",
+                 tls: tuple[str, str] | None = None):
+        self.rbac = rbac  #: a standin_rbac.Policy, or None: every request allowed (no authentication)
+        self.token = token  #: the bearer token that authenticates as `rbac.user`
+        self._tls = tls
         self._lock = threading.RLock()
         self._objects: dict[tuple[str, str, str], dict] = {}  # (kind, namespace, name) -> stored object
         self._rv = 100  # a real cluster never starts at 1; nothing may assume small numbers
@@ -209,13 +220,17 @@ class StandInApiServer:
             standin = server
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if self._tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*self._tls)
+            self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True)
         self._httpd.daemon_threads = True
         self._httpd.block_on_close = False
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="standin-apiserver", daemon=True)
         self._thread.start()
         host, port = self._httpd.server_address[:2]
-        self.url = f"http://{host}:{port}"
+        self.url = f"{'https' if self._tls else 'http'}://{host}:{port}"
         return self.url
 
     def stop(self) -> None:
@@ -532,6 +547,7 @@ class StandInApiServer:
             self.requests.append(RecordedRequest(method, parts.path, query, {k.lower(): v for k, v in handler.headers.items()}))
             hooks = list(self._hooks)
         try:
+            self._authorize(handler, method, parts.path, query)
             for hook in hooks:
                 answer = hook(method, parts.path, query, body)
                 if answer is not None:
@@ -540,6 +556,21 @@ class StandInApiServer:
             self._route(handler, method, parts.path.rstrip("/"), query, body)
         except ApiAnswer as answer:
             handler.send_json(answer.code, answer.body)
+
+    def _authorize(self, handler, method: str, path: str, query: dict) -> None:
+        """Authentication (the bearer token) and RBAC, before anything else, as in a real server."""
+        policy = self.rbac
+        if policy is None:
+            return
+        if handler.headers.get("Authorization", "") != f"Bearer {self.token}":
+            raise ApiAnswer(401, "Unauthorized", "Unauthorized")
+        attributes = request_attributes(method, path, query)
+        if not policy.allows(attributes):
+            answer = ApiAnswer(403, "Forbidden", attributes.forbidden_message(policy.user))
+            if attributes.resource is not None:
+                answer.body["details"] = {"name": attributes.name, "group": attributes.group,
+                                          "kind": attributes.resource.split("/")[0]}
+            raise answer
 
     def _route(self, handler, method, path, query, body) -> None:
         segments = [s for s in path.split("/") if s]

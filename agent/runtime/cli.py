@@ -93,9 +93,10 @@ class StatusPublisher:
     RETRY_INITIAL = 1.0
     RETRY_MAX = 30.0
 
-    def __init__(self, writer, metrics: Metrics):
+    def __init__(self, writer, metrics: Metrics, health: Health | None = None):
         self._writer = writer
         self._metrics = metrics
+        self._health = health
         self._lock = threading.Lock()
         self._latest: Mapping[RouteId, RouteStatus] | None = None
         self._leading = False
@@ -148,11 +149,18 @@ class StatusPublisher:
             try:
                 self._writer.write(statuses)
                 delay = self.RETRY_INITIAL
+                self._report("")
             except Exception as err:  # the API server may be away: retry, never give up
-                log.warning("status.retry", routes=len(statuses), retry_in=delay, error=str(err))
+                error = str(err)
+                log.warning("status.retry", routes=len(statuses), retry_in=delay, error=error)
+                self._report(error)
                 self._dirty.set()
                 self._stop.wait(delay)
                 delay = min(self.RETRY_MAX, delay * 2)
+
+    def _report(self, error: str) -> None:
+        if self._health is not None:
+            self._health.route_status_written(error)
 
 
 def kube_api_client(kubeconfig: Path | None):
@@ -289,7 +297,7 @@ class Agent:
         source.start()
         self._stoppers.append(source.stop)
 
-        publisher = StatusPublisher(StatusWriter(api_client), self.metrics)
+        publisher = StatusPublisher(StatusWriter(api_client), self.metrics, self.health)
         publisher.start()
         self._stoppers.append(publisher.stop)
         self._publisher = publisher

@@ -9,6 +9,9 @@ the HTTP listener asks for a verdict. The rules, in one place:
   `stale_change_threshold` to reach the maps, or when `failing_writes_threshold` writes in a row
   failed. Waiting for the sources' first list is not unhealthy (that is readiness): a liveness
   probe must not kill an agent that is listing a large cluster or waiting out an API outage.
+- Route status writes that fail (an API server away, a grant missing from the RBAC) are named in
+  /healthz's body (`routeStatusError`) but never fail it: the datapath does not depend on them,
+  and a restart would not mend them.
 
 May touch: nothing but its own fields (under a lock; the loop writes, HTTP threads read).
 """
@@ -46,6 +49,7 @@ class Health:
         self._first_sync_written = False
         self._consecutive_failures = 0
         self._last_error = ""
+        self._route_status_error = ""
 
     # --- facts, from the loop ------------------------------------------------------------
 
@@ -64,6 +68,11 @@ class Health:
             self._consecutive_failures += 1
             self._last_error = error
 
+    def route_status_written(self, error: str = "") -> None:
+        """The outcome of the last pass of Route status writes ("" when it succeeded)."""
+        with self._lock:
+            self._route_status_error = error
+
     @property
     def consecutive_failures(self) -> int:
         with self._lock:
@@ -74,6 +83,7 @@ class Health:
     def healthz(self) -> Verdict:
         with self._lock:
             written, failures, last_error = self._first_sync_written, self._consecutive_failures, self._last_error
+            route_status_error = self._route_status_error
         since = self._unapplied_since()
         age = self._clock() - since if since is not None else 0.0
         reasons = []
@@ -85,6 +95,8 @@ class Health:
         details = {"oldestUnappliedSeconds": round(age, 3), "consecutiveFailures": failures}
         if last_error:
             details["lastError"] = last_error
+        if route_status_error:
+            details["routeStatusError"] = route_status_error
         return Verdict(not reasons, tuple(reasons), details)
 
     def readyz(self) -> Verdict:

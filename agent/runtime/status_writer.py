@@ -98,6 +98,11 @@ def _with_transition_times(entry: dict, previous: dict | None, now: str) -> dict
     return {**entry, "conditions": conditions}
 
 
+#: Said with a 403: the API server's message names the verb and resource; this says where to grant it.
+FORBIDDEN_HINT = ("; hint: the agent's ServiceAccount lacks that grant: the ClusterRole meshlet in "
+                  "daemonset/rbac.yaml grants update and patch on each route kind's /status")
+
+
 class StatusWriter:
     """Writes RouteStatus values onto the Route objects (see the module docstring).
 
@@ -131,7 +136,7 @@ class StatusWriter:
                 outcome = self._write_one(status)
             except ApiError as err:
                 outcome = "failed"
-                first_failure = first_failure or f"{rid}: {err}"
+                first_failure = first_failure or f"{rid}: {err}" + (FORBIDDEN_HINT if err.status == 403 else "")
                 log.warning("status.route_failed", route=str(rid), status=err.status, error=err.message)
             counts[outcome] += 1
             if outcome in ("written", "unchanged") and rid in statuses:

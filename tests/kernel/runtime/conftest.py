@@ -41,10 +41,11 @@ def world(lab, tmp_path):
         pods = lab.pods
 
         @staticmethod
-        def agent(manifests_dir=None, source: list[str] | None = None, extra: list[str] = ()) -> AgentProcess:
+        def agent(manifests_dir=None, source: list[str] | None = None, extra: list[str] = (),
+                  env: dict | None = None) -> AgentProcess:
             log_path = tmp_path / f"agent-{len(started)}.log"
             source = source or ["--manifests", str(manifests_dir or directory)]
-            agent = AgentProcess(source, lab.cgroup_root, bpffs, log_path, extra)
+            agent = AgentProcess(source, lab.cgroup_root, bpffs, log_path, extra, env)
             started.append(agent)
             return agent
 

@@ -5,10 +5,15 @@ the Kubernetes list/watch wire protocol on 127.0.0.1 (it is not Kubernetes). The
 subprocess on the lab's cgroup subtree with its own bpffs directory (see conftest.py for the
 safety rules and the cleanup).
 
+The stand-in enforces RBAC: every request is authorized as the agent's ServiceAccount against the
+ClusterRole and Role of daemonset/rbac.yaml (403 otherwise), so a verb the agent uses and the
+manifest does not grant fails these tests. The agent gets POD_NAMESPACE as the DaemonSet sets it.
+
 What a user would check: in Kubernetes mode the agent lists and watches, programs a route's
 split, is ready, elects itself the Route status writer (it is alone) and writes our status
 entry on the Route; /status/routes shows the same; a change through the API (the route deleted)
-reaches new connections within 1 s.
+reaches new connections within 1 s. With the status grant taken away, the datapath is the same,
+the agent says why in its log (retrying with a growing pause) and in /healthz, which stays 200.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ from __future__ import annotations
 import time
 
 import pytest
-from runtime_agent_helpers import CLUSTER_IP
-from standin_apiserver import StandInApiServer
+import yaml
+from runtime_agent_helpers import CLUSTER_IP, REPO
+from standin_apiserver import GATEWAY_GROUP, StandInApiServer
+from standin_rbac import Policy
 
 from agent.model import CONTROLLER_NAME
 
@@ -48,9 +55,29 @@ ROUTE = {
 }
 
 
+RBAC_YAML = f"{REPO}/daemonset/rbac.yaml"
+
+
+def agent_identity() -> tuple[str, str]:
+    """The agent's ServiceAccount (namespace, name), as daemonset.yaml names it."""
+    with open(f"{REPO}/daemonset/daemonset.yaml") as f:
+        ds = next(d for d in yaml.safe_load_all(f) if d and d["kind"] == "DaemonSet")
+    return ds["metadata"]["namespace"], ds["spec"]["template"]["spec"]["serviceAccountName"]
+
+
+def rbac_policy() -> Policy:
+    with open(RBAC_YAML) as f:
+        return Policy.from_manifest(f.read(), *agent_identity())
+
+
+def agent_env() -> dict:
+    """What the DaemonSet's downward API gives the agent (the Lease's namespace)."""
+    return {"POD_NAMESPACE": agent_identity()[0]}
+
+
 @pytest.fixture
 def apiserver():
-    server = StandInApiServer()
+    server = StandInApiServer(rbac=rbac_policy(), token="standin-token")
     server.start()
     try:
         yield server
@@ -89,7 +116,8 @@ def test_kubernetes_mode_programs_routes_writes_status_and_follows_changes(world
     apiserver.create(endpoint_slice("echo-b", world.pods["mesh/echo-b"].ipv4))
     apiserver.create(ROUTE)
 
-    agent = world.agent(source=["--kubeconfig", str(kubeconfig(tmp_path / "kubeconfig", apiserver.url))])
+    agent = world.agent(source=["--kubeconfig", str(kubeconfig(tmp_path / "kubeconfig", apiserver.url))],
+                        env=agent_env())
     agent.wait_ready()
     loop = world.connect_loop()
     loop.wait_for(10)
@@ -117,3 +145,38 @@ def test_kubernetes_mode_programs_routes_writes_status_and_follows_changes(world
     assert followed and followed[0] < 1.0, "the route's removal did not reach new connections within 1 s"
     assert agent.get("/status/routes")[1] == []
     assert agent.get("/healthz")[0] == 200
+
+
+def test_without_the_route_status_grant_the_agent_says_why_and_routes_as_before(world, apiserver, tmp_path):
+    apiserver.rbac = rbac_policy().without(GATEWAY_GROUP, "httproutes/status", "update")
+    apiserver.serve_crd("HTTPRoute")
+    apiserver.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "mesh"}})
+    apiserver.create(service("echo", CLUSTER_IP))
+    apiserver.create(endpoint_slice("echo", world.pods["mesh/echo-a"].ipv4))
+    apiserver.create(service("echo-b", OTHER_IP))
+    apiserver.create(endpoint_slice("echo-b", world.pods["mesh/echo-b"].ipv4))
+    apiserver.create(ROUTE)
+
+    agent = world.agent(source=["--kubeconfig", str(kubeconfig(tmp_path / "kubeconfig", apiserver.url))],
+                        env=agent_env())
+    agent.wait_ready()
+    loop = world.connect_loop()
+    loop.wait_for(10)
+    lines = loop.lines()
+    assert lines and {line.get("peer") for line in lines} == {"echo-b"}, lines[:5]
+
+    status_path = "/apis/gateway.networking.k8s.io/v1/namespaces/mesh/httproutes/to-b/status"
+    denied = wait(lambda: len(apiserver.requests_for_path(status_path)) >= 4 and apiserver.requests_for_path(status_path),
+                  "four refused status writes", timeout=60)
+    # Retried with a pause that grows (1 s, 2 s, 4 s ...), never in a tight loop.
+    gaps = [b.at - a.at for a, b in zip(denied, denied[1:])][:3]
+    assert all(gap >= 0.9 * 2 ** i for i, gap in enumerate(gaps)), gaps
+    assert apiserver.get("HTTPRoute", "mesh", "to-b").get("status") is None
+
+    log = agent.log_text().replace('\\"', '"')  # logfmt escapes the quotes inside a value
+    assert ('httproutes.gateway.networking.k8s.io "to-b" is forbidden: User '
+            '"system:serviceaccount:meshlet-system:meshlet" cannot update resource "httproutes/status"') in log
+    assert "daemonset/rbac.yaml" in log
+    code, health = agent.get("/healthz")
+    assert code == 200 and "cannot update resource \"httproutes/status\"" in health["routeStatusError"], health
+    assert {line.get("peer") for line in loop.lines()[len(lines):]} == {"echo-b"}
