@@ -79,6 +79,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-controlplane", action="store_true", help="skip the control-plane benchmark")
     p.add_argument("--no-idle", action="store_true", help="skip the idle-cost benchmark (the agent's CPU "
                    "on a busy node's cgroup tree, nothing changing)")
+    p.add_argument("--no-churn", action="store_true", help="skip the churn benchmark (endpoint changes at a "
+                   "steady rate into the real agent)")
+    p.add_argument("--churn-services", type=int, help="churn N (default: the largest control-plane N)")
+    p.add_argument("--churn-rate", type=float, default=500.0, help="endpoint changes per second")
+    p.add_argument("--churn-seconds", type=float, default=60.0, help="churn window in seconds")
     p.add_argument("--idle-seconds", type=float,
                    help="idle-cost window in seconds (default: the agent's full reconcile interval, 60)")
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("out"), help="JSON/PNG directory")
@@ -104,6 +109,7 @@ def run(args) -> dict:
         "datapath": [],
         "controlplane": [],
         "idle": [],
+        "churn": [],
     }
     work = args.out / f"work-{results['stamp']}"
     if not args.no_datapath:
@@ -130,12 +136,19 @@ def run(args) -> dict:
 
         results["idle"] = [idle.run(args.idle_seconds)]
 
+    if not args.no_churn:
+        from bench import churn
+
+        n = args.churn_services or max(args.cp_sizes or scale["cp_sizes"])
+        results["churn"] = [churn.run(n, args.churn_rate, args.churn_seconds)]
+
     for path in args.reuse:
         earlier = json.loads(path.read_text())
         results["datapath"] += earlier.get("datapath", [])
         results["controlplane"] += earlier.get("controlplane", [])
-        if not results["idle"]:  # a run's own idle figure wins over an earlier one
-            results["idle"] = earlier.get("idle", [])
+        for row in ("idle", "churn"):
+            if not results[row]:  # a run's own figure wins over an earlier one
+                results[row] = earlier.get(row, [])
         results.setdefault("reused", []).append(f"{path.name} ({earlier['date']}, `{earlier['command']}`)")
         results["reused"] += earlier.get("reused", [])  # and what that run had reused, in turn
     results["loadavg_end"] = os.getloadavg()

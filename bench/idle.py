@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import os
 import statistics
-import subprocess
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
+from bench.agentproc import start_agent
 from bench.synth import make_services
 from bench.topology import Lab
 
@@ -75,17 +74,10 @@ def walk_ms(root: Path, repeats: int = 7) -> float:
     return statistics.median(times)
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def run(seconds: float | None = None, pods: int = PODS, containers: int = CONTAINERS,
         system_services: int = SYSTEM_SERVICES, services: int = SERVICES, k: int = 10,
         settle: float = 5.0, ready_timeout: float = 300.0) -> dict:
     """One idle measurement of the real agent; the record's `status` says whether it ran."""
-    from agent.datapath import uninstall
     from agent.runtime.settings import Settings
     from bench import controlplane as cp
 
@@ -96,42 +88,18 @@ def run(seconds: float | None = None, pods: int = PODS, containers: int = CONTAI
         root = lab.cgroup_subtree("idle")
         record["cgroups"] = build_node_tree(lab, root, pods, containers, system_services)
         record["walk_ms"] = round(walk_ms(root), 3)
-        bpffs = Path("/sys/fs/bpf") / f"meshlet-bench-{lab.run_id}-idle"
-        lab.on_close(f"meshlet pins in {bpffs}", lambda: uninstall(str(bpffs)))
-        apiserver = cp._standin_apiserver([cp.namespace_object()] + cp.objects(make_services(services, k, udp_every=0)))
-        lab.on_close("the stand-in API server", apiserver.stop)
-        port = cp._free_loopback_port()
-        cmd = [cp.PYTHON, "-m", "agent", "run", "--kubeconfig",
-               str(cp._kubeconfig(Path(scratch, "kubeconfig"), apiserver.url)), "--node-name", cp.NODE_NAME,
-               "--cgroup-root", str(root), "--bpffs", str(bpffs), "--listen", f"127.0.0.1:{port}"]
-        log_path = Path(scratch, "agent.log")
-        with open(log_path, "w") as log:  # a file, not a pipe: a chatty agent must never block on us
-            proc = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=Path(__file__).resolve().parent.parent)
-        lab.on_close(f"meshlet run pid {proc.pid}", lambda: cp._stop(proc))
-        if not _wait_ready(proc, port, ready_timeout):
-            tail = " / ".join(log_path.read_text().strip().splitlines()[-3:])[-600:]
-            return record | {"status": "failed", "note": f"agent not ready: {tail}"}
+        cluster = [cp.namespace_object()] + cp.objects(make_services(services, k, udp_every=0))
+        agent = start_agent(lab, Path(scratch), cluster, root, "idle", ready_timeout)
+        if isinstance(agent, str):
+            return record | {"status": "failed", "note": agent}
         time.sleep(settle)  # start-up work (first full sync, collector) is not idle cost
-        cpu_before, start = cpu_seconds(proc.pid), time.monotonic()
+        cpu_before, start = agent.cpu_seconds(), time.monotonic()
         time.sleep(seconds)
-        cpu_after, elapsed = cpu_seconds(proc.pid), time.monotonic() - start
+        cpu_after, elapsed = agent.cpu_seconds(), time.monotonic() - start
         record["cpu_percent"] = round(100 * (cpu_after - cpu_before) / elapsed, 3)
-        record["pods_found"] = _pods_found(log_path)
+        record["pods_found"] = _pods_found(agent.log_path)
         record["loadavg"] = os.getloadavg()
     return record
-
-
-def _wait_ready(proc: subprocess.Popen, port: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as answer:
-                if answer.status == 200:
-                    return True
-        except OSError:
-            pass
-        time.sleep(0.05)
-    return False
 
 
 def _pods_found(log_path: Path) -> int | None:

@@ -204,7 +204,8 @@ def render_markdown(results: dict, plot_paths: list[Path], json_path: Path | Non
         "|---|---|---|",
     ]
     verdicts = targets.judge(results.get("datapath", []), results.get("controlplane", []))
-    for v in verdicts + targets.judge_idle(results.get("idle", [])):
+    verdicts += targets.judge_idle(results.get("idle", [])) + targets.judge_churn(results.get("churn", []))
+    for v in verdicts:
         lines.append(f"| {v.target} | **{v.status}** | {_cell(v.measured)} |")
 
     datapath = results.get("datapath", [])
@@ -306,6 +307,32 @@ def render_markdown(results: dict, plot_paths: list[Path], json_path: Path | Non
                 f"({r['cgroups']} cgroups) | {r['services']} x {r['endpoints_per_service']} | {r['seconds']:g} s | "
                 f"{r['cpu_percent']:.2f} % | {r.get('pods_found')} | {r['walk_ms']:.1f} ms | "
                 f"{r['walk_ms'] * 4 / 10:.1f} % | {', '.join(f'{x:.1f}' for x in r['loadavg'])} |")
+    churn = results.get("churn", [])
+    if churn:
+        lines += [
+            "",
+            "## Churn",
+            "",
+            "The real agent (Kubernetes mode, stand-in API server) on N Services x 10 endpoints; one "
+            "endpoint of one EndpointSlice replaced `rate` times a second for the window (sent rate: what "
+            "the bench process really managed). Event-to-map: the agent's own histogram "
+            "(meshlet_event_to_map_seconds, from a change reaching the agent to the end of the sync that "
+            "wrote it) over the window; percentiles are bucket upper bounds. CPU: the agent's utime + "
+            "stime over the window until the last change was written, in % of one core.",
+            "",
+            "| N | rate | window | sent rate | changes observed | event-to-map p50 | p90 | p99 | within 10 ms | agent CPU | load avg | note |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in sorted(churn, key=lambda r: (r["services"], r["rate"])):
+            if not r.get("observed"):
+                lines.append(f"| {r['services']} | {r['rate']:g}/s | {r['seconds']:g} s | | | | | | | | | "
+                             f"{_cell(r.get('note', 'nothing observed'))} |")
+                continue
+            lines.append(
+                f"| {r['services']} | {r['rate']:g}/s | {r['seconds']:g} s | {r['sent_rate']:g}/s | {r['observed']} | "
+                + " | ".join(f"<= {_fmt(r.get(f'event_to_map_{q}_le_ms'), 1)} ms" for q in ("p50", "p90", "p99"))
+                + f" | {100 * r['within_10ms']:.1f} % | {r['cpu_percent']:.1f} % | "
+                f"{', '.join(f'{x:.1f}' for x in r['loadavg'])} | |")
     if plot_paths:
         lines += ["", "## Plots", ""]
         lines += [f"![{p.stem}]({_relative(p, md_path.parent)})" for p in plot_paths]

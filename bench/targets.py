@@ -26,6 +26,9 @@ CHANGE_P99_MS = (50_000, 5.0)
 RSS_MIB = 250
 #: Issue 16: the agent's CPU, in % of one core, on a busy node where nothing changes (bench.idle).
 IDLE_CPU_PERCENT = 0.5
+#: Issue 16's churn row (bench.churn): at N Services, `rate` endpoint changes a second, event-to-map
+#: p99 <= this many ms and the agent's CPU under this % of one core.
+CHURN = {"services": 50_000, "rate": 500, "p99_ms": 10.0, "cpu_percent": 50.0}
 ALL_SIZES = (100, 1_000, 10_000, 50_000)
 #: The control plane is judged at these N (issue 6).
 CONTROL_PLANE_SIZES = (1_000, 10_000, 50_000)
@@ -129,6 +132,31 @@ def judge_idle(idle: list[dict]) -> list[Verdict]:
     worst = max(runs, key=lambda r: r["cpu_percent"])
     return [Verdict(label, MET if worst["cpu_percent"] <= IDLE_CPU_PERCENT else NOT_MET,
                     f"{worst['cpu_percent']:.2f} % over {worst['seconds']:g} s ({idle_setup(worst)})")]
+
+
+def judge_churn(churn: list[dict]) -> list[Verdict]:
+    """Issue 16: event-to-map p99 and the agent's CPU under steady endpoint churn (bench.churn)."""
+    n, rate = CHURN["services"], CHURN["rate"]
+    p99_label = f"{rate} endpoint changes/s at N={n}: event-to-map p99 <= {CHURN['p99_ms']:g} ms"
+    cpu_label = f"{rate} endpoint changes/s at N={n}: agent CPU < {CHURN['cpu_percent']:g} % of one core"
+    runs = [r for r in churn if r.get("services") == n and r.get("rate") == rate and r.get("observed")]
+    if not runs:
+        why = "not run at this N and rate" + "".join(f"; {r['note']}" for r in churn if r.get("note"))
+        return [Verdict(p99_label, NOT_MEASURED, why), Verdict(cpu_label, NOT_MEASURED, why)]
+    r = runs[0]
+    p99 = r.get("event_to_map_p99_le_ms")
+    p99_ok = p99 is not None and p99 <= CHURN["p99_ms"]
+    return [
+        Verdict(p99_label, MET if p99_ok else NOT_MET,
+                f"p99 <= {_ms(p99)} ({100 * r['within_10ms']:.1f} % within 10 ms) over {r['observed']} changes "
+                f"at {r['sent_rate']:g}/s"),
+        Verdict(cpu_label, MET if r["cpu_percent"] < CHURN["cpu_percent"] else NOT_MET,
+                f"{r['cpu_percent']:.1f} % over {r['seconds']:g} s"),
+    ]
+
+
+def _ms(bound: float | None) -> str:
+    return "more than the last bucket" if bound is None else f"{bound:g} ms"
 
 
 def idle_setup(r: dict) -> str:

@@ -54,6 +54,7 @@ class Resolver(Protocol):
 
     state: DesiredState
     statuses: Mapping[RouteId, RouteStatus]
+    endpoint_count: int  #: endpoints over state.groups, kept by the resolver (not summed per sync)
 
     def upsert_many(self, objs: Iterable[dict]) -> None: ...
 
@@ -336,7 +337,7 @@ class SyncLoop:
     def _sizes(self) -> dict[str, int]:
         state = self.resolver.state
         return {"frontends": len(state.frontends), "groups": len(state.groups),
-                "endpoints": sum(len(g.endpoints) for g in state.groups.values())}
+                "endpoints": self.resolver.endpoint_count}
 
     def _record_result(self, result) -> None:
         sizes = self._sizes()

@@ -22,9 +22,10 @@ from prometheus_client.core import CounterMetricFamily
 PREFIX = "meshlet"
 
 #: Buckets for a sync (tens of microseconds for a small delta, seconds for 50k Services) and for
-#: event-to-map latency (the contract is 1 s at p99, SEMANTICS B15).
+#: event-to-map latency (the contract is 1 s at p99, SEMANTICS B15; the bench's churn row judges
+#: 10 ms at p99, hence the millisecond buckets).
 SYNC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30, 60)
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30, 60)
 
 
 class DatapathOutcomes:

@@ -137,3 +137,16 @@ def test_the_idle_harness_measures_the_real_agent_on_a_node_tree():
     assert record["cgroups"] > 6 * 3 + 4
     assert record["cpu_percent"] >= 0 and record["walk_ms"] > 0
     assert bench_cgroups() - cgroups_before == set()
+
+
+def test_the_churn_harness_measures_the_real_agents_event_to_map():
+    # A tiny N, rate and window: checks the harness (changes reach the agent through the stand-in
+    # API server's watch, its histogram and CPU are read, everything is removed), not the figure.
+    from bench import churn
+
+    cgroups_before = bench_cgroups()
+    record = churn.run(services=20, rate=20, seconds=1, k=3, settle=0.2, ready_timeout=120)
+    assert record["status"] == "ok", record.get("note")
+    assert record["changes"] == 20 and record["observed"] == 20
+    assert record["event_to_map_p99_le_ms"] is not None and record["cpu_percent"] >= 0
+    assert bench_cgroups() - cgroups_before == set()

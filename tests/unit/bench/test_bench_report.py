@@ -66,3 +66,15 @@ def test_the_idle_row_and_its_target():
     text = report.render_markdown(data, [], None)
     assert "| idle agent CPU on a busy node <= 0.5 % of one core | **met** | 0.21 % over 60 s" in text
     assert "| 110 pods x 3 + 150 services (594 cgroups) | 1000 x 10 | 60 s | 0.21 % | 110 | 4.8 ms | 1.9 % |" in text
+
+
+def test_the_churn_row():
+    data = results()
+    data["churn"] = [{"services": 10000, "endpoints_per_service": 10, "rate": 500, "seconds": 20, "status": "ok",
+                      "changes": 10000, "sent_rate": 498.0, "observed": 10000, "cpu_percent": 14.03,
+                      "loadavg": (1.0, 2.0, 3.0), "event_to_map_p50_le_ms": 2.5, "event_to_map_p90_le_ms": 10.0,
+                      "event_to_map_p99_le_ms": 50.0, "within_10ms": 0.9284}]
+    text = report.render_markdown(data, [], None)
+    assert ("| 10000 | 500/s | 20 s | 498/s | 10000 | <= 2.5 ms | <= 10.0 ms | <= 50.0 ms | 92.8 % | 14.0 % |"
+            in text)
+    assert "| 500 endpoint changes/s at N=50000: event-to-map p99 <= 10 ms | **not measured** |" in text

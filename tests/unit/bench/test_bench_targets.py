@@ -91,3 +91,24 @@ def test_idle_cpu_is_judged_on_the_worst_run_and_never_met_unmeasured():
     (failed,) = targets.judge_idle([idle_record(status="failed", note="agent not ready: boom")])
     assert failed.status == NOT_MEASURED and "boom" in failed.measured
     assert targets.judge_idle([])[0].status == NOT_MEASURED
+
+
+def churn_record(services=50_000, p99=5.0, cpu=20.0, **extra):
+    r = {"services": services, "endpoints_per_service": 10, "rate": 500, "seconds": 60, "status": "ok",
+         "changes": 30000, "sent_rate": 499.0, "observed": 30000, "cpu_percent": cpu, "loadavg": (1, 1, 1),
+         "event_to_map_p50_le_ms": 2.5, "event_to_map_p90_le_ms": 5.0, "event_to_map_p99_le_ms": p99,
+         "within_10ms": 0.995}
+    r.update(extra)
+    return r
+
+
+def test_churn_is_judged_at_its_n_only():
+    p99, cpu = targets.judge_churn([churn_record()])
+    assert p99.status == MET and "p99 <= 5 ms (99.5 % within 10 ms)" in p99.measured
+    assert cpu.status == MET and "20.0 %" in cpu.measured
+    p99, cpu = targets.judge_churn([churn_record(p99=25.0, cpu=60.0)])
+    assert (p99.status, cpu.status) == (NOT_MET, NOT_MET)
+    (p99, _) = targets.judge_churn([churn_record(p99=None)])  # beyond the last bucket
+    assert p99.status == NOT_MET and "more than the last bucket" in p99.measured
+    assert {v.status for v in targets.judge_churn([churn_record(services=10_000)])} == {NOT_MEASURED}
+    assert {v.status for v in targets.judge_churn([])} == {NOT_MEASURED}

@@ -170,3 +170,26 @@ def test_a3_a_deleted_or_relabelled_slice_takes_its_endpoints_along():
     moved = [o for o in echo_scene() if o["metadata"]["name"] != "echo-a"]
     moved.append(slice_("echo-a", "echo-v1", [ep("10.244.0.10")]))
     assert render_state(resolver.state) == render_state(resolve(moved, NODE).state)
+
+
+def test_the_endpoint_count_follows_every_group_change():
+    """The count the loop reports as meshlet_backends is kept per commit, never summed again."""
+
+    def summed(resolver):
+        return sum(len(g.endpoints) for g in resolver.state.groups.values())
+
+    resolver = committed(scene_for_order())
+    assert resolver.endpoint_count == summed(resolver) > 0
+    resolver.upsert(slice_("echo-b", "echo", [ep("10.244.0.20"), ep("10.244.0.21")]))  # grows a group
+    resolver.commit()
+    assert resolver.endpoint_count == summed(resolver)
+    resolver.upsert(node(zone="z2"))  # a zone change recomputes every group (A8)
+    resolver.commit()
+    assert resolver.endpoint_count == summed(resolver)
+    resolver.delete(http_route("a", [], []))  # groups only that route used go away
+    resolver.commit()
+    assert resolver.endpoint_count == summed(resolver)
+    for obj in scene_for_order():
+        resolver.delete(obj)
+    resolver.commit()
+    assert resolver.endpoint_count == 0
