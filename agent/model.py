@@ -37,6 +37,9 @@ CONTROLLER_NAME = "meshlet.io/mesh"
 #: Namespace label and Pod annotation that opt a client out of translation (SEMANTICS C2).
 SKIP_KEY = "meshlet.io/skip"
 
+#: Service annotation that turns passive health off for that Service (SEMANTICS A17), value "off".
+PASSIVE_HEALTH_KEY = "meshlet.io/passive-health"
+
 #: Default ClientIP affinity timeout when sessionAffinityConfig leaves it unset (SEMANTICS A11).
 DEFAULT_AFFINITY_TIMEOUT = 10800
 
@@ -99,6 +102,9 @@ class BackendGroup:
     endpoints: tuple[Endpoint, ...]  #: the usable set for this node (A6-A8), sorted
     verdict: Verdict
     affinity_timeout: int = 0  #: seconds of ClientIP affinity; 0 = none (A11)
+    #: passive health (A17): failing endpoints are ejected from the choice; off per Service
+    #: (PASSIVE_HEALTH_KEY) or per agent
+    passive_health: bool = True
 
 
 @dataclass(frozen=True, order=True, slots=True)
@@ -262,7 +268,8 @@ def render_state(state: DesiredState) -> str:
     for key in sorted(state.groups):
         group = state.groups[key]
         affinity = f" affinity={group.affinity_timeout}s" if group.affinity_timeout else ""
-        lines.append(f"group {key} {group.verdict.name.lower()}{affinity}")
+        health = "" if group.passive_health else " passive-health=off"
+        lines.append(f"group {key} {group.verdict.name.lower()}{affinity}{health}")
         for ep in group.endpoints:
             lines.append(f"  endpoint {ep}")
     for uid in sorted(state.clients):

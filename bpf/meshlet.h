@@ -26,6 +26,7 @@
 #define NAME_LEN 96       /* bytes of a human name in the names map */
 #define MAX_POD_DEPTH 8   /* cgroup levels below the root searched for a pod cgroup */
 #define TRACE_RING_BYTES 262144 /* ring buffer of trace events: ~2700 decisions in flight */
+#define EJECT_SLOTS 8     /* endpoints of one set that passive health may skip at once */
 
 _Static_assert((SOCK_XLATS & (SOCK_XLATS - 1)) == 0, "SOCK_XLATS is a power of two (slot mask)");
 _Static_assert(MAX_SLOTS <= 255, "fe_value.nslots is a __u8");
@@ -40,6 +41,24 @@ _Static_assert(MAX_SLOTS <= 255, "fe_value.nslots is a __u8");
 
 /* client_value.flags */
 #define CLIENT_SKIP 1     /* namespace or pod opted out (SEMANTICS C2): never translated */
+
+/* group_value.flags */
+#define GROUP_PASSIVE_HEALTH 1 /* watch its TCP handshakes; skip its ejected endpoints (A17) */
+
+/* Passive health (SEMANTICS A17; bpf/sock.c, the sockops program): HEALTH_FAILURES consecutive
+ * failed handshakes eject an endpoint for HEALTH_BACKOFF_NS, doubled at each further ejection
+ * without a success in between, capped at HEALTH_BACKOFF_MAX_NS. */
+#define HEALTH_FAILURES 3
+#define HEALTH_BACKOFF_NS 1000000000     /* used as __u64 */
+#define HEALTH_BACKOFF_MAX_NS 30000000000 /* used as __u64 */
+#define HEALTH_MAX_DOUBLINGS 5 /* 1 s << 5 = 32 s > the cap: more doublings change nothing */
+
+/* Index of the per-CPU passive health counters (health_stats). */
+#define HSTAT_EJECTIONS 0  /* an endpoint was ejected (or its ejection renewed after its back-off) */
+#define HSTAT_CAPPED 1     /* a failure passed through: half its set (or EJECT_SLOTS) already ejected */
+#define HSTAT_FAILURES 2   /* translated handshakes that failed (reset, timeout, given up late) */
+#define HSTAT_SUCCESSES 3  /* translated handshakes that completed */
+#define HSTAT_COUNT 4
 
 /* config_value.flags */
 #define CONFIG_CLIENT_SKIPS 1 /* some client entry has CLIENT_SKIP: every translation looks */
@@ -134,7 +153,8 @@ struct group_value {
     __u32 count;          /* endpoints in the set: indexes 0..count-1 */
     __u32 affinity_timeout_s; /* ClientIP affinity (SEMANTICS A11); 0 = none */
     __u8 verdict;
-    __u8 pad[7];
+    __u8 flags;           /* GROUP_PASSIVE_HEALTH */
+    __u8 pad[6];
 };
 
 /* endpoints: (set_id, index) -> endpoint. A set's entries never change once written. */
@@ -205,6 +225,15 @@ struct sock_xlat {
     __u8 pad[3];
 };
 
+/* Passive health: which endpoint a TCP connect picked, for the sockops program to credit the
+ * handshake's outcome to (set by connect for groups with GROUP_PASSIVE_HEALTH, cleared once the
+ * outcome is known). */
+struct sock_watch {
+    __u64 set_id;         /* the endpoint set picked from; 0 = outcome not watched */
+    __u32 index;          /* the endpoint's index in it */
+    __u32 count;          /* the set's size (the "half" of the ejection cap) */
+};
+
 /* When all SOCK_XLATS entries are used (an unconnected UDP socket talking to more than 8
  * frontends), the oldest entry is overwritten (round robin on `next`): that frontend then
  * gets a fresh pick on its next datagram, and replies from the forgotten endpoint are no
@@ -214,6 +243,41 @@ struct sock_state {
     struct sock_xlat xlat[SOCK_XLATS];
     __u32 next;
     __u32 pad;
+    struct sock_watch watch;
+};
+
+/* health (LRU): endpoint -> its recent handshake outcomes, node-wide (one client's failures
+ * protect every client). Written only by the sockops program; a success deletes the entry, so
+ * only endpoints failing lately hold one. LRU, not a plain hash: the kernel creates these
+ * entries and nobody sweeps them; when full, the least recently touched record is forgotten
+ * (that endpoint then needs HEALTH_FAILURES fresh failures), never a new failure refused. */
+struct health_key {
+    __u8 addr[16];
+    __u16 port;
+    __u8 pad[6];
+};
+
+struct health_value {
+    __u32 failures;       /* consecutive failed handshakes since the last ejection or success */
+    __u32 ejections;      /* ejections since the last success: the next back-off is 1 s << this */
+    __u64 until_ns;       /* ejected until (bpf_ktime_get_ns clock); in the past = not now */
+};
+
+/* ejections (LRU): endpoint set -> the endpoints of that set skipped now. The cap, enforced
+ * by the only writer (sockops): at most min(count / 2, EJECT_SLOTS) slots active, count being
+ * the set's size, so at least half of a set is always picked from and a whole outage passes
+ * through as the endpoints' own errors. A slot is active while until_ns is in the future:
+ * expiry needs no writer. Keyed by set revision: indexes mean something only within one set.
+ * The sockops program replaces the whole value (never writes in place); connect guards
+ * against a torn read of a reused LRU element (an index found out of range is ignored). */
+struct eject_slot {
+    __u32 index;          /* the endpoint's index in the set */
+    __u32 pad;
+    __u64 until_ns;       /* skipped until (bpf_ktime_get_ns clock) */
+};
+
+struct set_ejections {
+    struct eject_slot slot[EJECT_SLOTS];
 };
 
 #endif /* MESHLET_H */

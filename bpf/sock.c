@@ -74,6 +74,12 @@ struct trace_events_table_t trace_events = {.max_entries = TRACE_RING_BYTES};
  * the translations of sockets opened before. */
 BPF_TABLE_PINNED("sk_storage", int, struct sock_state, sockets, 0,
                  PIN_DIR "/sockets", BPF_F_NO_PREALLOC);
+/* Passive health (SEMANTICS A17): see struct health_value and struct set_ejections. */
+BPF_TABLE_PINNED("lru_hash", struct health_key, struct health_value, health, HEALTH_MAX,
+                 PIN_DIR "/health");
+BPF_TABLE_PINNED("lru_hash", __u64, struct set_ejections, ejections, EJECTIONS_MAX,
+                 PIN_DIR "/ejections");
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, health_stats, HSTAT_COUNT, PIN_DIR "/health_stats");
 
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
 #define MAPPED_V4_WORD 0xffff0000U /* bytes 00 00 ff ff: word 2 of ::ffff:a.b.c.d */
@@ -221,11 +227,72 @@ static __always_inline __u32 pick_group(const struct fe_value *fe, __u64 *group_
     return OUT_MISS;
 }
 
+/* Branch-free comparisons for the passive health loops below. The BPF backend turns a
+ * comparison used as a value into a branch, and branches inside unrolled loops multiply the
+ * paths the verifier walks (8 slots x 2 ways each is past its limit); shifts do not branch.
+ * Clock values and indexes are far below 2^63, so a difference's sign bit is the answer. */
+static __always_inline __u64 before(__u64 a, __u64 b) /* a < b, as 0 or 1 */
+{
+    return (a - b) >> 63;
+}
+
+static __always_inline __u64 equal32(__u32 a, __u32 b) /* a == b, as 0 or 1 */
+{
+    return 1 - ((((__u64)(a ^ b)) + 0xffffffffULL) >> 32);
+}
+
+/* Is index `i` of a set skipped now (passive health)? `ejected` may be NULL (nothing is). */
+static __always_inline int is_ejected(const struct set_ejections *ejected, __u32 i, __u64 now)
+{
+    if (!ejected)
+        return 0;
+    __u64 hit = 0;
+#pragma unroll
+    for (int s = 0; s < EJECT_SLOTS; s++)
+        hit |= equal32(ejected->slot[s].index, i) & before(now, ejected->slot[s].until_ns);
+    return hit != 0;
+}
+
+/* A uniform index in [0, count) among the endpoints not ejected now: draw r uniform over the
+ * count - skipped healthy ones, then step r over every skipped index at or below it (the
+ * iteration x = r + #{skipped e <= x} reaches the r-th healthy index after at most `skipped`
+ * steps; EJECT_SLOTS passes, unrolled, are always enough). The writer keeps skipped <= count/2;
+ * anything inconsistent (a torn read of a reused LRU element) falls back to a plain pick. */
+static __always_inline __u32 pick_healthy(const struct set_ejections *ejected, __u32 count, __u64 now)
+{
+    __u64 idx[EJECT_SLOTS]; /* skipped indexes; 2^32 for a slot not skipped (above any index) */
+    __u64 skipped = 0;
+#pragma unroll
+    for (int s = 0; s < EJECT_SLOTS; s++) {
+        __u64 index = ejected->slot[s].index;
+        __u64 active = before(now, ejected->slot[s].until_ns) & before(index, count);
+        idx[s] = index | ((1 - active) << 32);
+        skipped += active;
+    }
+    if (skipped * 2 > count)
+        skipped = 0;
+    __u32 r = (__u32)(((__u64)bpf_get_prandom_u32() * (count - skipped)) >> 32);
+    if (!skipped)
+        return r;
+    __u64 i = r;
+#pragma unroll
+    for (int pass = 0; pass < EJECT_SLOTS; pass++) {
+        __u64 below = 0;
+#pragma unroll
+        for (int s = 0; s < EJECT_SLOTS; s++)
+            below += 1 - before(i, idx[s]); /* idx[s] <= i */
+        i = r + below;
+    }
+    return i < count ? (__u32)i : r;
+}
+
 /* Choose an endpoint of a group for this client. Returns OUT_TRANSLATED with the endpoint
  * set, OUT_REJECTED or OUT_UNREACHABLE for the group's verdict, or OUT_MISS for a missing
- * entry. */
+ * entry. With passive health on for the group, ejected endpoints are skipped (a remembered
+ * affinity choice too) and `watch` names the set and index picked. */
 static __always_inline __u32 pick_endpoint(struct bpf_sock_addr *ctx, __u64 group_id,
-                                         struct addr16 *ep, __u16 *ep_port, __u8 *family)
+                                         struct addr16 *ep, __u16 *ep_port, __u8 *family,
+                                         struct sock_watch *watch)
 {
     struct group_value *gp = groups.lookup(&group_id);
     if (!gp)
@@ -235,6 +302,17 @@ static __always_inline __u32 pick_endpoint(struct bpf_sock_addr *ctx, __u64 grou
         return OUT_UNREACHABLE;
     if (g.verdict != VERDICT_FORWARD || g.count == 0)
         return OUT_REJECTED;
+
+    /* Passive health: the set's ejected endpoints, if any (one lookup, a miss when none). */
+    struct set_ejections *ejected = NULL;
+    __u64 t = 0;
+    if (g.flags & GROUP_PASSIVE_HEALTH) {
+        watch->set_id = g.set_id;
+        watch->count = g.count;
+        ejected = ejections.lookup(&g.set_id);
+        if (ejected)
+            t = bpf_ktime_get_ns();
+    }
 
     struct affinity_key ak;
     __u64 now = 0;
@@ -250,8 +328,10 @@ static __always_inline __u32 pick_endpoint(struct bpf_sock_addr *ctx, __u64 grou
             mk.set_id = g.set_id;
             __builtin_memcpy(mk.addr, av->addr, 16);
             mk.port = av->port;
-            if (members.lookup(&mk)) {
+            __u32 *member = members.lookup(&mk);
+            if (member && !is_ejected(ejected, *member, t)) {
                 /* Still usable and fresh: keep it, and slide the timeout (A11). */
+                watch->index = *member;
                 copy_addr(ep, av->addr);
                 *ep_port = av->port;
                 *family = is_mapped_v4(ep) ? 4 : 6;
@@ -265,7 +345,9 @@ static __always_inline __u32 pick_endpoint(struct bpf_sock_addr *ctx, __u64 grou
     struct ep_key key;
     __builtin_memset(&key, 0, sizeof(key));
     key.set_id = g.set_id;
-    key.index = (__u32)(((__u64)bpf_get_prandom_u32() * g.count) >> 32);
+    key.index = ejected ? pick_healthy(ejected, g.count, t)
+                        : (__u32)(((__u64)bpf_get_prandom_u32() * g.count) >> 32);
+    watch->index = key.index;
     struct ep_value *e = endpoints.lookup(&key);
     if (!e)
         return OUT_MISS;
@@ -405,14 +487,19 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, int v6, int is_s
     if (outcome != OUT_TRANSLATED)
         return conclude(ctx, &d, outcome);
 
-    outcome = pick_endpoint(ctx, d.group_id, &ep, &ep_port, &family);
+    struct sock_watch watch;
+    __builtin_memset(&watch, 0, sizeof(watch));
+    outcome = pick_endpoint(ctx, d.group_id, &ep, &ep_port, &family, &watch);
     if (outcome != OUT_TRANSLATED)
         return conclude(ctx, &d, outcome);
     __builtin_memcpy(d.endpoint, &ep, 16);
     d.endpoint_port = ep_port;
     outcome = write_user_addr(ctx, v6, &ep, ep_port);
-    if (outcome == OUT_TRANSLATED && st)
+    if (outcome == OUT_TRANSLATED && st) {
         remember(st, &dst, key.port, &ep, ep_port);
+        if (proto == IPPROTO_TCP)
+            st->watch = watch; /* the handshake's outcome goes to this endpoint (sockops) */
+    }
     return conclude(ctx, &d, outcome);
 }
 
@@ -459,3 +546,164 @@ int recvmsg4(struct bpf_sock_addr *ctx) { reverse(ctx, 0); return 1; }
 int recvmsg6(struct bpf_sock_addr *ctx) { reverse(ctx, 1); return 1; }
 int getpeername4(struct bpf_sock_addr *ctx) { reverse(ctx, 0); return 1; }
 int getpeername6(struct bpf_sock_addr *ctx) { reverse(ctx, 1); return 1; }
+
+/* --- passive health (SEMANTICS A17) ---------------------------------------------------------
+ *
+ * The sockops program sees every TCP socket of the cgroup subtree; it acts only on those whose
+ * connect() meshlet translated into a group with GROUP_PASSIVE_HEALTH (struct sock_watch set).
+ * At the SYN (TCP_CONNECT_CB) it asks for state callbacks on that socket alone; the first state
+ * change out of SYN_SENT is the handshake's outcome, then it stops watching:
+ *   SYN_SENT -> ESTABLISHED                        success: the endpoint's record is cleared
+ *   SYN_SENT -> CLOSE, nothing left in flight      failure: a reset, or the kernel's SYN
+ *                                                  retries ran out (both purge the send queue
+ *                                                  before closing; since Linux 6.10 an ICMP
+ *                                                  error too)
+ *   SYN_SENT -> CLOSE, SYN still in flight         the client gave up (close, connect timeout):
+ *                                                  a failure only if the SYN had already been
+ *                                                  retransmitted (unanswered for a whole RTO),
+ *                                                  else nothing is learned
+ */
+
+static __always_inline void hstat(__u32 index)
+{
+    __u64 *c = health_stats.lookup(&index);
+    if (c)
+        *c += 1;
+}
+
+/* Skip endpoint `w->index` of set `w->set_id` until `until`, unless the cap (struct
+ * set_ejections) is reached. The whole value is rebuilt and replaced, never written in place;
+ * the loops are branch-free (see before()). */
+static __always_inline void eject_in_set(const struct sock_watch *w, __u64 until, __u64 now)
+{
+    __u64 set_id = w->set_id;
+    __u32 index = w->index;
+    struct set_ejections next;
+    __builtin_memset(&next, 0, sizeof(next));
+    struct set_ejections *cur = ejections.lookup(&set_id);
+    if (cur)
+        next = *cur;
+    __u64 active = 0, found = 0;
+#pragma unroll
+    for (int s = 0; s < EJECT_SLOTS; s++) {
+        __u64 alive = before(now, next.slot[s].until_ns);
+        __u64 hit = alive & equal32(next.slot[s].index, index);
+        next.slot[s].until_ns += (until - next.slot[s].until_ns) * hit; /* renew its slot */
+        found |= hit;
+        active += alive;
+    }
+    if (!found) {
+        __u32 cap = w->count / 2;
+        if (active >= cap || active >= EJECT_SLOTS) {
+            hstat(HSTAT_CAPPED); /* this failure passes through: half the set is skipped already */
+            return;
+        }
+#pragma unroll
+        for (int s = 0; s < EJECT_SLOTS; s++) {
+            __u64 take = (1 - before(now, next.slot[s].until_ns)) & (1 - found); /* first free slot */
+            next.slot[s].index += (index - next.slot[s].index) * (__u32)take;
+            next.slot[s].until_ns += (until - next.slot[s].until_ns) * take;
+            found |= take;
+        }
+    }
+    ejections.update(&set_id, &next);
+}
+
+/* Remove endpoint `w->index` from its set's skipped ones (it just completed a handshake). */
+static __always_inline void unskip_in_set(const struct sock_watch *w, __u64 now)
+{
+    __u64 set_id = w->set_id;
+    struct set_ejections *cur = ejections.lookup(&set_id);
+    if (!cur)
+        return;
+    struct set_ejections next = *cur;
+    __u64 found = 0;
+#pragma unroll
+    for (int s = 0; s < EJECT_SLOTS; s++) {
+        __u64 hit = before(now, next.slot[s].until_ns) & equal32(next.slot[s].index, w->index);
+        next.slot[s].until_ns *= 1 - hit;
+        found |= hit;
+    }
+    if (found)
+        ejections.update(&set_id, &next);
+}
+
+/* Credit a handshake's outcome to the endpoint `w` names. */
+static __always_inline void health_outcome(const struct sock_watch *w, int failed)
+{
+    struct ep_key ek;
+    __builtin_memset(&ek, 0, sizeof(ek));
+    ek.set_id = w->set_id;
+    ek.index = w->index;
+    struct ep_value *e = endpoints.lookup(&ek);
+    if (!e)
+        return; /* the set was replaced during the handshake: its indexes mean nothing now */
+    struct health_key hk;
+    __builtin_memset(&hk, 0, sizeof(hk));
+    __builtin_memcpy(hk.addr, e->addr, 16);
+    hk.port = e->port;
+    __u64 now = bpf_ktime_get_ns();
+    struct health_value *h = health.lookup(&hk);
+
+    if (!failed) {
+        hstat(HSTAT_SUCCESSES);
+        if (h) {
+            health.delete(&hk); /* the first success clears the record (and the back-off) */
+            unskip_in_set(w, now);
+        }
+        return;
+    }
+    hstat(HSTAT_FAILURES);
+    struct health_value next;
+    __builtin_memset(&next, 0, sizeof(next));
+    if (h)
+        next = *h;
+    if (next.until_ns <= now) {
+        next.failures++;
+        /* Ejected again at once when it fails right after a back-off (no success since). */
+        if (next.failures < HEALTH_FAILURES && next.ejections == 0) {
+            health.update(&hk, &next);
+            return;
+        }
+        __u64 backoff = next.ejections >= HEALTH_MAX_DOUBLINGS ? (__u64)HEALTH_BACKOFF_MAX_NS
+                                                               : (__u64)HEALTH_BACKOFF_NS << next.ejections;
+        if (backoff > HEALTH_BACKOFF_MAX_NS)
+            backoff = HEALTH_BACKOFF_MAX_NS;
+        next.until_ns = now + backoff;
+        next.ejections++;
+        next.failures = 0;
+        health.update(&hk, &next);
+        hstat(HSTAT_EJECTIONS);
+    }
+    /* Ejected now (just, or already through another set or an earlier connect): skip it in
+     * the set this connection picked from. */
+    eject_in_set(w, next.until_ns, now);
+}
+
+int sockops(struct bpf_sock_ops *ctx)
+{
+    __u32 op = ctx->op;
+    if (op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_STATE_CB)
+        return 1;
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk)
+        return 1;
+    struct sock_state *st = sockets.sk_storage_get(sk, 0, 0);
+    if (!st || !st->watch.set_id)
+        return 1; /* not translated by meshlet, or not watched */
+    if (op == BPF_SOCK_OPS_TCP_CONNECT_CB) {
+        bpf_sock_ops_cb_flags_set(ctx, ctx->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+        return 1;
+    }
+    if (ctx->args[0] != BPF_TCP_SYN_SENT)
+        return 1;
+    struct sock_watch w = st->watch;
+    st->watch.set_id = 0; /* one outcome per handshake */
+    bpf_sock_ops_cb_flags_set(ctx, ctx->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_STATE_CB_FLAG);
+    __u32 state = ctx->args[1];
+    if (state == BPF_TCP_ESTABLISHED)
+        health_outcome(&w, 0);
+    else if (state == BPF_TCP_CLOSE && (ctx->packets_out == 0 || ctx->total_retrans > 0))
+        health_outcome(&w, 1);
+    return 1;
+}

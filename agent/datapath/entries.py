@@ -54,7 +54,7 @@ EP_VALUE = _packer(L.EpValue, "16sHBx")  # addr, port (network order), family
 # A member key is (set_id, the endpoint's addr and port): the first 18 bytes of its ep_value.
 MEMBER_KEY = _packer(L.MemberKey, "Q18s6x")  # set_id, addr + port (network order)
 MEMBER_KEY_READ = _packer(L.MemberKey, "Q18s6s")  # set_id, addr + port, pad (must be 0)
-GROUP_VALUE = _packer(L.GroupValue, "QIIB7x")  # set_id, count, affinity_timeout_s, verdict
+GROUP_VALUE = _packer(L.GroupValue, "QIIBB6x")  # set_id, count, affinity_timeout_s, verdict, flags
 FE_KEY = _packer(L.FeKey, "16sHBxI")  # addr, port (network order), proto, scope
 FE_SLOT = _packer(L.FeSlot, "I4xQ")  # threshold, group_id
 # fe_value is packed in parts (plan._frontend_value_used): its head, then the used slots. The
@@ -132,8 +132,8 @@ def member_key_bytes(sid: int, endpoint: L.EpValue | bytes) -> bytes:
 
 # --- reading entries back (the writer's reference tracking) -------------------------------------
 
-def group_value_fields(value: bytes) -> tuple[int, int, int, int]:
-    """(set_id, count, affinity_timeout_s, verdict) of a groups-map value."""
+def group_value_fields(value: bytes) -> tuple[int, int, int, int, int]:
+    """(set_id, count, affinity_timeout_s, verdict, flags) of a groups-map value."""
     return GROUP_VALUE.unpack(value)
 
 

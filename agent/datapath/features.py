@@ -72,6 +72,10 @@ FEATURES: tuple[Feature, ...] = (
     # The map writer only batches (agent/datapath/reconcile.py through bpfsys.Map), and every
     # kernel with cgroup links has batches, so it is required rather than worked around.
     Feature("map_batch", "batch map operations (BPF_MAP_*_BATCH)", "5.6"),
+    # One feature for all that passive health needs at the sock_ops hook: the hook itself (a
+    # cgroup link of it), state callbacks asked per socket, and the socket storage connect wrote.
+    Feature("sockops", "the cgroup sock_ops hook with bpf_sock_ops_cb_flags_set and socket storage", "5.10",
+            without="passive health is off: endpoints whose handshakes fail keep being picked (SEMANTICS A17)"),
     Feature("set_retval", "bpf_set_retval", "5.18",
             without="a rejected connection fails with EPERM instead of ECONNREFUSED, and one with no "
                     "usable endpoint with EPERM instead of EHOSTUNREACH",
@@ -241,6 +245,49 @@ def sk_storage_available(attach_types: list[int]) -> bool:
         os.close(btf_fd)
 
 
+#: offsetof(struct bpf_sock_ops, sk) (uapi, stable since Linux 5.3).
+_SOCK_OPS_SK = 184
+_JEQ_IMM = 0x15
+
+
+def sockops_available() -> bool:
+    """A sock_ops program that does what bpf/sock.c's sockops does with the kernel: read ctx->sk,
+    bpf_sk_storage_get on a socket-storage map of our own, bpf_sock_ops_cb_flags_set."""
+    try:
+        btf_fd = bpfsys.btf_load(_BTF_INT)
+    except bpfsys.BpfError as err:
+        return _answer(err)
+    try:
+        try:
+            map_fd = bpfsys.map_create(U.MAP_TYPE_SK_STORAGE, 4, 4, 0, U.BPF_F_NO_PREALLOC,
+                                       btf_fd=btf_fd, btf_key_type_id=1, btf_value_type_id=1)
+        except bpfsys.BpfError as err:
+            return _answer(err)
+        try:
+            insns = b"".join((
+                _insn(_MOV64_REG, dst=6, src=1),  # r6 = ctx
+                _insn(_LDX_DW, dst=2, src=6, off=_SOCK_OPS_SK),  # r2 = ctx->sk
+                _insn(_JEQ_IMM, dst=2, off=8, imm=0),  # no socket: accept
+                _insn(_LD_IMM64, dst=1, src=_PSEUDO_MAP_FD, imm=map_fd), _insn(0),  # r1 = map
+                _insn(_MOV64_IMM, dst=3, imm=0),
+                _insn(_MOV64_IMM, dst=4, imm=0),
+                _insn(_CALL, imm=U.HELPER_SK_STORAGE_GET),
+                _insn(_MOV64_REG, dst=1, src=6),
+                _insn(_MOV64_IMM, dst=2, imm=0),
+                _insn(_CALL, imm=U.HELPER_SOCK_OPS_CB_FLAGS_SET),
+            )) + _ACCEPT
+            try:
+                fd = bpfsys.prog_load(U.PROG_TYPE_SOCK_OPS, insns, HOOKS["sockops"], log_size=4096)
+            except bpfsys.BpfError as err:
+                return _answer(err)
+            os.close(fd)
+            return True
+        finally:
+            os.close(map_fd)
+    finally:
+        os.close(btf_fd)
+
+
 def cgroup_links_available() -> bool:
     """BPF_LINK_CREATE for a connect4 program with no cgroup at all (fd -1): a kernel with cgroup
     links looks the cgroup up and answers EBADF; one without answers EINVAL (no such command).
@@ -301,7 +348,8 @@ _TRANSLATING = ("connect4", "connect6", "sendmsg4", "sendmsg6")
 def probe() -> dict[str, bool]:
     """Probe the running kernel: every name of FEATURES -> present. Needs CAP_BPF or root."""
     _raise_memlock()
-    found = {hook: hook_available(attach_type) for hook, attach_type in HOOKS.items()}
+    found = {hook: hook_available(attach_type) for hook, attach_type in HOOKS.items()
+             if hook not in U.HOOK_PROG_TYPES}
 
     def at(hooks) -> list[int]:
         # Only at hooks this kernel has (a missing hook is reported as itself, not as its
@@ -311,12 +359,13 @@ def probe() -> dict[str, bool]:
     def helper(helper_id: int) -> bool:
         return all(helper_available(helper_id, attach_type) for attach_type in at(_TRANSLATING))
 
-    found["sk_storage"] = sk_storage_available(at(tuple(HOOKS)))
+    found["sk_storage"] = sk_storage_available(at(tuple(h for h in HOOKS if h not in U.HOOK_PROG_TYPES)))
     found["netns_cookie"] = helper(U.HELPER_GET_NETNS_COOKIE)
     found["ancestor_cgroup_id"] = helper(U.HELPER_GET_CURRENT_ANCESTOR_CGROUP_ID)
     found["cgroup_links"] = cgroup_links_available()
     found["map_batch"] = map_batch_available()
     found["set_retval"] = helper(U.HELPER_SET_RETVAL)
+    found["sockops"] = sockops_available()
     found["ringbuf"] = ringbuf_available()
     assert set(found) == set(NAMES), "probe and FEATURES disagree"
     return found

@@ -19,7 +19,7 @@ from agent.datapath import uapi as U
 from agent.model import MAX_BACKEND_REFS, Verdict
 
 #: Version of the map layout; pins live under <bpffs>/v<LAYOUT_VERSION>/maps.
-LAYOUT_VERSION = 2  # 2: the config map
+LAYOUT_VERSION = 3  # 2: the config map; 3: passive health (group flags, sock_watch, health maps)
 
 # --- constants of bpf/meshlet.h (checked against the header by a unit test) --------------------
 MAX_SLOTS = MAX_BACKEND_REFS  # one limit: resolve refuses a wider rule, the maps hold this many
@@ -27,6 +27,7 @@ SOCK_XLATS = 8
 NAME_LEN = 96
 MAX_POD_DEPTH = 8
 TRACE_RING_BYTES = 262144
+EJECT_SLOTS = 8
 
 VERDICT_FORWARD = 0
 VERDICT_REJECT = 1
@@ -42,6 +43,18 @@ TRACE_MATCH_CLIENT = 2
 
 #: struct decision's kind: which call was decided (the C DECISION_* defines).
 DECISION_KINDS = {1: "connect", 2: "datagram", 3: "remembered"}
+
+GROUP_PASSIVE_HEALTH = 1
+
+#: Passive health (SEMANTICS A17): failures that eject, the first back-off and its cap.
+HEALTH_FAILURES = 3
+HEALTH_BACKOFF_NS = 1_000_000_000
+HEALTH_BACKOFF_MAX_NS = 30_000_000_000
+HEALTH_MAX_DOUBLINGS = 5
+
+#: Passive health counters: index in the `health_stats` array -> name (the C HSTAT_* defines).
+HEALTH_STATS = {0: "ejections", 1: "capped", 2: "failures", 3: "successes"}
+HSTAT_COUNT = 4
 
 #: Outcome counters: index in the `counters` array -> name (the C OUT_* defines).
 OUTCOMES = {0: "translated", 1: "rejected", 2: "unreachable", 3: "skipped", 4: "miss"}
@@ -99,11 +112,12 @@ class GroupValue(ct.Structure):
         __u32 count;
         __u32 affinity_timeout_s;
         __u8 verdict;
-        __u8 pad[7];
+        __u8 flags;        // GROUP_PASSIVE_HEALTH
+        __u8 pad[6];
     };"""
 
     _fields_ = [("set_id", ct.c_uint64), ("count", ct.c_uint32), ("affinity_timeout_s", ct.c_uint32),
-                ("verdict", ct.c_uint8), ("pad", ct.c_uint8 * 7)]
+                ("verdict", ct.c_uint8), ("flags", ct.c_uint8), ("pad", ct.c_uint8 * 6)]
 
 
 class EpKey(ct.Structure):
@@ -170,10 +184,46 @@ class SockXlat(ct.Structure):
                 ("endpoint_port", ct.c_uint16), ("used", ct.c_uint8), ("pad", ct.c_uint8 * 3)]
 
 
-class SockState(ct.Structure):
-    """struct sock_state { struct sock_xlat xlat[SOCK_XLATS]; __u32 next; __u32 pad; };"""
+class SockWatch(ct.Structure):
+    """struct sock_watch { __u64 set_id; __u32 index; __u32 count; };"""
 
-    _fields_ = [("xlat", SockXlat * SOCK_XLATS), ("next", ct.c_uint32), ("pad", ct.c_uint32)]
+    _fields_ = [("set_id", ct.c_uint64), ("index", ct.c_uint32), ("count", ct.c_uint32)]
+
+
+class SockState(ct.Structure):
+    """struct sock_state {
+        struct sock_xlat xlat[SOCK_XLATS];
+        __u32 next;
+        __u32 pad;
+        struct sock_watch watch;
+    };"""
+
+    _fields_ = [("xlat", SockXlat * SOCK_XLATS), ("next", ct.c_uint32), ("pad", ct.c_uint32),
+                ("watch", SockWatch)]
+
+
+class HealthKey(ct.Structure):
+    """struct health_key { __u8 addr[16]; __u16 port; __u8 pad[6]; };"""
+
+    _fields_ = [("addr", ct.c_uint8 * 16), ("port", ct.c_uint16), ("pad", ct.c_uint8 * 6)]
+
+
+class HealthValue(ct.Structure):
+    """struct health_value { __u32 failures; __u32 ejections; __u64 until_ns; };"""
+
+    _fields_ = [("failures", ct.c_uint32), ("ejections", ct.c_uint32), ("until_ns", ct.c_uint64)]
+
+
+class EjectSlot(ct.Structure):
+    """struct eject_slot { __u32 index; __u32 pad; __u64 until_ns; };"""
+
+    _fields_ = [("index", ct.c_uint32), ("pad", ct.c_uint32), ("until_ns", ct.c_uint64)]
+
+
+class SetEjections(ct.Structure):
+    """struct set_ejections { struct eject_slot slot[EJECT_SLOTS]; };"""
+
+    _fields_ = [("slot", EjectSlot * EJECT_SLOTS)]
 
 
 class TraceControl(ct.Structure):
@@ -276,6 +326,14 @@ class MapSizes:
     """Human names of groups, routes and scopes, for `meshlet maps dump`.
     About 4 MiB up front and 152 bytes per entry in use."""
 
+    health: int = 8192
+    """Passive health records: endpoints whose handshakes failed lately (a success deletes
+    one); least recently touched are evicted (that endpoint then needs fresh failures)."""
+
+    ejections: int = 4096
+    """Endpoint sets with endpoints skipped now (passive health); least recently touched are
+    evicted (their endpoints are picked again until they fail again)."""
+
     def __post_init__(self):
         for f in fields(self):
             value = getattr(self, f.name)
@@ -349,6 +407,9 @@ MAP_SPECS: dict[str, MapSpec] = {
         MapSpec("sockets", _SK_STORAGE, ct.c_int32, SockState, _NO_PREALLOC, None, 0),
         MapSpec("trace_control", _ARRAY, U32, TraceControl, _MMAPABLE, None, 1),
         MapSpec("trace_events", _RINGBUF, NOTHING, NOTHING, 0, None, TRACE_RING_BYTES),
+        MapSpec("health", _LRU_HASH, HealthKey, HealthValue, 0, "health"),
+        MapSpec("ejections", _LRU_HASH, U64, SetEjections, 0, "ejections"),
+        MapSpec("health_stats", _PERCPU_ARRAY, U32, ct.c_uint64, 0, None, HSTAT_COUNT),
     )
 }
 

@@ -282,8 +282,7 @@ def compile_here(flags: list[str], hooks: list[str]):
     fds = {}
     try:
         for hook in hooks:
-            fds[hook] = bpf.load_func(hook.encode(), U.PROG_TYPE_CGROUP_SOCK_ADDR,
-                                      attach_type=HOOKS[hook]).fd
+            fds[hook] = bpf.load_func(hook.encode(), U.prog_type(hook), attach_type=HOOKS[hook]).fd
     except Exception as err:
         bpf.cleanup()
         # The feature probe passed, so this is not a missing hook or helper: most likely a

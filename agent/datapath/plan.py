@@ -140,13 +140,14 @@ def plan_group(group: BackendGroup) -> GroupPlan:
     text = str(group.key)
     gid = _hash64(b"group", text.encode())  # group_id(group.key), the text made once
     name = _name_value(text)
+    flags = L.GROUP_PASSIVE_HEALTH if group.passive_health else 0
     if group.verdict != Verdict.FORWARD or not group.endpoints:
         verdict = Verdict.REJECT if group.verdict == Verdict.FORWARD else group.verdict
-        return GroupPlan(E.U64.pack(gid), E.GROUP_VALUE.pack(0, 0, group.affinity_timeout, int(verdict)),
+        return GroupPlan(E.U64.pack(gid), E.GROUP_VALUE.pack(0, 0, group.affinity_timeout, int(verdict), flags),
                          0, b"", b"", name)
     sid = set_id(gid, group.endpoints)
     blob = endpoint_values(group.endpoints)
-    value = E.GROUP_VALUE.pack(sid, len(group.endpoints), group.affinity_timeout, int(group.verdict))
+    value = E.GROUP_VALUE.pack(sid, len(group.endpoints), group.affinity_timeout, int(group.verdict), flags)
     return GroupPlan(E.U64.pack(gid), value, sid, blob, member_records(blob) if group.affinity_timeout else b"",
                      name)
 

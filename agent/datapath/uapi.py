@@ -66,12 +66,24 @@ HOOKS: dict[str, int] = {
     "recvmsg6": 20,  # BPF_CGROUP_UDP6_RECVMSG
     "getpeername4": 29,  # BPF_CGROUP_INET4_GETPEERNAME
     "getpeername6": 30,  # BPF_CGROUP_INET6_GETPEERNAME
+    "sockops": 3,  # BPF_CGROUP_SOCK_OPS: passive health (SEMANTICS A17)
 }
+
+PROG_TYPE_SOCK_OPS = 13
+
+#: hook -> program type, for the hooks that are not sock_addr programs.
+HOOK_PROG_TYPES: dict[str, int] = {"sockops": PROG_TYPE_SOCK_OPS}
+
+
+def prog_type(hook: str) -> int:
+    """The program type of a hook's program."""
+    return HOOK_PROG_TYPES.get(hook, PROG_TYPE_CGROUP_SOCK_ADDR)
 
 # enum bpf_func_id (the helpers the feature probe calls)
 HELPER_SK_STORAGE_GET = 107
 HELPER_GET_NETNS_COOKIE = 122
 HELPER_GET_CURRENT_ANCESTOR_CGROUP_ID = 123
 HELPER_SET_RETVAL = 187
+HELPER_SOCK_OPS_CB_FLAGS_SET = 59
 # bpf_sk_storage_get flags
 SK_STORAGE_GET_F_CREATE = 1

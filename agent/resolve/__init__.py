@@ -62,8 +62,10 @@ ProblemKey = tuple[str, str, str]
 class Resolver:
     """Incremental: holds the objects and indices; commit() recomputes only what changed."""
 
-    def __init__(self, node_name: str):
+    def __init__(self, node_name: str, passive_health: bool = True):
         self.node_name = node_name
+        #: the agent's switch for passive health (A17); a Service can only turn it off further
+        self.passive_health = passive_health
         # objects, as records
         self._services: dict[o.ServiceId, o.ServiceRecord] = {}
         self._slices: dict[o.ObjectKey, o.SliceRecord] = {}
@@ -364,7 +366,8 @@ class Resolver:
             if key in self._group_refs:
                 sid = (key.namespace, key.service)
                 slices = [self._slices[k] for k in self._slices_by_service.get(sid, ())]
-                value = backend_group(key, self._services.get(sid), slices, self.node_name, self._zone)
+                value = backend_group(key, self._services.get(sid), slices, self.node_name, self._zone,
+                                      self.passive_health)
             old = self._groups.get(key)
             if _publish(self._groups, key, value, delta.groups):
                 self._endpoint_count += (len(value.endpoints) if value else 0) - (len(old.endpoints) if old else 0)

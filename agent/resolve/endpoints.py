@@ -143,11 +143,13 @@ def select_endpoints(candidates: list[Candidate], local_only: bool, node_name: s
 
 
 def backend_group(key: GroupKey, service: ServiceRecord | None, slices: Iterable[SliceRecord],
-                  node_name: str, zone: str | None) -> BackendGroup:
+                  node_name: str, zone: str | None, passive_health: bool = True) -> BackendGroup:
     """One backend group: the endpoints of `key` usable here, and the Service's ClientIP affinity
-    (A11). A group whose Service is gone rejects (it is about to lose its last user)."""
+    (A11) and passive health (A17: on unless the agent or the Service turns it off). A group whose
+    Service is gone rejects (it is about to lose its last user)."""
     if service is None:
-        return BackendGroup(key, (), Verdict.REJECT)
+        return BackendGroup(key, (), Verdict.REJECT, passive_health=passive_health)
     candidates = merge_slices(slices, key.port_name, key.protocol, key.family)
     endpoints, verdict = select_endpoints(candidates, service.local_only, node_name, zone)
-    return BackendGroup(key, endpoints, verdict, service.affinity_timeout)
+    return BackendGroup(key, endpoints, verdict, service.affinity_timeout,
+                        passive_health and service.passive_health)

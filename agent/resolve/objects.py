@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 from agent.kinds import ROUTE_KINDS, ObjectKey, identify  # re-exported: resolve reads them as o.*
 from agent.model import (
+    PASSIVE_HEALTH_KEY,
     DEFAULT_AFFINITY_TIMEOUT,
     MAX_BACKEND_REFS,
     PROTOCOLS,
@@ -73,6 +74,7 @@ class ServiceRecord:
     ports: tuple[ServicePort, ...]
     local_only: bool  #: internalTrafficPolicy Local (A7)
     affinity_timeout: int  #: 0 = no ClientIP affinity (A11)
+    passive_health: bool = True  #: False when annotated meshlet.io/passive-health: "off" (A17)
 
     @property
     def id(self) -> ServiceId:
@@ -360,9 +362,21 @@ def parse_service(key: ObjectKey, obj: dict) -> tuple[ServiceRecord, list[str]]:
             ports=_shared(_service_ports(spec, notes)),
             local_only=spec.get("internalTrafficPolicy") == "Local",
             affinity_timeout=_affinity_timeout(spec, notes),
+            passive_health=_passive_health(meta, notes),
         ),
         notes.lines,
     )
+
+
+def _passive_health(meta: dict, notes: _Notes) -> bool:
+    """SEMANTICS A17: on unless the Service is annotated meshlet.io/passive-health: "off"."""
+    value = _dict(meta.get("annotations"), notes, "metadata.annotations").get(PASSIVE_HEALTH_KEY)
+    if value is None:
+        return True
+    if isinstance(value, str) and value.lower() in ("off", "on"):
+        return value.lower() == "on"
+    notes.add(f"annotation {PASSIVE_HEALTH_KEY} {value!r} is neither \"off\" nor \"on\"; passive health stays on")
+    return True
 
 
 def _why_not_balanced(spec: dict, labels: dict, cluster_ips: list, external_name: bool) -> str:

@@ -43,10 +43,10 @@ def test_without_set_retval_rejections_become_eperm_and_the_report_says_so():
 
 
 def test_without_getpeername_those_two_hooks_are_neither_loaded_nor_attached():
-    support = features.decide(without("getpeername4", "getpeername6", "set_retval", "ringbuf"), "5.7.0")
+    support = features.decide(without("getpeername4", "getpeername6", "set_retval", "ringbuf", "sockops"), "5.7.0")
     assert support.hooks == ("connect4", "connect6", "sendmsg4", "sendmsg6", "recvmsg4", "recvmsg6")
     fields = support.log_fields()
-    assert fields["disabled"] == "getpeername4,getpeername6,set_retval,ringbuf"
+    assert fields["disabled"] == "getpeername4,getpeername6,sockops,set_retval,ringbuf"
     assert "getpeername() on a translated socket shows the endpoint" in fields["effects"]
 
 
@@ -58,10 +58,20 @@ def test_without_ring_buffers_trace_is_off_and_the_report_says_so():
 
 
 @pytest.mark.parametrize("missing", [name for name in features.NAMES
-                                     if name not in ("getpeername4", "getpeername6", "set_retval", "ringbuf")])
+                                     if name not in ("getpeername4", "getpeername6", "set_retval", "ringbuf",
+                                                     "sockops")])
 def test_every_other_feature_is_required(missing):
     with pytest.raises(UserError, match=f"Linux >= {features.MINIMUM_KERNEL}"):
         features.decide(without(missing))
+
+
+def test_without_sockops_passive_health_is_off_and_the_report_says_so():
+    support = features.decide(without("sockops"), "5.9.0")
+    assert "sockops" not in support.hooks
+    assert support.hooks == tuple(h for h in loader.HOOKS if h != "sockops")
+    fields = support.log_fields()
+    assert fields["disabled"] == "sockops"
+    assert "passive health is off" in fields["effects"]
 
 
 def test_all_missing_required_features_are_named_in_one_sentence_before_anything_else():

@@ -206,8 +206,12 @@ def test_layout_constants_equal_the_header_defines():
     defines = header_defines()
     for name in ("MAX_SLOTS", "SOCK_XLATS", "NAME_LEN", "MAX_POD_DEPTH", "VERDICT_FORWARD", "VERDICT_REJECT",
                  "VERDICT_UNREACHABLE", "FE_HAS_SCOPES", "CLIENT_SKIP", "CONFIG_CLIENT_SKIPS", "OUT_COUNT",
-                 "TRACE_RING_BYTES", "TRACE_MATCH_FRONTEND", "TRACE_MATCH_CLIENT"):
+                 "TRACE_RING_BYTES", "TRACE_MATCH_FRONTEND", "TRACE_MATCH_CLIENT",
+                 "EJECT_SLOTS", "GROUP_PASSIVE_HEALTH", "HEALTH_FAILURES", "HEALTH_BACKOFF_NS",
+                 "HEALTH_BACKOFF_MAX_NS", "HEALTH_MAX_DOUBLINGS", "HSTAT_COUNT"):
         assert defines[name] == getattr(L, name), name
+    stats = {v: k[len("HSTAT_"):].lower() for k, v in defines.items() if k.startswith("HSTAT_") and k != "HSTAT_COUNT"}
+    assert stats == L.HEALTH_STATS
     outcomes = {v: k[len("OUT_"):].lower() for k, v in defines.items() if k.startswith("OUT_") and k != "OUT_COUNT"}
     assert outcomes == L.OUTCOMES
     kinds = {v: k[len("DECISION_"):].lower() for k, v in defines.items() if k.startswith("DECISION_")}
@@ -216,7 +220,8 @@ def test_layout_constants_equal_the_header_defines():
 
 @pytest.mark.parametrize("cls", [L.FeKey, L.FeSlot, L.FeValue, L.GroupValue, L.EpKey, L.EpValue, L.MemberKey,
                                  L.AffinityKey, L.AffinityValue, L.ClientValue, L.ConfigValue, L.NameValue, L.SockXlat,
-                                 L.SockState, L.TraceControl, L.Decision])
+                                 L.SockState, L.TraceControl, L.Decision, L.SockWatch, L.HealthKey, L.HealthValue,
+                                 L.EjectSlot, L.SetEjections])
 def test_mirrors_have_no_implicit_padding(cls):
     # A hole the compiler fills would make Python-built and BPF-built keys hash differently.
     assert sum(ct.sizeof(t) for _, t in cls._fields_) == ct.sizeof(cls)

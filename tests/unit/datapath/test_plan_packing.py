@@ -32,7 +32,7 @@ def test_group_entries_match_the_ctypes_layout():
     sid = P.set_id(gid, group.endpoints)
     assert entries.key == bytes(L.U64(gid))
     assert entries.value == bytes(L.GroupValue(set_id=sid, count=2, affinity_timeout_s=10800,
-                                               verdict=Verdict.FORWARD))
+                                               verdict=Verdict.FORWARD, flags=L.GROUP_PASSIVE_HEALTH))
     expected_eps, expected_members = {}, {}
     for index, ep in enumerate(group.endpoints):
         value = L.EpValue(port=socket.htons(ep.port), family=4)
@@ -54,7 +54,7 @@ def test_ipv6_endpoint_and_rejecting_group_match_the_ctypes_layout():
     assert bytes(decoded.addr) == socket.inet_pton(socket.AF_INET6, "fd00::5")
     assert (decoded.port, decoded.family) == (socket.htons(80), 6)
     assert v6.members == b""
-    reject = P.plan_group(BackendGroup(GROUP, (), Verdict.UNREACHABLE))
+    reject = P.plan_group(BackendGroup(GROUP, (), Verdict.UNREACHABLE, passive_health=False))
     assert reject.value == bytes(L.GroupValue(verdict=Verdict.UNREACHABLE))
     assert (reject.set_id, reject.endpoints) == (0, b"")
 
