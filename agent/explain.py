@@ -27,6 +27,7 @@ import ipaddress
 import json
 import os
 import socket
+import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -117,6 +118,7 @@ def parse_client(text: str, lab_pods: dict[str, "object"] | None = None) -> Clie
 class EndpointLine:
     endpoint: str
     share: float  #: of this group's connections
+    ejected_seconds: float = 0.0  #: passive health (A17): skipped for this much longer, 0 = not
 
 
 @dataclass
@@ -245,14 +247,31 @@ def _group_line(image: Image, group_id: int, share: float) -> GroupLine:
         verdict = "reject"
     line = GroupLine(share, name, verdict, group.affinity_timeout_s)
     if verdict == "forward":
+        ejected = _ejected(image, group) if group.flags & L.GROUP_PASSIVE_HEALTH else {}
+        each = 1 / (group.count - len(ejected))
         for index in range(group.count):
             ep_raw = image.get("endpoints", {}).get(bytes(L.EpKey(set_id=group.set_id, index=index)))
             if ep_raw is None:
-                line.endpoints.append(EndpointLine(f"(endpoint {index} missing)", 1 / group.count))
+                line.endpoints.append(EndpointLine(f"(endpoint {index} missing)", each))
                 continue
             ep = L.from_bytes(L.EpValue, ep_raw)
-            line.endpoints.append(EndpointLine(_address(ep.addr, ep.port), 1 / group.count))
+            left = ejected.get(index, 0.0)
+            line.endpoints.append(EndpointLine(_address(ep.addr, ep.port), 0.0 if left else each, left))
     return line
+
+
+def _ejected(image: Image, group: L.GroupValue) -> dict[int, float]:
+    """Index -> seconds left, for the endpoints passive health skips in the group's set now
+    (as the connect program counts them: at most half the set)."""
+    raw = image.get("ejections", {}).get(bytes(L.U64(group.set_id)))
+    if raw is None:
+        return {}
+    now = time.monotonic_ns()  # the programs' clock (bpf_ktime_get_ns)
+    out = {}
+    for slot in L.from_bytes(L.SetEjections, raw).slot:
+        if slot.until_ns > now and slot.index < group.count:
+            out[slot.index] = round((slot.until_ns - now) / 1e9, 3)
+    return out if 2 * len(out) <= group.count else {}
 
 
 def render(ex: Explanation) -> list[str]:
@@ -274,7 +293,9 @@ def render(ex: Explanation) -> list[str]:
                         "first pick" if group.affinity_timeout else "uniform per new connection")
             lines.append(f"  {'':<9} {'':>6}    endpoints: {affinity}")
             for ep in group.endpoints:
-                lines.append(f"  {'':<9} {'':>6}    {ep.share:>6.1%}  {ep.endpoint}")
+                ejected = (f"  (ejected by passive health: skipped for {ep.ejected_seconds:.1f} s more)"
+                           if ep.ejected_seconds else "")
+                lines.append(f"  {'':<9} {'':>6}    {ep.share:>6.1%}  {ep.endpoint}{ejected}")
     lines.append(f"  verdict   {ex.verdict}")
     if ex.agent_note:
         lines.append(f"  agent     {ex.agent_note}")
@@ -294,7 +315,7 @@ def read_pinned_image(bpffs: str) -> Image:
         raise UserError(f"no pinned maps in {directory}; hint: is `meshlet run --bpffs {bpffs}` "
                         "running (or was it)? pass the same --bpffs here")
     image: Image = {}
-    for name in L.PLANNED_MAPS:
+    for name in (*L.PLANNED_MAPS, "ejections"):  # ejections: passive health's skips (A17)
         path = map_pin(bpffs, name)
         try:
             with Map.open_pinned(path) as pinned:

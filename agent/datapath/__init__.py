@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from typing import Mapping
 
 from agent.datapath import bpfsys, features, loader
@@ -101,6 +102,19 @@ class Datapath:
             values = counters.lookup(bytes(L.U32(index))) or []
             out[outcome] = sum(int.from_bytes(v, "little") for v in values)
         return out
+
+    def passive_health(self) -> tuple[dict[str, int], int]:
+        """(event -> count since the maps were created, summed over CPUs; endpoints ejected now)
+        of passive health (SEMANTICS A17)."""
+        stats = self.maps["health_stats"]
+        events = {}
+        for index, event in L.HEALTH_STATS.items():
+            values = stats.lookup(bytes(L.U32(index))) or []
+            events[event] = sum(int.from_bytes(v, "little") for v in values)
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)  # the programs' clock
+        ejected = sum(1 for v in self.maps["health"].items().values()
+                      if L.HealthValue.from_buffer_copy(v).until_ns > now)
+        return events, ejected
 
     def fill(self) -> dict[str, tuple[int, int]]:
         """Map -> (entries, max_entries) for every sized map."""

@@ -38,6 +38,9 @@ COLUMNS = {
         str(r.cgroup_id), r.scope, "yes" if r.skip else "no")),
     "counters": (("OUTCOME", "CONNECTIONS"), lambda r: (r.outcome, str(r.total))),
     "names": (("ID", "NAME"), lambda r: (f"{r.id:#018x}", r.name)),
+    "health": (("ENDPOINT", "FAILURES", "EJECTIONS", "BACKOFF-LEFT", "SKIPPED-IN"), lambda r: (
+        r.endpoint, str(r.failures), str(r.ejections),
+        f"{r.backoff_left_seconds:.1f}s" if r.backoff_left_seconds else "-", ", ".join(r.skipped_in) or "-")),
 }
 
 

@@ -118,6 +118,17 @@ class NameRow:
     name: str
 
 
+@dataclass(frozen=True)
+class HealthRow:
+    """Passive health (SEMANTICS A17): an endpoint whose TCP handshakes failed lately."""
+
+    endpoint: str
+    failures: int  #: consecutive failed handshakes since its last ejection (or success)
+    ejections: int  #: ejections since its last success (the back-off doubles with each)
+    backoff_left_seconds: float  #: until its back-off ends; 0 = not ejected now
+    skipped_in: tuple[str, ...]  #: groups whose current endpoint set skips it now
+
+
 @dataclass
 class MapsView:
     """Every readable map, decoded. `names` resolves ids (group, route, scope) to text."""
@@ -130,6 +141,11 @@ class MapsView:
     clients: list[ClientRow] = field(default_factory=list)
     counters: list[CounterRow] = field(default_factory=list)
     names: list[NameRow] = field(default_factory=list)
+    health: list[HealthRow] = field(default_factory=list)
+
+    def skipped_endpoints(self, group_name: str) -> dict[str, float]:
+        """Endpoint -> seconds of back-off left, for the endpoints `group_name` skips now."""
+        return {h.endpoint: h.backoff_left_seconds for h in self.health if group_name in h.skipped_in}
 
     def as_json(self, which: str | None = None) -> dict:
         tables = DUMPABLE if which is None else (which,)
@@ -137,7 +153,10 @@ class MapsView:
 
 
 #: Maps `meshlet maps dump WHICH` accepts, in dump order.
-DUMPABLE = ("frontends", "groups", "endpoints", "members", "affinity", "clients", "counters", "names")
+DUMPABLE = ("frontends", "groups", "endpoints", "members", "affinity", "clients", "counters", "names", "health")
+
+#: Maps read for a table whose name is not a map's.
+_READ_FOR = {"health": ("health", "ejections")}
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -151,7 +170,7 @@ def read_raw(bpffs: str) -> dict[str, dict[bytes, bytes] | list]:
         raise UserError(f"no meshlet maps pinned under {maps_dir(bpffs)}; hint: is the agent running "
                         "here? pass the --bpffs it uses")
     raw: dict = {}
-    for name in DUMPABLE:
+    for name in (m for table in DUMPABLE for m in _READ_FOR.get(table, (table,))):
         path = map_pin(bpffs, name)
         try:
             m = bpfsys.Map.open_pinned(path)
@@ -231,12 +250,38 @@ def decode(raw: dict, now_ns: int = 0) -> MapsView:
                                       c.scope, bool(c.flags & L.CLIENT_SKIP)))
     view.clients.sort(key=lambda c: (c.scope, c.cgroup_id))
 
+    view.health = decode_health(raw, group_name, set_owner, now_ns)
+
     per_index = raw.get("counters", [])
     for index, outcome in L.OUTCOMES.items():
         values = per_index[index] if index < len(per_index) and per_index[index] else []
         total = sum(int.from_bytes(v, "little") for v in values)
         view.counters.append(CounterRow(outcome, total))
     return view
+
+
+def decode_health(raw: dict, group_name, set_owner: dict[int, str], now_ns: int) -> list[HealthRow]:
+    """Health records joined with the sets that skip them now (through the endpoints map)."""
+    endpoint_of = {}  # (set_id, index) -> "addr:port"
+    for k, v in raw.get("endpoints", {}).items():
+        key, ep = L.EpKey.from_buffer_copy(k), L.EpValue.from_buffer_copy(v)
+        endpoint_of[(key.set_id, key.index)] = format_endpoint(bytes(ep.addr), ep.port)
+    skipped: dict[str, list[str]] = {}
+    for k, v in raw.get("ejections", {}).items():
+        sid = int.from_bytes(k, "little")
+        for slot in L.SetEjections.from_buffer_copy(v).slot:
+            endpoint = endpoint_of.get((sid, slot.index))
+            if slot.until_ns > now_ns and endpoint and sid in set_owner:
+                skipped.setdefault(endpoint, []).append(set_owner[sid])
+    rows = []
+    for k, v in raw.get("health", {}).items():
+        key, h = L.HealthKey.from_buffer_copy(k), L.HealthValue.from_buffer_copy(v)
+        endpoint = format_endpoint(bytes(key.addr), key.port)
+        left = max(0, h.until_ns - now_ns) / 1e9
+        rows.append(HealthRow(endpoint, h.failures, h.ejections, round(left, 3),
+                              tuple(sorted(skipped.get(endpoint, ())))))
+    rows.sort(key=lambda r: r.endpoint)
+    return rows
 
 
 def _sort_addr(text: str) -> tuple[int, bytes]:

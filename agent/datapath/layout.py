@@ -328,11 +328,13 @@ class MapSizes:
 
     health: int = 8192
     """Passive health records: endpoints whose handshakes failed lately (a success deletes
-    one); least recently touched are evicted (that endpoint then needs fresh failures)."""
+    one); least recently touched are evicted (that endpoint then needs fresh failures).
+    Preallocated: about 0.7 MiB (88 bytes per entry) from the start."""
 
     ejections: int = 4096
     """Endpoint sets with endpoints skipped now (passive health); least recently touched are
-    evicted (their endpoints are picked again until they fail again)."""
+    evicted (their endpoints are picked again until they fail again).
+    Preallocated: about 0.7 MiB (184 bytes per entry) from the start."""
 
     def __post_init__(self):
         for f in fields(self):

@@ -18,6 +18,7 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -210,7 +211,7 @@ class Agent:
             datapath = self._open_datapath()
             from agent.resolve import Resolver
 
-            resolver = Resolver(s.node_name)
+            resolver = Resolver(s.node_name, passive_health=s.passive_health)
             self._start_sources()
             loop = SyncLoop(self.store, resolver, datapath, self.health, self.metrics,
                             min_sync_interval=s.min_sync_interval, full_resync_interval=s.full_resync_interval,
@@ -347,7 +348,11 @@ def map_size_help() -> str:
 @click.option("--map-size", "map_sizes", multiple=True, metavar="NAME=ENTRIES",
               help="Capacity of one map (repeatable); NAME and cost are listed below. Must match the "
                    "pinned maps: to change it, `meshlet uninstall` first.")
-def run(manifests, kubeconfig, node_name, cgroup_root, bpffs, listen, log_format, map_sizes):
+@click.option("--passive-health", type=click.Choice(("on", "off")), default="on", show_default=True,
+              help="Eject an endpoint whose TCP handshakes keep failing, for a back-off (in the kernel). "
+                   "One Service: annotation meshlet.io/passive-health: \"off\".")
+def run(manifests, kubeconfig, node_name, cgroup_root, bpffs, listen, log_format, map_sizes,
+        passive_health):
     """Run the agent: program every Service frontend into the kernel and keep it right.
 
     \b
@@ -360,6 +365,7 @@ def run(manifests, kubeconfig, node_name, cgroup_root, bpffs, listen, log_format
     """
     logs.configure(log_format)
     settings = build_settings(manifests, kubeconfig, node_name, cgroup_root, bpffs, listen, log_format, map_sizes)
+    settings = dataclasses.replace(settings, passive_health=passive_health == "on")
     code = Agent(settings).run()
     if code:
         raise SystemExit(code)

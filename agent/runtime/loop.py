@@ -350,5 +350,6 @@ class SyncLoop:
         try:
             self.metrics.datapath_outcomes.update(self.datapath.counters())
             self.metrics.record_fill(self.datapath.fill())
+            self.metrics.passive_health.update(*self.datapath.passive_health())
         except Exception as err:  # stats are best effort; the next refresh tries again
             log.warning("stats.failed", error=str(err) or type(err).__name__)

@@ -17,7 +17,7 @@ import threading
 from typing import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 PREFIX = "meshlet"
 
@@ -53,6 +53,40 @@ class DatapathOutcomes:
 
     def describe(self) -> Iterable[CounterMetricFamily]:
         return [CounterMetricFamily(f"{PREFIX}_datapath_connections", "", labels=["outcome"])]
+
+
+class PassiveHealth:
+    """A collector for passive health (SEMANTICS A17): the kernel's per-CPU event counters as
+    counters (event: ejections, capped, failures, successes), and the endpoints ejected now.
+    Snapshot-based like DatapathOutcomes: the loop reads the maps, a scrape reads the snapshot."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._events: dict[str, int] = {}
+        self._ejected = 0
+
+    def update(self, events: Mapping[str, int], ejected_now: int) -> None:
+        with self._lock:
+            self._events, self._ejected = dict(events), ejected_now
+
+    def collect(self) -> Iterable:
+        events = CounterMetricFamily(
+            f"{PREFIX}_passive_health_events",
+            "Passive health in the kernel: handshakes of translated TCP connections that failed or "
+            "succeeded, endpoint ejections, and failures passed through because half of the "
+            "endpoint set was ejected already (capped).", labels=["event"])
+        ejected = GaugeMetricFamily(f"{PREFIX}_passive_health_ejected_endpoints",
+                                    "Endpoints ejected by passive health now (their back-off not over).")
+        with self._lock:
+            for event, value in sorted(self._events.items()):
+                events.add_metric([event], value)
+            ejected.add_metric([], self._ejected)
+        yield events
+        yield ejected
+
+    def describe(self) -> Iterable:
+        return [CounterMetricFamily(f"{PREFIX}_passive_health_events", "", labels=["event"]),
+                GaugeMetricFamily(f"{PREFIX}_passive_health_ejected_endpoints", "")]
 
 
 class Metrics:
@@ -101,6 +135,8 @@ class Metrics:
                                          registry=r)
         self.datapath_outcomes = DatapathOutcomes()
         r.register(self.datapath_outcomes)
+        self.passive_health = PassiveHealth()
+        r.register(self.passive_health)
 
     def record_objects(self, counts: Mapping[str, int]) -> None:
         for kind in set(counts) | {s.get("kind") for s in self._label_sets(self.objects)}:

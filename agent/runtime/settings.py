@@ -90,6 +90,11 @@ class Settings:
     """Capacity of each sized map (`--map-size NAME=ENTRIES`); see MapSizes for what each holds
     and costs in kernel memory. Must equal the pinned maps' sizes (a pinned map keeps its size)."""
 
+    passive_health: bool = True
+    """Passive health (SEMANTICS A17): the kernel ejects an endpoint whose TCP handshakes fail
+    (3 in a row) for a back-off; `--passive-health off` turns it off for every Service (one
+    Service: annotation meshlet.io/passive-health: "off")."""
+
     leader_namespace: str = "kube-system"
     """Namespace of the Lease that elects the one Route status writer (Kubernetes mode)."""
 

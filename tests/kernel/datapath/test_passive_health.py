@@ -130,3 +130,127 @@ def test_an_endpoint_that_stops_listening_fails_at_most_f_connections_then_none(
     assert second["errors"].get("ECONNREFUSED", 0) == extra, (second, extra)
     assert sum(second["peers"].values()) == 40 - extra
     assert set(second["peers"]) <= {"web-1", "web-2"}
+
+
+def eject_web3(datapath, shares, client, servers, web) -> L.HealthValue:
+    """web-3 stops listening; connections until it is ejected (a few at most)."""
+    servers.stop("web-3")
+    result = connect(client, 40)
+    assert set(result["errors"]) <= {"ECONNREFUSED"}, result
+    rec = record(datapath, shares, "web-3")
+    assert rec is not None and rec.ejections >= 1, (result, rec)
+    return rec
+
+
+def wait_until_monotonic(ns: int) -> None:
+    """Poll the clock the programs use (CLOCK_MONOTONIC = bpf_ktime_get_ns) until it passes ns."""
+    while time.clock_gettime_ns(time.CLOCK_MONOTONIC) <= ns:
+        time.sleep(0.05)
+
+
+def test_an_endpoint_listening_again_is_picked_again_once_its_back_off_ends(datapath, shares, client, servers):
+    for name in ("web-1", "web-2", "web-3"):
+        servers.start(name)
+    web = group(shares, "web", ["web-1", "web-2", "web-3"])
+    write(datapath, shares, [web])
+    rec = eject_web3(datapath, shares, client, servers, web)
+    servers.start("web-3")
+    wait_until_monotonic(rec.until_ns)
+    # The back-off has ended: web-3 is a candidate again (chance to miss it in 30: (2/3)^30).
+    result = connect(client, 30)
+    assert result["errors"] == {} and "web-3" in result["peers"], result
+    assert record(datapath, shares, "web-3") is None, "its first success cleared the record"
+    assert skipped(datapath, web) == []
+
+
+def test_two_of_two_dead_failures_pass_through_and_meshlet_rejects_nothing(datapath, shares, client, servers):
+    web = group(shares, "web", ["web-1", "web-2"])  # no server listens on either
+    write(datapath, shares, [web])
+    before = datapath.counters()
+    stats = health_stats(datapath)
+    result = connect(client, 20)
+    after = datapath.counters()
+    assert result["errors"] == {"ECONNREFUSED": 20}, result
+    assert after["rejected"] == before["rejected"], "no connection was refused by meshlet itself"
+    assert after["translated"] - before["translated"] == 20, "every one went to an endpoint"
+    assert len(skipped(datapath, web)) == 1, "never more than half of the set is ejected"
+    assert health_stats(datapath)["capped"] > stats["capped"], "the other endpoint's failures passed through"
+
+
+def test_a_route_split_keeps_its_weights_while_an_endpoint_inside_one_backend_is_ejected(
+        datapath, shares, client, servers):
+    servers.start("web-1")
+    servers.start("web-2")  # web-3 never listens: it is ejected from backend a
+    a = group(shares, "web-a", ["web-1", "web-3"])
+    b = group(shares, "web-b", ["web-2"])
+    route = RouteRef("HTTPRoute", "shop", "split", 0)
+    write(datapath, shares, [a, b], shares.split((50, a), (50, b), route=route))
+    n = 400
+    result = connect(client, n)
+    to_a = result["peers"].get("web-1", 0) + result["errors"].get("ECONNREFUSED", 0)
+    to_b = result["peers"].get("web-2", 0)
+    assert to_a + to_b == n and set(result["errors"]) <= {"ECONNREFUSED"}, result
+    assert result["errors"].get("ECONNREFUSED", 0) <= F + record(datapath, shares, "web-3").ejections - 1
+    assert skipped(datapath, a) == [a.endpoints.index(Endpoint(shares.address("web-3", 4), HEALTH_PORT))]
+    # 50/50 kept (B12): 5.33 standard deviations of a fair binomial around n/2.
+    assert abs(to_a - n / 2) <= 5.33 * (n * 0.25) ** 0.5, result
+
+
+def test_the_service_annotation_off_keeps_picking_a_failing_endpoint(datapath, shares, client, servers):
+    servers.start("web-1")
+    servers.start("web-2")
+    web = group(shares, "web", ["web-1", "web-2", "web-3"], passive_health=False)
+    write(datapath, shares, [web])
+    result = connect(client, 60)
+    # Uniform picks: web-3 gets ~20 of 60; with passive health it would get at most F.
+    assert result["errors"].get("ECONNREFUSED", 0) > F + 3, result
+    assert record(datapath, shares, "web-3") is None and skipped(datapath, web) == []
+
+
+def test_an_agent_restart_keeps_the_ejection(datapath, shares, client, servers, lab, bpffs):
+    from agent.datapath import Datapath
+
+    for name in ("web-1", "web-2", "web-3"):
+        servers.start(name)
+    web = group(shares, "web", ["web-1", "web-2", "web-3"])
+    write(datapath, shares, [web])
+    rec = eject_web3(datapath, shares, client, servers, web)
+    # What a restarted agent does: open (adopting the pins), write the same state, attach.
+    second = Datapath.open(bpffs, lab.cgroup_root, datapath.sizes)
+    try:
+        assert second.adopted
+        second.reconcile(shares.state({shares.fe(SVC, 80): shares.split((1, web))}, [web], shares.clients()),
+                         shares.cgroups())
+        second.attach()
+    finally:
+        second.close()
+    after = record(datapath, shares, "web-3")
+    assert after is not None and after.until_ns == rec.until_ns, "the record survived the restart"
+    if time.clock_gettime_ns(time.CLOCK_MONOTONIC) < rec.until_ns:
+        assert skipped(datapath, web) != []
+    result = connect(client, 30)
+    extra = record(datapath, shares, "web-3").ejections - rec.ejections
+    assert result["errors"].get("ECONNREFUSED", 0) == extra, (result, extra)
+
+
+def test_a_blackholed_endpoint_times_out_and_is_ejected(datapath, shares, client, servers):
+    """SYNs dropped by the endpoint's netns: the client gives up after its 2 s connect timeout,
+    by which time its SYN went unanswered for a whole RTO (retransmitted once): a failure."""
+    for name in ("web-1", "web-2", "web-3"):
+        servers.start(name)
+    web = group(shares, "web", ["web-1", "web-2", "web-3"])
+    write(datapath, shares, [web])
+    web3 = shares.pods["web-3"]
+    rules = (f"table inet meshlet_test_blackhole {{\n chain input {{\n"
+             f"  type filter hook input priority 0;\n  tcp dport {HEALTH_PORT} drop\n }}\n}}\n")
+    done = web3.run(["nft", "-f", "-"], input=rules)
+    assert done.returncode == 0, done.stderr
+    try:
+        result = connect(client, 40, "--timeout", "2")
+        timeouts = result["errors"].get("ETIMEDOUT", 0)
+        assert set(result["errors"]) <= {"ETIMEDOUT"}, result
+        rec = record(datapath, shares, "web-3")
+        assert rec is not None and rec.ejections >= 1, (result, rec)
+        assert timeouts <= F + rec.ejections - 1, (result, rec)
+    finally:
+        web3.run(["nft", "delete", "table", "inet", "meshlet_test_blackhole"])

@@ -87,3 +87,11 @@ def test_client_and_long_name_match_the_ctypes_layout():
     assert {k: E.full_value("names", v) for k, v in names.items()} == {
         bytes(L.U64(scope)): bytes(L.NameValue(b"n" * (L.NAME_LEN - 1))),
         bytes(L.U64(4242 | L.POD_NAME_TAG)): bytes(L.NameValue(b"n" * (L.NAME_LEN - 1)))}  # "nnn.../pod", cut
+
+
+def test_passive_health_is_the_group_flag():
+    on = P.plan_group(BackendGroup(GROUP, (Endpoint("10.244.0.5", 80),), Verdict.FORWARD))
+    off = P.plan_group(BackendGroup(GROUP, (Endpoint("10.244.0.5", 80),), Verdict.FORWARD, passive_health=False))
+    assert L.GroupValue.from_buffer_copy(on.value).flags == L.GROUP_PASSIVE_HEALTH
+    assert L.GroupValue.from_buffer_copy(off.value).flags == 0
+    assert E.group_value_fields(off.value)[4] == 0

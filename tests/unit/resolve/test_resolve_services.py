@@ -328,3 +328,48 @@ def test_a15_nothing_changes_before_commit():
     assert render_state(resolver.state) == ""  # the runtime commits only after every source synced
     resolver.commit()
     assert render_state(resolver.state) != ""
+
+
+# --- A17 --------------------------------------------------------------------------------------
+
+
+def annotated(value):
+    svc = service("echo")
+    svc["metadata"]["annotations"] = {"meshlet.io/passive-health": value}
+    return svc
+
+
+@pytest.mark.parametrize("case,svc,on", [
+    ("no annotation", service("echo"), True),
+    ("off", annotated("off"), False),
+    ("Off, any case", annotated("Off"), False),
+    ("on", annotated("on"), True),
+])
+def test_a17_passive_health_is_on_unless_the_service_says_off(case, svc, on):
+    res = run(one_service(ep("10.244.0.1"), svc=svc))
+    (group_,) = res.state.groups.values()
+    assert group_.passive_health is on, case
+    assert ("passive-health=off" in render_state(res.state)) is not on
+
+
+def test_a17_a_value_that_is_neither_off_nor_on_is_reported_and_leaves_it_on():
+    res = run(one_service(ep("10.244.0.1"), svc=annotated("disabled")))
+    assert all(g.passive_health for g in res.state.groups.values())
+    assert any("meshlet.io/passive-health" in p and "'disabled'" in p for p in res.problems), res.problems
+
+
+def test_a17_the_agent_switch_turns_it_off_for_every_service():
+    resolver = Resolver(NODE, passive_health=False)
+    resolver.upsert_many(one_service(ep("10.244.0.1")))
+    resolver.commit()
+    assert [g.passive_health for g in resolver.state.groups.values()] == [False]
+
+
+def test_a17_changing_the_annotation_recomputes_the_group():
+    resolver = Resolver(NODE)
+    resolver.upsert_many(one_service(ep("10.244.0.1")))
+    resolver.commit()
+    resolver.upsert(annotated("off"))
+    delta = resolver.commit()
+    assert [str(g) for g in delta.groups] == [G4]
+    assert [g.passive_health for g in resolver.state.groups.values()] == [False]

@@ -57,6 +57,9 @@ class FakeDatapath:
     def fill(self):
         return {"frontends": (256, 1024)}
 
+    def passive_health(self):
+        return {"ejections": 2, "failures": 6}, 1
+
     def writes(self) -> list[tuple]:
         return [c for c in self.calls if c[0] == "reconcile"]
 

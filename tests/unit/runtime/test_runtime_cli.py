@@ -217,3 +217,24 @@ def test_resize_refusal_says_both_ways_on():
     assert "frontends 1000 (pinned: 131072)" in text
     assert "start with --map-size frontends=131072 to keep serving" in text
     assert "`meshlet uninstall`" in text and "then start with --map-size frontends=1000" in text
+
+
+@pytest.mark.parametrize("argv, on", [([], True), (["--passive-health", "on"], True), (["--passive-health", "off"], False)])
+def test_passive_health_flag_reaches_the_settings_and_the_resolver(cgroup_dir, monkeypatch, argv, on):
+    from click.testing import CliRunner
+
+    from agent.runtime import cli
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, s):
+            seen["settings"] = s
+
+        def run(self):
+            return 0
+
+    monkeypatch.setattr(cli, "Agent", Recorder)
+    done = CliRunner().invoke(cli.run, ["--cgroup-root", str(cgroup_dir), "--node-name", "n1", *argv])
+    assert done.exit_code == 0, done.output
+    assert seen["settings"].passive_health is on

@@ -139,7 +139,7 @@ def test_metrics_have_no_per_object_labels(served):
     rig.sync_all()
     rig.store.replace("manifests", [service(f"s{i}", f"10.96.0.{i}") for i in range(5)])
     rig.loop.tick()
-    allowed = {"kind", "mode", "outcome", "map", "op", "reason", "source", "le"}
+    allowed = {"kind", "mode", "outcome", "map", "op", "reason", "source", "le", "event"}
     for family in rig.metrics.registry.collect():
         for sample in family.samples:
             assert set(sample.labels) <= allowed, (sample.name, sample.labels)

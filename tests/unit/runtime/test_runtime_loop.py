@@ -171,6 +171,8 @@ def test_event_to_map_is_one_observation_per_changed_object_and_stats_are_record
     assert rig.metric("meshlet_frontends_programmed") == 3
     assert rig.metric("meshlet_objects", kind="Service") == 3
     assert rig.metric("meshlet_datapath_connections_total", outcome="translated") == 7
+    assert rig.metric("meshlet_passive_health_events_total", event="ejections") == 2
+    assert rig.metric("meshlet_passive_health_ejected_endpoints") == 1
     assert rig.metric("meshlet_map_fill_ratio", map="frontends") == 0.25
     assert rig.metric("meshlet_syncs_total", mode="incremental", outcome="ok") == 1
     assert rig.metric("meshlet_source_synced", source="manifests") == 1
