@@ -42,10 +42,11 @@ def world(lab, tmp_path):
 
         @staticmethod
         def agent(manifests_dir=None, source: list[str] | None = None, extra: list[str] = (),
-                  env: dict | None = None) -> AgentProcess:
+                  env: dict | None = None, cwd: str = REPO) -> AgentProcess:
+            """cwd: the source tree whose agent runs (another release's, for upgrade tests)."""
             log_path = tmp_path / f"agent-{len(started)}.log"
             source = source or ["--manifests", str(manifests_dir or directory)]
-            agent = AgentProcess(source, lab.cgroup_root, bpffs, log_path, extra, env)
+            agent = AgentProcess(source, lab.cgroup_root, bpffs, log_path, extra, env, cwd)
             started.append(agent)
             return agent
 

@@ -90,14 +90,14 @@ class AgentProcess:
     ["--manifests", DIR] or ["--kubeconfig", FILE]; `env` is added to the test's environment."""
 
     def __init__(self, source: list[str], cgroup_root: str, bpffs: str, log_path, extra: list[str] = (),
-                 env: dict | None = None):
+                 env: dict | None = None, cwd: str = REPO):
         self.log_path = log_path
         self.argv = [sys.executable, "-m", "agent", "run", *source,
                      "--cgroup-root", cgroup_root, "--bpffs", bpffs, "--listen", "127.0.0.1:0",
                      "--node-name", NODE, *extra]
         self._log = open(log_path, "a")
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **(env or {})})
+                                     stderr=subprocess.STDOUT, cwd=cwd, env={**os.environ, **(env or {})})
         self.address: str | None = None
 
     def log_text(self) -> str:
