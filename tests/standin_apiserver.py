@@ -562,7 +562,8 @@ class StandInApiServer:
         policy = self.rbac
         if policy is None:
             return
-        if handler.headers.get("Authorization", "") != f"Bearer {self.token}":
+        scheme, _, credential = handler.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or credential.strip() != self.token:  # the scheme is case-insensitive
             raise ApiAnswer(401, "Unauthorized", "Unauthorized")
         attributes = request_attributes(method, path, query)
         if not policy.allows(attributes):
