@@ -40,7 +40,20 @@ class LazyGroup(click.Group):
         return getattr(importlib.import_module(module_name), attr)
 
 
+def _print_version(ctx, _param, value) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from agent.runtime.metrics import build_info  # the same facts as meshlet_build_info
+
+    info = build_info()
+    click.echo(f"meshlet {info['version']} (git {info['revision']}, map layout v{info['layout_version']}, "
+               f"kernel {info['kernel']})")
+    ctx.exit()
+
+
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Print the version, git revision, map layout version and kernel, then exit.")
 def cli():
     """meshlet: Kubernetes Service routing in the kernel, at the cgroup socket hooks.
 

@@ -1,50 +1,54 @@
 """`meshlet explain`: why a new connection from a pod to an address goes where it goes.
 
-Role: read the pinned maps (no agent needed) and walk them exactly as the connect program in
-bpf/sock.c does: the frontend entry of (address, port, protocol), the client's scope (the
-consumer view of its namespace when the frontend has one, else the default view), the route
-rule, the weighted split over backend groups with each share, each group's endpoints and
-affinity, and the verdict. Then cross-check with the agent's /status/routes when an agent
-answers, and say so when none does.
+Role: walk the datapath's decoded view of the pinned maps (agent.datapath.dump's MapsView, the
+same records `meshlet maps dump` prints) exactly as the connect program in bpf/sock.c walks the
+maps: the frontend entry of (address, port, protocol), the client's scope (the consumer view of
+its namespace when the frontend has one, else the default view), the route rule, the weighted
+split over backend groups with each share, each group's endpoints and affinity, and the
+verdict. Then cross-check with the agent's /status/routes when an agent answers, and say so
+when none does.
 
-The walk (`explain_connection`) is pure: a map image (map name -> {key bytes: value bytes}, the
-form the pinned maps hold and agent.datapath.plan's Plan.expand() gives) in, an `Explanation`
-out; only `read_pinned_image` and `agent_routes` do I/O. The byte layout comes from
-agent.datapath.layout and the namespace -> scope id hash from agent.datapath.plan: one home each.
+The walk (`explain_connection`) is pure: a MapsView in, an `Explanation` out. `explain_text`
+is the whole command (parse, find the pod's cgroup, walk, cross-check); the CLI and the lab's
+demo both call it, each with its own way to find a pod's cgroup (`PodCgroups`): the CLI asks
+the agent (/status/pods: the pods it knows on this node and their cgroups), the demo asks its
+lab. This module never imports the lab.
 
 The client: `--from NS/POD`. The scope is decided by namespace (SEMANTICS B5), so NS alone is
-enough to explain the consumer/default choice. When the pod is in a lab that is up (meshlet lab
-up), its cgroup is known too and the explanation also checks that the datapath knows the pod
-(a pod whose cgroup is not in the clients map is treated as a node process: default view) and
-whether it opted out (C2). `--from node` explains a node process.
+enough to explain the consumer/default choice. When the pod's cgroup is known, the explanation
+also checks that the datapath knows the pod (a pod whose cgroup is not in the clients map is
+treated as a node process: default view) and whether it opted out (C2). `--from node` explains
+a node process.
 
-May touch: the pinned maps (read only), the lab state files (read only), one HTTP GET.
+May touch: the pinned maps (read only, through dump), two HTTP GETs to the agent.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
-import os
-import socket
-import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import click
 
-from agent.datapath import layout as L
-from agent.datapath.entries import addr16
+from agent.datapath import loader
+from agent.datapath.dump import FrontendRow, MapsView, read_maps
 from agent.datapath.plan import scope_id
 from agent.errors import UserError
-from agent.model import SKIP_KEY
+from agent.model import SKIP_KEY, host_port
 
 DEFAULT_AGENT = "http://127.0.0.1:9966"
-DEFAULT_BPFFS = "/sys/fs/bpf/meshlet"
 NODE = "node"
 
-Image = dict[str, dict[bytes, bytes]]
+#: (namespace, pod name) -> the pod's cgroup id on this node, None when unknown.
+PodCgroups = Callable[[str, str], "int | None"]
+
+
+def no_pod_cgroups(namespace: str, name: str) -> None:
+    return None
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -57,15 +61,14 @@ class Target:
     protocol: str  #: TCP | UDP
 
     def __str__(self) -> str:
-        addr = f"[{self.address}]" if ":" in self.address else self.address
-        return f"{addr}:{self.port}/{self.protocol.lower()}"
+        return f"{host_port(self.address, self.port)}/{self.protocol.lower()}"
 
 
 @dataclass(frozen=True)
 class Client:
     namespace: str | None  #: None: a node process
     name: str | None
-    cgroup_id: int | None = None  #: known when the pod is in a lab that is up
+    cgroup_id: int | None = None  #: known when the pod lookup found it
 
     def __str__(self) -> str:
         return f"{self.namespace}/{self.name}" if self.namespace else "a node process"
@@ -94,21 +97,14 @@ def parse_target(text: str) -> Target:
     return Target(str(address), number, protocol)
 
 
-def parse_client(text: str, lab_pods: dict[str, "object"] | None = None) -> Client:
+def parse_client(text: str, pod_cgroups: PodCgroups = no_pod_cgroups) -> Client:
     if text == NODE:
         return Client(None, None)
     namespace, sep, name = text.partition("/")
     if not sep or not namespace or not name:
         raise UserError(f"--from {text} is not NAMESPACE/POD; hint: e.g. --from web/web-client, "
                         "or --from node for a process outside every pod")
-    pod = (lab_pods or {}).get(text)
-    cgroup_id = None
-    if pod is not None:
-        try:
-            cgroup_id = os.stat(pod.cgroup).st_ino
-        except OSError:
-            cgroup_id = None
-    return Client(namespace, name, cgroup_id)
+    return Client(namespace, name, pod_cgroups(namespace, name))
 
 
 # --- the walk (pure) ---------------------------------------------------------------------------
@@ -146,78 +142,59 @@ class Explanation:
         return asdict(self)
 
 
-def _name(image: Image, ident: int) -> str | None:
-    raw = image.get("names", {}).get(bytes(L.U64(ident)))
-    if raw is None:
-        return None
-    return L.from_bytes(L.NameValue, raw).name.decode(errors="replace")
+def _frontend(view: MapsView, target: Target, scope: str) -> FrontendRow | None:
+    for row in view.frontends:
+        if (row.address, row.port, row.protocol, row.scope) == (target.address, target.port, target.protocol, scope):
+            return row
+    return None
 
 
-def _address(raw16, port_be: int) -> str:
-    data = bytes(raw16)
-    ip = ipaddress.ip_address(data)
-    if ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    port = socket.ntohs(port_be)
-    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
-
-
-def _frontend_key(target: Target, scope: int) -> bytes:
-    key = L.FeKey(port=socket.htons(target.port), proto=L.PROTO_NUMBERS[target.protocol], scope=scope)
-    key.addr[:] = addr16(target.address)
-    return bytes(key)
-
-
-def explain_connection(image: Image, client: Client, target: Target) -> Explanation:
+def explain_connection(view: MapsView, client: Client, target: Target) -> Explanation:
     """What the connect program does with a new connection from `client` to `target`."""
     out = Explanation(client=str(client), target=str(target), frontend=False)
-    fe_raw = image.get("frontends", {}).get(_frontend_key(target, 0))
-    if fe_raw is None:
+    default = _frontend(view, target, "")
+    if default is None:
         out.verdict = "untouched: not a Service frontend, the connection goes to the address as given"
         return out
     out.frontend = True
 
-    # The client's scope, as find_client() decides it in the kernel.
-    scope = 0
+    # The client's scope, as find_client() decides it in the kernel: its namespace's name in
+    # the decoded view (or the id's hex form when the names map lacks it).
+    scope_names: tuple[str, ...] = ()
     if client.namespace is None:
         out.client_note = "a node process: no pod, so the default view (B5)"
     elif client.cgroup_id is not None:
-        raw = image.get("clients", {}).get(bytes(L.U64(client.cgroup_id)))
-        if raw is None:
+        known = next((c for c in view.clients if c.cgroup_id == client.cgroup_id), None)
+        if known is None:
             out.client_note = (f"pod cgroup {client.cgroup_id} is not in the datapath's clients "
                                "map: treated as a node process (default view)")
+        elif known.skip:
+            out.client_note = f"pod known (cgroup {client.cgroup_id}), opted out with {SKIP_KEY}"
+            out.scope = "default"
+            out.verdict = "untouched: the client opted out (C2), it reaches the frontend address itself"
+            return out
         else:
-            value = L.from_bytes(L.ClientValue, raw)
-            if value.flags & L.CLIENT_SKIP:
-                out.client_note = f"pod known (cgroup {client.cgroup_id}), opted out with {SKIP_KEY}"
-                out.scope = "default"
-                out.verdict = "untouched: the client opted out (C2), it reaches the frontend address itself"
-                return out
-            scope = value.scope
+            scope_names = (known.scope, f"{known.scope_id:#x}")
             out.client_note = f"pod known to the datapath (cgroup {client.cgroup_id}), namespace {client.namespace}"
     else:
-        scope = scope_id(client.namespace)
-        out.client_note = (f"namespace {client.namespace} (scope id {scope:#010x}); the pod's cgroup "
+        sid = scope_id(client.namespace)
+        scope_names = (client.namespace, f"{sid:#x}")
+        out.client_note = (f"namespace {client.namespace} (scope id {sid:#010x}); the pod's cgroup "
                            "is unknown here, so it is assumed known to the datapath and not opted out")
 
-    fe = L.from_bytes(L.FeValue, fe_raw)
+    fe = default
     out.scope = "default"
-    if fe.flags & L.FE_HAS_SCOPES and scope:
-        scoped = image.get("frontends", {}).get(_frontend_key(target, scope))
+    if default.has_scopes:
+        scoped = next((row for name in scope_names if (row := _frontend(view, target, name))), None)
         if scoped is not None:
-            fe = L.from_bytes(L.FeValue, scoped)
-            out.scope = _name(image, scope) or client.namespace or f"scope {scope:#x}"
-    if fe.route_id:
-        out.route = _name(image, fe.route_id) or f"route {fe.route_id:#x} (name not in the names map)"
+            fe, out.scope = scoped, scoped.scope
+    out.route = fe.route or None
 
-    if fe.verdict != L.VERDICT_FORWARD or fe.nslots == 0:
+    if fe.verdict != "forward" or not fe.split:
         out.verdict = "reject: ECONNREFUSED for every new connection (empty split, B13)"
         return out
-    previous = 0
-    for slot in list(fe.slots)[: fe.nslots]:
-        share = (slot.threshold - previous) / L.THRESHOLD_SCALE
-        previous = slot.threshold
-        out.groups.append(_group_line(image, slot.group_id, share))
+    for share in fe.split:
+        out.groups.append(_group_line(view, share.group_id, share.group, share.share))
 
     refused = sum(g.share for g in out.groups if g.verdict == "reject")
     unreachable = sum(g.share for g in out.groups if g.verdict == "unreachable")
@@ -233,45 +210,32 @@ def explain_connection(image: Image, client: Client, target: Target) -> Explanat
     return out
 
 
-def _group_line(image: Image, group_id: int, share: float) -> GroupLine:
+def _group_line(view: MapsView, group_id: int, name: str, share: float) -> GroupLine:
     if group_id == 0:
         return GroupLine(share, "an invalid backendRef's share", "reject")
-    name = _name(image, group_id) or f"group {group_id:#x}"
-    raw = image.get("groups", {}).get(bytes(L.U64(group_id)))
-    if raw is None:
+    group = next((g for g in view.groups if g.group_id == group_id), None)
+    if group is None:
         return GroupLine(share, name + " (missing from the groups map: left untouched)", "miss")
-    group = L.from_bytes(L.GroupValue, raw)
-    verdict = {L.VERDICT_FORWARD: "forward", L.VERDICT_REJECT: "reject",
-               L.VERDICT_UNREACHABLE: "unreachable"}.get(group.verdict, f"verdict {group.verdict}")
+    verdict = group.verdict
     if verdict == "forward" and group.count == 0:
         verdict = "reject"
-    line = GroupLine(share, name, verdict, group.affinity_timeout_s)
+    line = GroupLine(share, group.group, verdict, group.affinity_timeout)
     if verdict == "forward":
-        ejected = _ejected(image, group) if group.flags & L.GROUP_PASSIVE_HEALTH else {}
+        # Passive health's skips, as the connect program counts them: at most half the set.
+        ejected = view.skipped_endpoints(group.group)
+        if 2 * len(ejected) > group.count:
+            ejected = {}
         each = 1 / (group.count - len(ejected))
+        by_index = {e.index: e for e in view.endpoints if e.set_id == group.set_id}
         for index in range(group.count):
-            ep_raw = image.get("endpoints", {}).get(bytes(L.EpKey(set_id=group.set_id, index=index)))
-            if ep_raw is None:
+            ep = by_index.get(index)
+            if ep is None:
                 line.endpoints.append(EndpointLine(f"(endpoint {index} missing)", each))
                 continue
-            ep = L.from_bytes(L.EpValue, ep_raw)
-            left = ejected.get(index, 0.0)
-            line.endpoints.append(EndpointLine(_address(ep.addr, ep.port), 0.0 if left else each, left))
+            shown = host_port(ep.address, ep.port)
+            left = ejected.get(shown, 0.0)
+            line.endpoints.append(EndpointLine(shown, 0.0 if left else each, left))
     return line
-
-
-def _ejected(image: Image, group: L.GroupValue) -> dict[int, float]:
-    """Index -> seconds left, for the endpoints passive health skips in the group's set now
-    (as the connect program counts them: at most half the set)."""
-    raw = image.get("ejections", {}).get(bytes(L.U64(group.set_id)))
-    if raw is None:
-        return {}
-    now = time.monotonic_ns()  # the programs' clock (bpf_ktime_get_ns)
-    out = {}
-    for slot in L.from_bytes(L.SetEjections, raw).slot:
-        if slot.until_ns > now and slot.index < group.count:
-            out[slot.index] = round((slot.until_ns - now) / 1e9, 3)
-    return out if 2 * len(out) <= group.count else {}
 
 
 def render(ex: Explanation) -> list[str]:
@@ -302,33 +266,54 @@ def render(ex: Explanation) -> list[str]:
     return lines
 
 
+# --- the command: the CLI and the demo run this ----------------------------------------------------
+
+
+def explain_text(read_view: Callable[[], MapsView], source: str, to: str, pod_cgroups: PodCgroups,
+                 agent_url: str | None) -> Explanation:
+    """`meshlet explain --from SOURCE --to TO`: read_view gives the decoded maps (read after the
+    arguments are checked), pod_cgroups finds the pod's cgroup, agent_url None skips the
+    cross-check with the agent."""
+    target = parse_target(to)
+    client = parse_client(source, pod_cgroups)
+    ex = explain_connection(read_view(), client, target)
+    if ex.frontend and agent_url is not None:
+        try:
+            ex.agent_note = cross_check(ex, agent_routes(agent_url), agent_url)
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            ex.agent_note = cross_check(ex, None, agent_url, str(getattr(err, "reason", err)))
+    return ex
+
+
 # --- I/O ---------------------------------------------------------------------------------------
 
 
-def read_pinned_image(bpffs: str) -> Image:
-    """The planned maps' contents, read from their pins (agent not needed)."""
-    from agent.datapath.bpfsys import BpfError, Map
-    from agent.datapath.loader import map_pin, maps_dir
-
-    directory = maps_dir(bpffs)
-    if not os.path.isdir(directory):
-        raise UserError(f"no pinned maps in {directory}; hint: is `meshlet run --bpffs {bpffs}` "
-                        "running (or was it)? pass the same --bpffs here")
-    image: Image = {}
-    for name in (*L.PLANNED_MAPS, "ejections"):  # ejections: passive health's skips (A17)
-        path = map_pin(bpffs, name)
-        try:
-            with Map.open_pinned(path) as pinned:
-                image[name] = pinned.items()
-        except (BpfError, OSError) as err:
-            raise UserError(f"cannot read the pinned map {path}: {err}; hint: run as root, with the "
-                            "--bpffs the agent uses") from None
-    return image
+def _get_json(url: str, path: str, timeout: float = 2.0):
+    with urllib.request.urlopen(url.rstrip("/") + path, timeout=timeout) as answer:
+        return json.load(answer)
 
 
 def agent_routes(url: str, timeout: float = 2.0) -> list[dict]:
-    with urllib.request.urlopen(url.rstrip("/") + "/status/routes", timeout=timeout) as answer:
-        return json.load(answer)
+    return _get_json(url, "/status/routes", timeout)
+
+
+def agent_pod_cgroups(url: str) -> PodCgroups:
+    """The production lookup: the pods the agent at `url` knows on this node (/status/pods),
+    fetched once, on first use. An agent that does not answer knows no pod (the explanation
+    then says the pod's cgroup is unknown)."""
+    known: dict[tuple[str, str], int] | None = None
+
+    def lookup(namespace: str, name: str) -> int | None:
+        nonlocal known
+        if known is None:
+            try:
+                pods = _get_json(url, "/status/pods")
+            except (urllib.error.URLError, OSError, ValueError):
+                pods = []
+            known = {(p.get("namespace"), p.get("name")): p.get("cgroup_id") for p in pods if isinstance(p, dict)}
+        return known.get((namespace, name))
+
+    return lookup
 
 
 def cross_check(ex: Explanation, routes: list[dict] | None, url: str, error: str = "") -> str:
@@ -349,28 +334,13 @@ def cross_check(ex: Explanation, routes: list[dict] | None, url: str, error: str
     return f"agent at {url} does not list {kind} {ref}: the maps may be older than the agent's view"
 
 
-def _lab_pods() -> dict:
-    """Pods of every lab that is up, by "namespace/name" (the first lab wins on a clash)."""
-    from agent.lab.cli import list_labs, load_state
-    from agent.lab.pods import Pod
-
-    pods = {}
-    for name in list_labs():
-        try:
-            state = load_state(name)
-        except UserError:
-            continue
-        for data in state.get("pods", []):
-            pod = Pod.from_json(data)
-            pods.setdefault(pod.ref, pod)
-    return pods
 
 
 @click.command()
 @click.option("--from", "source", required=True, metavar="NS/POD",
               help="the client pod (its namespace decides its scope), or 'node'")
 @click.option("--to", "to", required=True, metavar="ADDR:PORT[/tcp|udp]", help="where it connects")
-@click.option("--bpffs", default=DEFAULT_BPFFS, show_default=True, help="where the agent pins its maps")
+@click.option("--bpffs", default=loader.DEFAULT_BPFFS, show_default=True, help="where the agent pins its maps")
 @click.option("--agent", "agent_url", default=DEFAULT_AGENT, show_default=True,
               help="the agent's listener, for the cross-check with /status/routes")
 @click.option("-o", "output", type=click.Choice(["text", "json"]), default="text", show_default=True)
@@ -385,15 +355,7 @@ def explain(source, to, bpffs, agent_url, output):
     Example:
       meshlet explain --from web/web-client --to 10.96.10.10:80/tcp --bpffs /sys/fs/bpf/meshlet
     """
-    target = parse_target(to)
-    client = parse_client(source, _lab_pods())
-    ex = explain_connection(read_pinned_image(bpffs), client, target)
-    if ex.frontend:
-        try:
-            ex.agent_note = cross_check(ex, agent_routes(agent_url), agent_url)
-        except (urllib.error.URLError, OSError, ValueError) as err:
-            reason = getattr(err, "reason", err)
-            ex.agent_note = cross_check(ex, None, agent_url, str(reason))
+    ex = explain_text(lambda: read_maps(bpffs), source, to, agent_pod_cgroups(agent_url), agent_url)
     if output == "json":
         click.echo(json.dumps(ex.as_json(), indent=1))
     else:

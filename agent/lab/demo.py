@@ -360,21 +360,19 @@ def run_demo(short: bool = False, manifests: str | None = None, say=print) -> De
 
 
 def _explain(lab, agent, objects, client, service, port, say):
-    """What `meshlet explain --from CLIENT --to SERVICE` prints, from the agent's live pins."""
-    from agent.explain import (Client, agent_routes, cross_check, explain_connection, parse_target,
-                               read_pinned_image, render)
+    """`meshlet explain --from CLIENT --to SERVICE` from the agent's live pins: the command's own
+    code (agent.explain.explain_text), with the lab telling the pods' cgroups."""
+    from agent.datapath.dump import read_maps
+    from agent.explain import explain_text, render
 
-    address, frontend = _frontend(objects, service, port, "tcp")
-    pod = lab.pod(client)
-    say(f"meshlet explain --from {client} --to {frontend} --bpffs {agent.bpffs} "
-        f"--agent http://{agent.listen}")
-    ex = explain_connection(read_pinned_image(agent.bpffs),
-                            Client(pod.namespace, pod.name, pod.cgroup_id), parse_target(frontend))
+    def lab_pod_cgroups(namespace: str, name: str) -> int | None:
+        pod = lab.pods.get(f"{namespace}/{name}")
+        return pod.cgroup_id if pod is not None else None
+
+    _address, frontend = _frontend(objects, service, port, "tcp")
     url = f"http://{agent.listen}"
-    try:
-        ex.agent_note = cross_check(ex, agent_routes(url), url)
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        ex.agent_note = cross_check(ex, None, url, str(getattr(err, "reason", err)))
+    say(f"meshlet explain --from {client} --to {frontend} --bpffs {agent.bpffs} --agent {url}")
+    ex = explain_text(lambda: read_maps(agent.bpffs), client, frontend, lab_pod_cgroups, url)
     for line in render(ex):
         say("  " + line)
     say("")

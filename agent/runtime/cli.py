@@ -33,7 +33,7 @@ from agent.errors import UserError
 from agent.logs import get_logger
 from agent.model import RouteId, RouteStatus
 from agent.runtime.health import Health
-from agent.runtime.http import Listener, RouteStatusBoard
+from agent.runtime.http import Listener, PodBoard, RouteStatusBoard
 from agent.runtime.loop import SyncLoop
 from agent.runtime.metrics import Metrics
 from agent.runtime.settings import (
@@ -193,6 +193,7 @@ class Agent:
         self.health = Health(settings.stale_change_threshold, settings.failing_writes_threshold,
                              unapplied_since=self.store.unapplied_since, waiting_for=self.store.waiting_for)
         self.board = RouteStatusBoard()
+        self.pods = PodBoard()
         self._stoppers: list = []  # called in reverse order on exit
         self._publisher: StatusPublisher | None = None  # Kubernetes mode only
 
@@ -205,7 +206,7 @@ class Agent:
         # wait for the main thread's sigtimedwait below.
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            listener = Listener(s.listen, self.health, self.metrics, self.board)
+            listener = Listener(s.listen, self.health, self.metrics, self.board, self.pods)
             listener.start()
             self._stoppers.append(listener.stop)
             datapath = self._open_datapath()
@@ -216,7 +217,8 @@ class Agent:
             loop = SyncLoop(self.store, resolver, datapath, self.health, self.metrics,
                             min_sync_interval=s.min_sync_interval, full_resync_interval=s.full_resync_interval,
                             retry_initial=s.retry_initial, retry_max=s.retry_max,
-                            stats_interval=s.stats_interval, on_statuses=self._on_statuses)
+                            stats_interval=s.stats_interval, on_statuses=self._on_statuses,
+                            on_pods=self.pods.publish)
             thread = threading.Thread(target=self._run_loop, args=(loop,), name="sync-loop", daemon=True)
             thread.start()
             received = self._wait_for_stop(thread)

@@ -1,4 +1,5 @@
-"""The agent's HTTP listener: /healthz, /readyz, /metrics, /status/routes (a contract: DESIGN.md).
+"""The agent's HTTP listener: /healthz, /readyz, /metrics, /status/routes (a contract: DESIGN.md),
+and /status/pods.
 
 Role: answer probes and scrapes from a small threaded server beside the sync loop. It reads only
 what others publish (health verdicts, the metrics registry, the route status board); it never
@@ -8,7 +9,9 @@ touches the resolver or the datapath, so a slow scrape cannot delay a sync.
 - /metrics: Prometheus text exposition of the agent's own registry;
 - /status/routes: JSON list of `{kind, namespace, name, parents: [RouteParentStatus]}` (each
   condition with `lastTransitionTime`), sorted by kind, namespace, name: the same conditions the
-  elected writer puts on the API objects.
+  elected writer puts on the API objects;
+- /status/pods: JSON list of `{namespace, name, uid, cgroup_id}`, the pods on this node with a
+  cgroup as the last written sync knew them (`meshlet explain` finds a pod's cgroup here).
 
 May touch: one listening TCP socket. Invariant: `lastTransitionTime` of a condition changes only
 when its status changes (SEMANTICS B14).
@@ -63,11 +66,29 @@ class RouteStatusBoard:
             return list(self._entries.values())
 
 
+class PodBoard:
+    """The pods on this node the last written sync knew, with their cgroup ids, as /status/pods
+    serves them: what `meshlet explain --from NS/POD` needs to find a pod's cgroup."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pods: list[dict] = []
+
+    def publish(self, pods: list[dict]) -> None:
+        with self._lock:
+            self._pods = list(pods)
+
+    def as_json(self) -> list[dict]:
+        with self._lock:
+            return list(self._pods)
+
+
 class AgentHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], health: Health, metrics: Metrics, board: RouteStatusBoard):
+    def __init__(self, address: tuple[str, int], health: Health, metrics: Metrics, board: RouteStatusBoard,
+                 pods: PodBoard):
         import socket
 
         if ":" in address[0]:
@@ -75,6 +96,7 @@ class AgentHTTPServer(ThreadingHTTPServer):
         self.health = health
         self.metrics = metrics
         self.board = board
+        self.pods = pods
         super().__init__(address, _Handler)
 
 
@@ -92,9 +114,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, CONTENT_TYPE_LATEST, generate_latest(self.server.metrics.registry))
         elif path == "/status/routes":
             self._json(200, self.server.board.as_json())
+        elif path == "/status/pods":
+            self._json(200, self.server.pods.as_json())
         else:
             self._json(404, {"error": f"no such endpoint {path}",
-                             "endpoints": ["/healthz", "/readyz", "/metrics", "/status/routes"]})
+                             "endpoints": ["/healthz", "/readyz", "/metrics", "/status/routes", "/status/pods"]})
 
     def _verdict(self, verdict) -> None:
         self._json(200 if verdict.ok else 503, verdict.as_json())
@@ -116,9 +140,10 @@ class _Handler(BaseHTTPRequestHandler):
 class Listener:
     """The server in a daemon thread; `address` is the bound one (port 0 resolved)."""
 
-    def __init__(self, address: tuple[str, int], health: Health, metrics: Metrics, board: RouteStatusBoard):
+    def __init__(self, address: tuple[str, int], health: Health, metrics: Metrics, board: RouteStatusBoard,
+                 pods: PodBoard | None = None):
         try:
-            self.server = AgentHTTPServer(address, health, metrics, board)
+            self.server = AgentHTTPServer(address, health, metrics, board, pods or PodBoard())
         except OSError as err:
             host, port = address
             raise UserError(f"cannot listen on {host_port(host, port)}: {err.strerror}; hint: pass --listen with a free "

@@ -86,6 +86,7 @@ class SyncLoop:
                  metrics: Metrics, *, min_sync_interval: float = 0.08, full_resync_interval: float = 60.0,
                  retry_initial: float = 0.2, retry_max: float = 10.0, stats_interval: float = 2.0,
                  on_statuses: Callable[[Mapping[RouteId, RouteStatus]], None] | None = None,
+                 on_pods: Callable[[list[dict]], None] | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self.store = store
         self.resolver = resolver
@@ -98,6 +99,9 @@ class SyncLoop:
         self.retry_max = retry_max
         self.stats_interval = stats_interval
         self.on_statuses = on_statuses
+        #: called after each written sync with the pods on this node that have a cgroup:
+        #: [{namespace, name, uid, cgroup_id}] (/status/pods, which `meshlet explain` reads)
+        self.on_pods = on_pods
         self.clock = clock
 
         self.attached = False
@@ -222,6 +226,7 @@ class SyncLoop:
             log.info("sync.done", mode=mode, seconds=seconds, frontends_changed=len(delta.frontends),
                      groups_changed=len(delta.groups), clients_changed=len(delta.clients))
         self.first_sync_written = True
+        self._publish_pods(batch.pod_cgroups)
         self.health.sync_written()
         self.failures = 0
         self._retry_at = None
@@ -287,6 +292,13 @@ class SyncLoop:
             if line not in self._problems_logged:
                 log.warning("resolve.problem", problem=line)
         self._problems_logged = current
+
+    def _publish_pods(self, pod_cgroups: Mapping[str, int]) -> None:
+        if self.on_pods is None:
+            return
+        clients = self.resolver.state.clients
+        self.on_pods([{"namespace": pod.namespace, "name": pod.name, "uid": uid, "cgroup_id": pod_cgroups[uid]}
+                      for uid, pod in sorted(clients.items()) if uid in pod_cgroups])
 
     def _publish_statuses(self) -> None:
         self._published_statuses = True

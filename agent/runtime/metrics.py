@@ -7,17 +7,22 @@ embedders can make several agents in one process).
 
 Label rule (issue 3): label values come from small closed sets only — object kind, map name,
 map operation, outcome or reason, sync mode, source name, kernel feature (the fixed list
-agent.datapath.features.FEATURES). Never a Service, an IP address or a pod.
+agent.datapath.features.FEATURES), and the one series of meshlet_build_info (version, git
+revision, kernel release, map layout version). Never a Service, an IP address or a pod.
 Histograms end in `_seconds`; counters are named without `_total` (the client adds it).
 """
 
 from __future__ import annotations
 
+import platform
 import threading
 from typing import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from agent.datapath.layout import LAYOUT_VERSION
+from agent.version import git_revision, version
 
 PREFIX = "meshlet"
 
@@ -89,6 +94,12 @@ class PassiveHealth:
                 GaugeMetricFamily(f"{PREFIX}_passive_health_ejected_endpoints", "")]
 
 
+def build_info() -> dict[str, str]:
+    """The labels of meshlet_build_info (and what `meshlet --version` prints)."""
+    return {"version": version(), "revision": git_revision(), "kernel": platform.release(),
+            "layout_version": str(LAYOUT_VERSION)}
+
+
 class Metrics:
     def __init__(self):
         self.registry = CollectorRegistry(auto_describe=True)
@@ -103,6 +114,10 @@ class Metrics:
                                       "maps; one observation per changed object. The start-up lists, "
                                       "written by the first sync, are not observed.",
                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.build_info = Gauge(f"{PREFIX}_build_info", "Always 1: the meshlet version, git revision, "
+                                "kernel release and map layout version this agent runs with.",
+                                ["version", "revision", "kernel", "layout_version"], registry=r)
+        self.build_info.labels(**build_info()).set(1)
         self.syncs = Counter(f"{PREFIX}_syncs", "Syncs attempted, by mode and outcome.",
                              ["mode", "outcome"], registry=r)
         self.objects = Gauge(f"{PREFIX}_objects", "Objects known to the agent, by kind.", ["kind"], registry=r)

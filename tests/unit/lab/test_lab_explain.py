@@ -1,8 +1,10 @@
-"""`meshlet explain` on map images made by the real planner (agent.datapath.plan): the same
-bytes the agent pins. A route with weights, a consumer route, a reject, affinity, and opt-out."""
+"""`meshlet explain` on map images made by the real planner (agent.datapath.plan), decoded by
+agent.datapath.dump as `meshlet maps dump` decodes the pinned maps: the same bytes the agent
+pins. A route with weights, a consumer route, a reject, affinity, and opt-out."""
 
 import pytest
 
+from agent.datapath.dump import decode
 from agent.datapath.plan import plan
 from agent.errors import UserError
 from agent.explain import Client, Target, cross_check, explain_connection, parse_target, render
@@ -39,7 +41,7 @@ STATE = DesiredState(
         "uid-skip": ClientPod("uid-skip", "web", "sidecar-pod", skip=True),
     },
 )
-IMAGE = plan(STATE, {"uid-web": 1001, "uid-skip": 1002}).expand()
+IMAGE = decode(plan(STATE, {"uid-web": 1001, "uid-skip": 1002}).expand())
 CHECKOUT = Target("10.96.10.10", 80, "TCP")
 
 
@@ -124,7 +126,32 @@ def test_cli_errors_are_one_line_with_a_hint(tmp_path):
                            "--to", "10.96.10.10:80", "--bpffs", str(tmp_path)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stderr.count("\n") == 1
-    assert "no pinned maps" in done.stderr and "hint" in done.stderr
+    assert "no meshlet maps pinned" in done.stderr and "hint" in done.stderr
     bad = subprocess.run([sys.executable, "-m", "agent", "explain", "--from", "web",
                           "--to", "10.96.10.10:80"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "NAMESPACE/POD" in bad.stderr and bad.stderr.count("\n") == 1
+
+
+def test_the_command_finds_the_pods_cgroup_through_the_agents_status_pods():
+    # The production lookup (agent.explain.agent_pod_cgroups) against a real listener: the pod
+    # is then known by its cgroup, so its opt-out is seen; an unknown pod falls back to its namespace.
+    from agent.explain import agent_pod_cgroups, explain_text
+    from agent.runtime.health import Health
+    from agent.runtime.http import Listener, PodBoard, RouteStatusBoard
+    from agent.runtime.metrics import Metrics
+
+    pods = PodBoard()
+    pods.publish([{"namespace": "web", "name": "sidecar-pod", "uid": "uid-skip", "cgroup_id": 1002}])
+    health = Health(30, 3, unapplied_since=lambda: None, waiting_for=lambda: [])
+    listener = Listener(("127.0.0.1", 0), health, Metrics(), RouteStatusBoard(), pods)
+    listener.start()
+    try:
+        url = f"http://127.0.0.1:{listener.address[1]}"
+        lookup = agent_pod_cgroups(url)
+        skip = explain_text(lambda: IMAGE, "web/sidecar-pod", "10.96.10.10:80", lookup, url)
+        assert skip.verdict.startswith("untouched: the client opted out")
+        other = explain_text(lambda: IMAGE, "web/web-client", "10.96.10.10:80", lookup, url)
+        assert other.scope == "web" and "cgroup is unknown" in other.client_note
+        assert other.agent_note.startswith(f"agent at {url} does not list HTTPRoute web/checkout-canary")
+    finally:
+        listener.stop()

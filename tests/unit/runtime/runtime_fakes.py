@@ -82,10 +82,11 @@ class Rig:
                              unapplied_since=self.store.unapplied_since, waiting_for=self.store.waiting_for,
                              clock=self.clock)
         self.statuses = []
+        self.pods = []  #: what each written sync published for /status/pods
         self.loop = SyncLoop(self.store, self.resolver, self.datapath, self.health, self.metrics,
                              min_sync_interval=0.08, full_resync_interval=60, retry_initial=0.2,
                              retry_max=2.0, stats_interval=2.0, on_statuses=self.statuses.append,
-                             clock=self.clock)
+                             on_pods=self.pods.append, clock=self.clock)
 
     def sync_all(self):
         """Every source finishes its first list."""

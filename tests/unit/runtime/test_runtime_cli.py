@@ -6,6 +6,7 @@ import logging
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -238,3 +239,24 @@ def test_passive_health_flag_reaches_the_settings_and_the_resolver(cgroup_dir, m
     done = CliRunner().invoke(cli.run, ["--cgroup-root", str(cgroup_dir), "--node-name", "n1", *argv])
     assert done.exit_code == 0, done.output
     assert seen["settings"].passive_health is on
+
+
+def test_version_and_build_info_say_the_same_build():
+    import platform
+    import subprocess
+    import sys
+
+    from agent.datapath.layout import LAYOUT_VERSION
+    from agent.runtime.metrics import Metrics
+    from agent.version import git_revision, version
+
+    done = subprocess.run([sys.executable, "-m", "agent", "--version"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    assert done.stdout == (f"meshlet {version()} (git {git_revision()}, map layout v{LAYOUT_VERSION}, "
+                           f"kernel {platform.release()})\n")
+    assert version() != "unknown"
+    if (Path(__file__).resolve().parents[3] / ".git").exists():
+        assert git_revision() != "unknown"  # a checkout: git knows the commit
+    labels = {"version": version(), "revision": git_revision(), "kernel": platform.release(),
+              "layout_version": str(LAYOUT_VERSION)}
+    assert Metrics().registry.get_sample_value("meshlet_build_info", labels) == 1

@@ -9,7 +9,7 @@ from runtime_fakes import Rig, service
 
 from agent.errors import UserError
 from agent.model import Condition, ParentStatus, RouteId, RouteStatus
-from agent.runtime.http import Listener, RouteStatusBoard
+from agent.runtime.http import Listener, PodBoard, RouteStatusBoard
 
 
 def test_readiness_waits_for_sources_first_write_and_attach():
@@ -134,14 +134,32 @@ def test_endpoints_follow_the_agent(served):
     assert _get(address, "/nope")[0] == 404
 
 
+def test_status_pods_serves_what_the_loop_published():
+    rig = Rig()
+    pods = PodBoard()
+    listener = Listener(("127.0.0.1", 0), rig.health, rig.metrics, RouteStatusBoard(), pods)
+    listener.start()
+    try:
+        assert json.loads(_get(listener.address, "/status/pods")[1]) == []
+        pods.publish([{"namespace": "web", "name": "web-1", "uid": "u1", "cgroup_id": 77}])
+        code, body = _get(listener.address, "/status/pods")
+        assert code == 200 and json.loads(body) == [{"namespace": "web", "name": "web-1", "uid": "u1", "cgroup_id": 77}]
+    finally:
+        listener.stop()
+
+
 def test_metrics_have_no_per_object_labels(served):
     rig, _, address = served
     rig.sync_all()
     rig.store.replace("manifests", [service(f"s{i}", f"10.96.0.{i}") for i in range(5)])
     rig.loop.tick()
     allowed = {"kind", "mode", "outcome", "map", "op", "reason", "source", "le", "event"}
+    build_labels = {"version", "revision", "kernel", "layout_version"}  # one series, meshlet_build_info
     for family in rig.metrics.registry.collect():
         for sample in family.samples:
+            if sample.name == "meshlet_build_info":
+                assert set(sample.labels) == build_labels and sample.value == 1
+                continue
             assert set(sample.labels) <= allowed, (sample.name, sample.labels)
             values = [v for k, v in sample.labels.items() if k != "le"]
             assert not any(v.startswith("10.") or v.startswith("mesh") or v.startswith("s") and v[1:].isdigit()

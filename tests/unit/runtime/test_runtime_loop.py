@@ -149,6 +149,19 @@ def test_a_pod_cgroup_change_alone_is_written_with_the_pod_in_the_delta(rig):
     assert mode == "delta" and pod_cgroups == {"uid-1": 77} and delta.clients == {"uid-1"}
 
 
+def test_each_written_sync_publishes_the_pods_with_a_cgroup_for_status_pods(rig):
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web-1", "namespace": "web", "uid": "uid-1"},
+           "spec": {"nodeName": "node-1"}, "status": {"podIPs": [{"ip": "10.244.0.5"}]}}
+    rig.store.upsert(pod)
+    rig.sync_all()
+    rig.loop.tick()
+    assert rig.pods[-1] == []  # the pod has no cgroup here yet
+    rig.clock.advance(1)
+    rig.store.pod_cgroups({"uid-1": 77})
+    rig.loop.tick()
+    assert rig.pods[-1] == [{"namespace": "web", "name": "web-1", "uid": "uid-1", "cgroup_id": 77}]
+
+
 def test_event_to_map_is_one_observation_per_changed_object_and_stats_are_recorded(rig):
     rig.store.replace("manifests", [service("b", "10.96.0.2")])
     rig.clock.advance(0.25)
