@@ -38,8 +38,26 @@ def test_pause_leaves_a_disabled_collector_disabled(gc_enabled):
     assert not gc.isenabled()
 
 
-def test_resolver_bulk_steps_restore_the_collector(gc_enabled):
+def test_the_bulk_steps_run_with_the_collector_paused_and_restore_it(gc_enabled, monkeypatch):
+    # Each bulk step is observed from inside (a function it calls records the collector's
+    # switch), so removing a pause fails this test, and the switch is back on after each step.
+    import agent.datapath.plan as plan_module
+    import agent.resolve as resolve_module
+    from agent.datapath.reconcile import DictMap, Reconciler
+    from agent.datapath import layout as L
+
+    seen: dict[str, list[bool]] = {}
+
+    def spy(step, function):
+        def recording(*args, **kwargs):
+            seen.setdefault(step, []).append(gc.isenabled())
+            return function(*args, **kwargs)
+        return recording
+
     resolver = Resolver("node-a")
+    monkeypatch.setattr(resolver, "upsert", spy("upsert_many", resolver.upsert))
+    monkeypatch.setattr(resolve_module, "service_frontends", spy("commit", resolve_module.service_frontends))
+    monkeypatch.setattr(plan_module, "plan_clients", spy("plan", plan_module.plan_clients))
     resolver.upsert_many([
         {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "shop"},
          "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}},
@@ -49,6 +67,13 @@ def test_resolver_bulk_steps_restore_the_collector(gc_enabled):
     delta = resolver.commit()
     assert gc.isenabled()
     assert delta.frontends  # the Service was read: the pause did not skip any work
+    planned = plan_module.plan(resolver.state, {})
+    assert gc.isenabled()
+    writer = Reconciler({name: DictMap(name, 100) for name in L.PLANNED_MAPS})
+    monkeypatch.setattr(writer, "_write", spy("reconcile full", writer._write))
+    writer.full(planned)
+    assert gc.isenabled()
+    assert seen == {"upsert_many": [False, False], "commit": [False], "plan": [False], "reconcile full": [False]}
 
 
 def _rss_kib() -> int:
