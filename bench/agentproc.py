@@ -73,6 +73,15 @@ def start_agent(lab: Lab, scratch: Path, cluster: list[dict], cgroup_root: Path,
     return f"agent not ready: {agent.log_tail()}"
 
 
+def sample(metrics_text: str, name: str, **labels: str) -> float:
+    """One sample of a /metrics answer (0 when absent), e.g. sample(text, "x_count", mode="full")."""
+    wanted = name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else "")
+    for line in metrics_text.splitlines():
+        if line.startswith(wanted + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 _BUCKET = re.compile(r'^(?P<name>\w+)_bucket\{le="(?P<le>[^"]+)"\} (?P<count>\S+)$')
 
 

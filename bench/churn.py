@@ -12,7 +12,9 @@ Figures:
   alone (the difference of two scrapes); percentiles are bucket upper bounds ("<= 5 ms");
 - agent CPU: utime + stime from /proc over the window until the last change was written, in %
   of one core;
-- the rate really sent (the bench process shares the machine).
+- the rate really sent (the bench process shares the machine);
+- the periodic full reconciles inside the window and their seconds (meshlet_sync_duration_seconds,
+  mode="full"): changes arriving while one runs wait for its end.
 
 May touch: what bench.agentproc does; a cgroup subtree of the lab's (empty: no pods).
 """
@@ -24,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.agentproc import histogram_buckets, start_agent
+from bench.agentproc import histogram_buckets, sample, start_agent
 from bench.synth import make_services, with_endpoint_replaced
 from bench.topology import Lab
 
@@ -47,7 +49,9 @@ def run(services: int = SERVICES, rate: float = RATE, seconds: float = SECONDS, 
         if isinstance(agent, str):
             return record | {"status": "failed", "note": agent}
         time.sleep(settle)  # start-up work (first full sync, collector) is not churn cost
-        before = histogram_buckets(agent.metrics_text(), HISTOGRAM)
+        text = agent.metrics_text()
+        before = histogram_buckets(text, HISTOGRAM)
+        full_before = _full_syncs(text)
         cpu_before, start = agent.cpu_seconds(), time.monotonic()
         sent = 0
         total = int(rate * seconds)
@@ -67,7 +71,8 @@ def run(services: int = SERVICES, rate: float = RATE, seconds: float = SECONDS, 
         # observation, hence also "no new observation for a second").
         deadline, last, last_change = time.monotonic() + catch_up_timeout, -1.0, time.monotonic()
         while time.monotonic() < deadline:
-            buckets = histogram_buckets(agent.metrics_text(), HISTOGRAM)
+            text = agent.metrics_text()
+            buckets = histogram_buckets(text, HISTOGRAM)
             observed = buckets.get(float("inf"), 0) - before.get(float("inf"), 0)
             if observed >= sent:
                 break
@@ -78,9 +83,18 @@ def run(services: int = SERVICES, rate: float = RATE, seconds: float = SECONDS, 
             time.sleep(0.1)
         elapsed = time.monotonic() - start
         cpu = agent.cpu_seconds() - cpu_before
+        full_after = _full_syncs(text)
+        record.update(full_syncs=int(full_after[0] - full_before[0]),
+                      full_sync_s=round(full_after[1] - full_before[1], 3))
         record.update(changes=sent, sent_rate=round(sent / sent_s, 1), cpu_percent=round(100 * cpu / elapsed, 2),
                       loadavg=os.getloadavg(), **event_to_map(before, buckets))
     return record
+
+
+def _full_syncs(metrics_text: str) -> tuple[float, float]:
+    """(count, seconds) of the agent's full reconciles so far."""
+    name = "meshlet_sync_duration_seconds"
+    return sample(metrics_text, f"{name}_count", mode="full"), sample(metrics_text, f"{name}_sum", mode="full")
 
 
 def event_to_map(before: dict[float, float], after: dict[float, float]) -> dict:

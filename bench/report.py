@@ -318,20 +318,22 @@ def render_markdown(results: dict, plot_paths: list[Path], json_path: Path | Non
             "the bench process really managed). Event-to-map: the agent's own histogram "
             "(meshlet_event_to_map_seconds, from a change reaching the agent to the end of the sync that "
             "wrote it) over the window; percentiles are bucket upper bounds. CPU: the agent's utime + "
-            "stime over the window until the last change was written, in % of one core.",
+            "stime over the window until the last change was written, in % of one core. Full: the agent's "
+            "periodic full reconciles inside the window (changes arriving meanwhile wait for their end).",
             "",
-            "| N | rate | window | sent rate | changes observed | event-to-map p50 | p90 | p99 | within 10 ms | agent CPU | load avg | note |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| N | rate | window | sent rate | changes observed | event-to-map p50 | p90 | p99 | within 10 ms | agent CPU | full | load avg | note |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in sorted(churn, key=lambda r: (r["services"], r["rate"])):
             if not r.get("observed"):
-                lines.append(f"| {r['services']} | {r['rate']:g}/s | {r['seconds']:g} s | | | | | | | | | "
+                lines.append(f"| {r['services']} | {r['rate']:g}/s | {r['seconds']:g} s | | | | | | | | | | "
                              f"{_cell(r.get('note', 'nothing observed'))} |")
                 continue
             lines.append(
                 f"| {r['services']} | {r['rate']:g}/s | {r['seconds']:g} s | {r['sent_rate']:g}/s | {r['observed']} | "
                 + " | ".join(f"<= {_fmt(r.get(f'event_to_map_{q}_le_ms'), 1)} ms" for q in ("p50", "p90", "p99"))
                 + f" | {100 * r['within_10ms']:.1f} % | {r['cpu_percent']:.1f} % | "
+                f"{r.get('full_syncs', '-')} ({_fmt(r.get('full_sync_s'), 2)} s) | "
                 f"{', '.join(f'{x:.1f}' for x in r['loadavg'])} | |")
     if plot_paths:
         lines += ["", "## Plots", ""]

@@ -149,4 +149,5 @@ def test_the_churn_harness_measures_the_real_agents_event_to_map():
     assert record["status"] == "ok", record.get("note")
     assert record["changes"] == 20 and record["observed"] == 20
     assert record["event_to_map_p99_le_ms"] is not None and record["cpu_percent"] >= 0
+    assert record["full_syncs"] == 0  # a 1 s window holds no periodic full reconcile
     assert bench_cgroups() - cgroups_before == set()

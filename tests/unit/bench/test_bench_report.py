@@ -73,8 +73,8 @@ def test_the_churn_row():
     data["churn"] = [{"services": 10000, "endpoints_per_service": 10, "rate": 500, "seconds": 20, "status": "ok",
                       "changes": 10000, "sent_rate": 498.0, "observed": 10000, "cpu_percent": 14.03,
                       "loadavg": (1.0, 2.0, 3.0), "event_to_map_p50_le_ms": 2.5, "event_to_map_p90_le_ms": 10.0,
-                      "event_to_map_p99_le_ms": 50.0, "within_10ms": 0.9284}]
+                      "event_to_map_p99_le_ms": 50.0, "within_10ms": 0.9284, "full_syncs": 1, "full_sync_s": 0.41}]
     text = report.render_markdown(data, [], None)
-    assert ("| 10000 | 500/s | 20 s | 498/s | 10000 | <= 2.5 ms | <= 10.0 ms | <= 50.0 ms | 92.8 % | 14.0 % |"
-            in text)
+    assert ("| 10000 | 500/s | 20 s | 498/s | 10000 | <= 2.5 ms | <= 10.0 ms | <= 50.0 ms | 92.8 % | 14.0 % | "
+            "1 (0.41 s) |" in text)
     assert "| 500 endpoint changes/s at N=50000: event-to-map p99 <= 10 ms | **not measured** |" in text
