@@ -151,7 +151,7 @@ def frontend_value_refs(value: bytes) -> tuple[int, tuple[int, ...]]:
     return route, tuple(FE_SLOT.unpack_from(value, FE_VALUE_HEAD.size + i * slot)[1] for i in range(nslots))
 
 
-def frontend_key_scope(key: bytes) -> int:
+def frontend_key_scope_id(key: bytes) -> int:
     """Client scope id of a frontends-map key (0 = the default view)."""
     return FE_KEY.unpack(key)[3]
 
@@ -165,7 +165,7 @@ def pod_name_key(cgroup_id: int) -> bytes:
     return U64.pack(cgroup_id | L.POD_NAME_TAG)
 
 
-def client_value_scope(value: bytes) -> int:
+def client_value_scope_id(value: bytes) -> int:
     return CLIENT_VALUE.unpack(value)[0]
 
 
@@ -360,5 +360,5 @@ class PlanChange:
     touched_groups: list[bytes] = field(default_factory=list)
     #: groups-map keys of the delta's groups that left the state
     removed_groups: list[bytes] = field(default_factory=list)
-    #: frontends-map keys the delta's frontend families cover but no longer plan
+    #: frontends-map keys the delta's destinations (plan.Destination) cover but no longer plan
     removed_frontends: list[bytes] = field(default_factory=list)

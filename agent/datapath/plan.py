@@ -1,7 +1,7 @@
 """Plan: the exact bytes of every map entry for a DesiredState (pure: no bcc, no I/O).
 
 Role: turn agent.model.DesiredState plus the pod cgroup ids into a `Plan` of the maps the agent
-owns (layout.PLANNED_MAPS), and the same per object (one group, one frontend family, one client)
+owns (layout.PLANNED_MAPS), and the same per object (one group, one frontend destination, one client)
 so that an incremental sync plans only what a StateDelta names.
 
 The Plan and its compact forms (an endpoint set as one blob, short values) are defined in
@@ -186,34 +186,34 @@ def plan_frontend(key: FrontendKey, fe: FrontendState, has_scopes: bool,
     return frontend_key_bytes(key.address, key.port, key.protocol, key.scope), short_value(value), names
 
 
-#: A frontend family: the default entry and every consumer-scope entry of one (address, port,
+#: A destination: the default entry and every consumer-scope entry of one (address, port,
 #: protocol). The unit of incremental frontend planning, because FE_HAS_SCOPES on the default
-#: entry depends on its scoped siblings.
-FamilyId = tuple[str, int, str]
+#: entry depends on its scoped siblings. (Not an address family: that is GroupKey.family.)
+Destination = tuple[str, int, str]
 
 
-def family_id(key: FrontendKey) -> FamilyId:
+def destination_of(key: FrontendKey) -> Destination:
     return (key.address, key.port, key.protocol)
 
 
-def scoped_families(frontends: Iterable[FrontendKey]) -> dict[FamilyId, set[str]]:
-    """The consumer scopes (not the default) of each family that has any: few families do."""
-    index: dict[FamilyId, set[str]] = {}
+def scoped_destinations(frontends: Iterable[FrontendKey]) -> dict[Destination, set[str]]:
+    """The consumer scopes (not the default) of each destination that has any: few do."""
+    index: dict[Destination, set[str]] = {}
     for key in frontends:
         if key.scope != DEFAULT_SCOPE:
-            index.setdefault(family_id(key), set()).add(key.scope)
+            index.setdefault(destination_of(key), set()).add(key.scope)
     return index
 
 
-def plan_frontend_family(state: DesiredState, fam: FamilyId, scopes: Iterable[str],
-                         group_ids: Mapping[GroupKey, int] | None = None
-                         ) -> tuple[dict[bytes, bytes], set[bytes], dict[bytes, bytes]]:
-    """Entries of one frontend family, looking at the candidate `scopes` (plus the default).
+def plan_destination(state: DesiredState, dest: Destination, scopes: Iterable[str],
+                     group_ids: Mapping[GroupKey, int] | None = None
+                     ) -> tuple[dict[bytes, bytes], set[bytes], dict[bytes, bytes]]:
+    """Entries of one frontend destination, looking at the candidate `scopes` (plus the default).
 
     Returns (entries, owned keys, name entries), values short: owned keys are the frontends-map
-    keys this family covers, so a key owned but not planned is to be deleted.
+    keys this destination covers, so a key owned but not planned is to be deleted.
     """
-    address, port, protocol = fam
+    address, port, protocol = dest
     candidates = set(scopes) | {DEFAULT_SCOPE}
     present = {s for s in candidates if FrontendKey(address, port, protocol, s) in state.frontends}
     has_scopes = any(s != DEFAULT_SCOPE for s in present)
@@ -295,12 +295,12 @@ def _plan(state: DesiredState, pod_cgroups: Mapping[str, int]) -> Plan:
             raise PlanError(f"backend groups {owners[gid]} and {gk} hash to the same id {gid:#x}")
         owners[gid] = gk
         out.add_group(group)
-    # Each entry on its own (plan_frontend_family's result without its set algebra): a default
-    # entry needs only to know whether its family has scoped entries.
-    scoped = scoped_families(state.frontends)
+    # Each entry on its own (plan_destination's result without its set algebra): a default
+    # entry needs only to know whether its destination has scoped entries.
+    scoped = scoped_destinations(state.frontends)
     frontends, names = out.frontends, out.names
     for key, fe in state.frontends.items():
-        has_scopes = bool(scoped) and key.scope == DEFAULT_SCOPE and family_id(key) in scoped
+        has_scopes = bool(scoped) and key.scope == DEFAULT_SCOPE and destination_of(key) in scoped
         kb, vb, fe_names = plan_frontend(key, fe, has_scopes, group_ids)
         frontends[kb] = vb
         if fe_names:
@@ -338,29 +338,29 @@ class Planner:
     """Plans for the writer: `full` (the whole state) or `change` (what a StateDelta names).
 
     Between calls it keeps two facts about the states it planned, which incremental planning
-    needs and a delta does not carry: which frontend families have consumer-scope entries (a
-    family's entries are replanned together, so a scope that left the state is deleted), and
+    needs and a delta does not carry: which destinations have consumer-scope entries (a
+    destination's entries are replanned together, so a scope that left the state is deleted), and
     which namespace each scope id stands for (a collision is refused in incremental plans too).
     A full plan resets both from its state.
     """
 
     def __init__(self) -> None:
         #: (address, port, protocol) -> consumer scopes with an entry in the state, for the
-        #: families that have any; None until a state was planned
-        self._scoped: dict[FamilyId, set[str]] | None = None
+        #: destinations that have any; None until a state was planned
+        self._scoped: dict[Destination, set[str]] | None = None
         #: scope id -> namespace
         self._scope_names: dict[int, str] = {}
 
     def full(self, state: DesiredState, pod_cgroups: Mapping[str, int]) -> Plan:
         out = plan(state, pod_cgroups)
-        self._scoped = scoped_families(state.frontends)
+        self._scoped = scoped_destinations(state.frontends)
         self._scope_names = {scope_id(ns): ns for ns in _namespaces_in_use(state.frontends, state)}
         return out
 
     def change(self, state: DesiredState, delta: StateDelta, pod_cgroups: Mapping[str, int]) -> PlanChange:
-        """Plan the groups and frontend families `delta` names, and every client."""
+        """Plan the groups and frontend destinations `delta` names, and every client."""
         if self._scoped is None:
-            self._scoped = scoped_families(state.frontends)
+            self._scoped = scoped_destinations(state.frontends)
         change = PlanChange(Plan())
         want = change.want
         for gk in sorted(delta.groups):
@@ -373,19 +373,19 @@ class Planner:
                 want.add_group(plan_group(group))
 
         self._check_scope_ids(_namespaces_in_use(delta.frontends, state))
-        families: dict[FamilyId, set[str]] = {}
+        destinations: dict[Destination, set[str]] = {}
         for key in delta.frontends:
-            families.setdefault(family_id(key), set()).add(key.scope)
-        for fam in sorted(families):
-            known = self._scoped.pop(fam, set())
-            for scope in families[fam] - {DEFAULT_SCOPE}:
-                if FrontendKey(*fam, scope) in state.frontends:
+            destinations.setdefault(destination_of(key), set()).add(key.scope)
+        for dest in sorted(destinations):
+            known = self._scoped.pop(dest, set())
+            for scope in destinations[dest] - {DEFAULT_SCOPE}:
+                if FrontendKey(*dest, scope) in state.frontends:
                     known.add(scope)
                 else:
                     known.discard(scope)
             if known:
-                self._scoped[fam] = known
-            entries, owned, names = plan_frontend_family(state, fam, known | families[fam])
+                self._scoped[dest] = known
+            entries, owned, names = plan_destination(state, dest, known | destinations[dest])
             want.frontends.update(entries)
             want.names.update(names)
             change.removed_frontends += [key for key in owned if key not in entries]

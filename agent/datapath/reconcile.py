@@ -279,11 +279,11 @@ def _references(name: str, key: bytes, value: bytes) -> tuple[tuple[bytes, ...],
     name has the group's key: a group in the map keeps its name, see _name_used.)"""
     if name == "frontends":
         route, gids = E.frontend_value_refs(value)
-        scope = E.frontend_key_scope(key)
+        scope_id = E.frontend_key_scope_id(key)
         return (tuple(E.u64_bytes(gid) for gid in gids if gid),
-                tuple(E.u64_bytes(ident) for ident in (scope, route) if ident))
+                tuple(E.u64_bytes(ident) for ident in (scope_id, route) if ident))
     if name == "clients":
-        return (), (E.u64_bytes(E.client_value_scope(value)), E.pod_name_key(E.client_key_cgroup(key)))
+        return (), (E.u64_bytes(E.client_value_scope_id(value)), E.pod_name_key(E.client_key_cgroup(key)))
     return (), ()
 
 
@@ -292,7 +292,7 @@ _REFERRING_MAPS = ("frontends", "clients")
 
 
 def _is_scoped(key: bytes) -> bool:
-    return E.frontend_key_scope(key) != 0
+    return E.frontend_key_scope_id(key) != 0
 
 
 class Reconciler:

@@ -73,11 +73,6 @@ class Health:
         with self._lock:
             self._route_status_error = error
 
-    @property
-    def consecutive_failures(self) -> int:
-        with self._lock:
-            return self._consecutive_failures
-
     # --- verdicts, for the listener --------------------------------------------------------
 
     def healthz(self) -> Verdict:

@@ -313,11 +313,6 @@ class KubeSource:
         with self._lock:
             return {kind: w.resource.api_version for kind, w in self._watchers.items()}
 
-    def has_synced(self) -> bool:
-        """True once every name in `kinds` has been synced."""
-        with self._lock:
-            return self._synced >= set(self.kinds)
-
     def start(self) -> None:
         for kind in CORE_KINDS:
             self._start_watcher(self._core[kind])

@@ -271,13 +271,3 @@ def format_time(epoch: float) -> str:
 def format_micro_time(epoch: float) -> str:
     """RFC 3339 in UTC with microseconds: metav1.MicroTime (Lease acquireTime, renewTime)."""
     return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def parse_time(text: str | None) -> float | None:
-    """metav1.Time or MicroTime text -> seconds since the epoch; None when absent or malformed."""
-    if not text:
-        return None
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
