@@ -222,7 +222,7 @@ def _group_line(view: MapsView, group_id: int, name: str, share: float) -> Group
     line = GroupLine(share, group.group, verdict, group.affinity_timeout)
     if verdict == "forward":
         # Passive health's skips, as the connect program counts them: at most half the set.
-        ejected = view.skipped_endpoints(group.group)
+        ejected = view.skipped_endpoints(group.group) if group.passive_health else {}
         if 2 * len(ejected) > group.count:
             ejected = {}
         each = 1 / (group.count - len(ejected))

@@ -25,9 +25,9 @@ COLUMNS = {
         host_port(r.address, r.port), r.protocol, r.scope or "-",
         r.verdict + (" (has scopes)" if r.has_scopes else ""),
         ", ".join(f"{s.share:.4g} {s.group}" for s in r.split) or "-", r.route or "-")),
-    "groups": (("GROUP", "VERDICT", "ENDPOINTS", "AFFINITY", "SET"), lambda r: (
+    "groups": (("GROUP", "VERDICT", "ENDPOINTS", "AFFINITY", "PASSIVE-HEALTH", "SET"), lambda r: (
         r.group, r.verdict, str(r.count), f"{r.affinity_timeout}s" if r.affinity_timeout else "-",
-        f"{r.set_id:#018x}")),
+        "on" if r.passive_health else "off", f"{r.set_id:#018x}")),
     "endpoints": (("GROUP", "INDEX", "ENDPOINT", "SET"), lambda r: (
         r.group or "(stale set)", str(r.index), host_port(r.address, r.port), f"{r.set_id:#018x}")),
     "members": (("SET", "ENDPOINT", "INDEX"), lambda r: (

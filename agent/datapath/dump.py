@@ -71,6 +71,7 @@ class GroupRow:
     count: int
     affinity_timeout: int
     verdict: str
+    passive_health: bool = True  #: GROUP_PASSIVE_HEALTH: its failing endpoints are ejected (A17)
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,8 @@ def decode(raw: dict, now_ns: int = 0) -> MapsView:
         gid, g = int.from_bytes(k, "little"), L.GroupValue.from_buffer_copy(v)
         set_owner[g.set_id] = group_name(gid)
         view.groups.append(GroupRow(group_name(gid), gid, g.set_id, g.count, g.affinity_timeout_s,
-                                    VERDICT_NAMES.get(g.verdict, str(g.verdict))))
+                                    VERDICT_NAMES.get(g.verdict, str(g.verdict)),
+                                    bool(g.flags & L.GROUP_PASSIVE_HEALTH)))
     view.groups.sort(key=lambda g: g.group)
 
     for k, v in raw.get("endpoints", {}).items():
@@ -312,7 +314,8 @@ def _render_row(row) -> list[str]:
         return [head] + [f"  {s.share:.9f} {s.group}" for s in row.split]
     if isinstance(row, GroupRow):
         affinity = f" affinity={row.affinity_timeout}s" if row.affinity_timeout else ""
-        return [f"{row.group} {row.verdict} count={row.count} set={row.set_id:#018x}{affinity}"]
+        health = "" if row.passive_health else " passive-health=off"
+        return [f"{row.group} {row.verdict} count={row.count} set={row.set_id:#018x}{affinity}{health}"]
     if isinstance(row, EndpointRow):
         return [f"{row.group or '(stale set)'} #{row.index} {host_port(row.address, row.port)}"]
     if isinstance(row, MemberRow):

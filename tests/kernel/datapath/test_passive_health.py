@@ -53,6 +53,9 @@ class Servers:
 
 @pytest.fixture
 def servers(lab, datapath):
+    if not datapath.support.present["sockops"]:
+        pytest.skip("this kernel lacks the sock_ops hook with socket storage (the feature probe says so): "
+                    "passive health is off here")
     for name in ("health", "ejections"):
         m = datapath.maps[name]
         m.delete_batch(m.keys())
@@ -260,3 +263,36 @@ def test_a_blackholed_endpoint_times_out_and_is_ejected(datapath, shares, client
         assert timeouts <= F + rec.ejections - 1, (result, rec)
     finally:
         web3.run(["nft", "delete", "table", "inet", "meshlet_test_blackhole"])
+
+
+def test_maps_dump_and_explain_show_the_ejected_endpoint(datapath, shares, client, servers, bpffs):
+    from click.testing import CliRunner
+
+    from agent.datapath import cli as maps_cli
+    from agent.datapath import dump
+    from agent.explain import explain_connection, parse_client, parse_target, render
+
+    for name in ("web-1", "web-2", "web-3"):
+        servers.start(name)
+    web = group(shares, "web", ["web-1", "web-2", "web-3"])
+    write(datapath, shares, [web])
+    rec = eject_web3(datapath, shares, client, servers, web)
+    web3 = f"{shares.address('web-3', 4)}:{HEALTH_PORT}"
+
+    # Decoded as of a moment inside the back-off (decode is pure: the clock is an input).
+    view = dump.decode(dump.read_raw(bpffs), now_ns=rec.until_ns - 500_000_000)
+    (row,) = [h for h in view.health if h.endpoint == web3]
+    assert row.ejections == rec.ejections and row.backoff_left_seconds == 0.5
+    assert row.skipped_in == (str(web.key),)
+    explained = explain_connection(view, parse_client("default/client"), parse_target(f"{SVC}:80/tcp"))
+    (line,) = explained.groups
+    shares_by_endpoint = {e.endpoint: (e.share, e.ejected_seconds) for e in line.endpoints}
+    assert shares_by_endpoint[web3] == (0.0, 0.5)
+    assert sorted(s for s, _ in shares_by_endpoint.values()) == [0.0, 0.5, 0.5]
+    assert any("ejected by passive health" in text and web3 in text for text in render(explained))
+
+    # The command itself: the record is there whatever the clock says now.
+    done = CliRunner().invoke(maps_cli.dump, ["health", "--bpffs", bpffs])
+    assert done.exit_code == 0, done.output
+    assert done.output.splitlines()[0].split() == ["ENDPOINT", "FAILURES", "EJECTIONS", "BACKOFF-LEFT", "SKIPPED-IN"]
+    assert any(line.startswith(web3) for line in done.output.splitlines()[1:]), done.output
