@@ -396,7 +396,9 @@ static __always_inline void trace(struct bpf_sock_addr *ctx, struct decision *d)
     d->time_ns = now;
     d->cgroup_id = bpf_get_current_cgroup_id();
     d->netns_cookie = bpf_get_netns_cookie(ctx);
-    if (trace_events.ringbuf_output(d, sizeof(*d), 0) < 0)
+    /* No wakeup: waking the reader costs the connect() that sends the event several us (the
+     * reader then preempts it); `meshlet trace` looks at the ring every TRACE_POLL_S instead. */
+    if (trace_events.ringbuf_output(d, sizeof(*d), BPF_RB_NO_WAKEUP) < 0)
         __sync_fetch_and_add(&tc->dropped, 1);
 #endif
 }
