@@ -215,7 +215,10 @@ struct name_value {
 
 /* Socket-local storage: what this socket's translations were, so getpeername() and UDP
  * recvmsg() can show the frontend, and an unconnected UDP socket keeps its first choice per
- * frontend (SEMANTICS A10, A12). Lives and dies with the socket: nothing to evict or sweep. */
+ * frontend (SEMANTICS A10, A12) while that choice is still usable (A16): the group and its set
+ * revision at the pick make the check one lookup when nothing changed. The agent reads these
+ * values through sock_diag to find the sockets to terminate when their endpoint goes away
+ * (agent/datapath/stale.py). Lives and dies with the socket: nothing to evict or sweep. */
 struct sock_xlat {
     __u8 frontend[16];
     __u8 endpoint[16];
@@ -223,6 +226,10 @@ struct sock_xlat {
     __u16 endpoint_port;
     __u8 used;
     __u8 pad[3];
+    __u32 scope;          /* the frontend view the pick used: 0 default, else the consumer scope */
+    __u32 pad2;
+    __u64 group_id;       /* the group the endpoint was picked from */
+    __u64 set_id;         /* that group's endpoint set revision at the pick */
 };
 
 /* Passive health: which endpoint a TCP connect picked, for the sockops program to credit the

@@ -19,7 +19,8 @@ from agent.datapath import uapi as U
 from agent.model import MAX_BACKEND_REFS, Verdict
 
 #: Version of the map layout; pins live under <bpffs>/v<LAYOUT_VERSION>/maps.
-LAYOUT_VERSION = 3  # 2: the config map; 3: passive health (group flags, sock_watch, health maps)
+LAYOUT_VERSION = 3  # 2: the config map; 3: passive health (group flags, sock_watch, health maps), sock_xlat
+                    # remembers scope, group and set (stale sockets)
 
 # --- constants of bpf/meshlet.h (checked against the header by a unit test) --------------------
 MAX_SLOTS = MAX_BACKEND_REFS  # one limit: resolve refuses a wider rule, the maps hold this many
@@ -178,10 +179,15 @@ class SockXlat(ct.Structure):
         __u16 endpoint_port;
         __u8 used;
         __u8 pad[3];
+        __u32 scope;
+        __u32 pad2;
+        __u64 group_id;
+        __u64 set_id;
     };"""
 
     _fields_ = [("frontend", ct.c_uint8 * 16), ("endpoint", ct.c_uint8 * 16), ("frontend_port", ct.c_uint16),
-                ("endpoint_port", ct.c_uint16), ("used", ct.c_uint8), ("pad", ct.c_uint8 * 3)]
+                ("endpoint_port", ct.c_uint16), ("used", ct.c_uint8), ("pad", ct.c_uint8 * 3),
+                ("scope", ct.c_uint32), ("pad2", ct.c_uint32), ("group_id", ct.c_uint64), ("set_id", ct.c_uint64)]
 
 
 class SockWatch(ct.Structure):

@@ -42,7 +42,13 @@ def _is_kubepods(name: str) -> bool:
 
 def scan_pod_cgroups(root: Path) -> dict[str, int]:
     """Pod uid -> cgroup id (inode) of every kubelet pod cgroup below `root` (one full walk)."""
-    found: dict[str, int] = {}
+    return {uid: entry.stat(follow_symlinks=False).st_ino for uid, entry in walk_pod_cgroups(root)}
+
+
+def walk_pod_cgroups(root: Path) -> list[tuple[str, os.DirEntry]]:
+    """(pod uid, directory entry) of every kubelet pod cgroup below `root` (one full walk; a
+    directory removed while we look is left out)."""
+    found: list[tuple[str, os.DirEntry]] = []
 
     def walk(path: str, depth: int, under_kubepods: bool) -> None:
         try:
@@ -55,7 +61,8 @@ def scan_pod_cgroups(root: Path) -> dict[str, int]:
                     continue
                 uid = pod_uid_of(entry.name, under_kubepods)
                 if uid is not None:
-                    found[uid] = entry.stat(follow_symlinks=False).st_ino
+                    entry.stat(follow_symlinks=False)  # cached by the DirEntry: gone now => skipped
+                    found.append((uid, entry))
                 elif depth < MAX_DEPTH:
                     walk(entry.path, depth + 1, under_kubepods or _is_kubepods(entry.name))
             except FileNotFoundError:

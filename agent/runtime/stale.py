@@ -1,0 +1,140 @@
+"""Terminate the connected sockets whose endpoint went away (SEMANTICS A16), after each sync.
+
+Role: after a sync that changed frontends or groups (and after every full sync), visit the network
+namespaces of the pods on this node, list their connected UDP sockets (and, when the agent was
+told to, their TCP connections) with the value each holds in meshlet's socket storage, and destroy
+those that meshlet translated to an endpoint no longer offered (agent/datapath/stale.py decides).
+The application's next call then fails (ECONNABORTED) and its reconnect is translated afresh.
+Unconnected UDP sockets need nothing here: the programs re-pick their next datagram themselves.
+
+Mechanism: netlink sock_diag (agent/datapath/sockdiag.py), probed at start as the `sock_destroy`
+kernel feature; without it this does nothing and the start-up report says what is lost.
+
+May touch: the pinned socket-storage map (read, through sock_diag), the pod cgroups (read), the
+pods' network namespaces (one netlink socket in each, kept while the namespace has processes:
+an open socket keeps its namespace alive, so one whose pods are gone is closed at the next
+sweep), and the sockets that the rule picks. Runs on the sync loop's thread only.
+Errors never stop the loop: a namespace that cannot be visited is logged and skipped.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Callable, Mapping
+
+from agent.datapath import sockdiag
+from agent.datapath.stale import Judge, stale_sockets
+from agent.model import DesiredState
+from agent.runtime.logs import get_logger
+
+log = get_logger("stale")
+
+FAMILIES = (socket.AF_INET, socket.AF_INET6)
+
+
+def pod_network_namespaces(cgroup_root: Path) -> dict[int, str]:
+    """The network namespaces the processes of the pods below `cgroup_root` live in: namespace
+    inode -> a path that opens it (/proc/PID/ns/net of one of its processes), deduplicated. Reads
+    the cgroup.procs of each pod cgroup's subtree (its containers): the PIDs must be the host's
+    (hostPID in the DaemonSet). A process gone meanwhile is skipped."""
+    from agent.sources.cgroups import walk_pod_cgroups
+
+    found: dict[int, str] = {}
+    for _uid, entry in walk_pod_cgroups(cgroup_root):
+        for dirpath, _dirs, files in os.walk(entry.path):
+            if "cgroup.procs" not in files:
+                continue
+            try:
+                with open(os.path.join(dirpath, "cgroup.procs")) as f:
+                    pids = f.read().split()
+            except OSError:
+                continue
+            for pid in pids:
+                path = f"/proc/{pid}/ns/net"
+                try:
+                    found.setdefault(os.stat(path).st_ino, path)
+                except OSError:
+                    continue
+    return found
+
+
+class StaleSockets:
+    """One per agent. `sweep(state)` after each sync; `close()` at exit."""
+
+    def __init__(self, storage_map_fd: int, namespaces: Callable[[], Mapping[int, str]], *,
+                 terminate_tcp: bool = False, on_terminated: Callable[[str, str], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        """storage_map_fd: an fd of the pinned `sockets` map (owned by us from here on);
+        namespaces: () -> {netns inode: a path that opens it}, the pods' namespaces now;
+        on_terminated(protocol name, reason): called once per socket destroyed."""
+        self.storage_map_fd = storage_map_fd
+        self.namespaces = namespaces
+        self.terminate_tcp = terminate_tcp
+        self.on_terminated = on_terminated
+        self.clock = clock
+        self._netlinks: dict[int, sockdiag.Netlink] = {}
+        self._failing: set[int] = set()  # namespaces whose failure was logged already
+
+    @classmethod
+    def open(cls, bpffs: str, cgroup_root: Path, **kw) -> "StaleSockets":
+        from agent.datapath import bpfsys, loader
+
+        fd = bpfsys.obj_get(loader.map_pin(bpffs, "sockets"))
+        return cls(fd, lambda: pod_network_namespaces(cgroup_root), **kw)
+
+    def sweep(self, state: DesiredState) -> dict[tuple[str, str], int]:
+        """Destroy every stale translated socket now. Returns (protocol, reason) -> sockets."""
+        started = self.clock()
+        judge = Judge(state)
+        wanted = {socket.IPPROTO_UDP: True, socket.IPPROTO_TCP: self.terminate_tcp}
+        done: dict[tuple[str, str], int] = {}
+        namespaces = dict(self.namespaces())
+        for inode in set(self._netlinks) - set(namespaces):
+            self._netlinks.pop(inode).close()  # its pods are gone: let the namespace go too
+        for inode, path in namespaces.items():
+            try:
+                netlink = self._netlink(inode, path)
+                for sk, reason in stale_sockets(judge, self._listed(netlink), wanted):
+                    if netlink.destroy(sk):
+                        proto = "tcp" if sk.protocol == socket.IPPROTO_TCP else "udp"
+                        done[(proto, reason)] = done.get((proto, reason), 0) + 1
+                        if self.on_terminated is not None:
+                            self.on_terminated(proto, reason)
+                self._failing.discard(inode)
+            except OSError as err:
+                stale = self._netlinks.pop(inode, None)
+                if stale is not None:
+                    stale.close()
+                if err.errno == errno.ENOENT or inode in self._failing:
+                    continue  # the namespace went away while we looked; or said already
+                self._failing.add(inode)
+                log.warning("stale.netns_failed", netns=path, error=err.strerror or str(err),
+                            hint="the agent needs the host's PIDs (hostPID) and CAP_SYS_ADMIN, CAP_SYS_PTRACE")
+        if done:
+            log.info("stale.terminated", seconds=round(self.clock() - started, 4),
+                     **{f"{proto}_{reason}": n for (proto, reason), n in sorted(done.items())})
+        return done
+
+    def _listed(self, netlink: sockdiag.Netlink):
+        for family in FAMILIES:
+            yield from netlink.dump(family, socket.IPPROTO_UDP, (sockdiag.TCP_ESTABLISHED,), self.storage_map_fd)
+            if self.terminate_tcp:
+                yield from netlink.dump(family, socket.IPPROTO_TCP, sockdiag.CLIENT_TCP_STATES, self.storage_map_fd)
+
+    def _netlink(self, inode: int, path: str) -> sockdiag.Netlink:
+        netlink = self._netlinks.get(inode)
+        if netlink is None:
+            netlink = self._netlinks[inode] = sockdiag.Netlink.inside(path, inode)
+        return netlink
+
+    def close(self) -> None:
+        for netlink in self._netlinks.values():
+            netlink.close()
+        self._netlinks = {}
+        if self.storage_map_fd >= 0:
+            os.close(self.storage_map_fd)
+            self.storage_map_fd = -1
