@@ -80,6 +80,15 @@ BPF_TABLE_PINNED("lru_hash", struct health_key, struct health_value, health, HEA
 BPF_TABLE_PINNED("lru_hash", __u64, struct set_ejections, ejections, EJECTIONS_MAX,
                  PIN_DIR "/ejections");
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, health_stats, HSTAT_COUNT, PIN_DIR "/health_stats");
+/* Connected UDP sockets we translated, by socket cookie: the agent finds the ones whose endpoint
+ * went away and destroys them (SEMANTICS A16). Not the socket storage: a sock_diag dump returns
+ * socket storage for TCP sockets only, and a UDP socket's cookie is what a dump does give.
+ * LRU: closed sockets' entries age out; an evicted live one only escapes termination. */
+BPF_TABLE_PINNED("lru_hash", __u64, struct sock_xlat, udp_flows, UDP_FLOWS_MAX,
+                 PIN_DIR "/udp_flows");
+
+/* bcc declares it returning u32; the kernel returns 64 bits (cookies are 64-bit counters). */
+static __u64 (*bpf_get_socket_cookie64)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;
 
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
 #define MAPPED_V4_WORD 0xffff0000U /* bytes 00 00 ff ff: word 2 of ::ffff:a.b.c.d */
@@ -192,9 +201,11 @@ static __always_inline struct sock_xlat *xlat_for_frontend(struct sock_state *st
 }
 
 /* Remember frontend -> endpoint for this socket: the frontend's entry if there is one (a
- * reconnect), else the next slot round robin (policy when full: see struct sock_state). */
-static __always_inline void remember(struct sock_state *st, const struct addr16 *fe,
-                                     __u16 fe_port, const struct addr16 *ep, __u16 ep_port)
+ * reconnect), else the next slot round robin (policy when full: see struct sock_state). The
+ * view, group and set revision of the pick make the later usability check cheap (A16). */
+static __always_inline struct sock_xlat *remember(struct sock_state *st, const struct addr16 *fe,
+                                                  __u16 fe_port, const struct addr16 *ep, __u16 ep_port,
+                                                  const struct decision *d, __u64 set_id)
 {
     struct sock_xlat *x = xlat_for_frontend(st, fe, fe_port);
     if (!x) {
@@ -207,6 +218,44 @@ static __always_inline void remember(struct sock_state *st, const struct addr16 
     x->frontend_port = fe_port;
     x->endpoint_port = ep_port;
     x->used = 1;
+    x->scope = d->scope;
+    x->group_id = d->group_id;
+    x->set_id = set_id;
+    return x;
+}
+
+/* Is this socket's remembered choice still usable for the frontend view `fe` (SEMANTICS A16)?
+ * Cheap when nothing changed: the view is the same, its split still names the group, and the
+ * group's set revision is the one of the pick (one lookup). When the set moved, the endpoint is
+ * looked up in the new set's members (written for UDP groups) and the revision refreshed. */
+static __always_inline int still_usable(struct sock_xlat *x, const struct fe_value *fe, __u32 scope)
+{
+    if (x->scope != scope || fe->verdict != VERDICT_FORWARD)
+        return 0;
+    int in_split = 0;
+    __u32 n = fe->nslots;
+#pragma unroll
+    for (int i = 0; i < MAX_SLOTS; i++) {
+        if (i < n && fe->slots[i].group_id == x->group_id)
+            in_split = 1;
+    }
+    if (!in_split)
+        return 0;
+    __u64 gid = x->group_id;
+    struct group_value *g = groups.lookup(&gid);
+    if (!g || g->verdict != VERDICT_FORWARD)
+        return 0;
+    if (g->set_id == x->set_id)
+        return 1;
+    struct member_key mk;
+    __builtin_memset(&mk, 0, sizeof(mk));
+    mk.set_id = g->set_id;
+    __builtin_memcpy(mk.addr, x->endpoint, 16);
+    mk.port = x->endpoint_port;
+    if (!members.lookup(&mk))
+        return 0;
+    x->set_id = mk.set_id;
+    return 1;
 }
 
 /* Weighted pick among the split's slots: r uniform in [0, 2^31), the first slot whose
@@ -292,12 +341,13 @@ static __always_inline __u32 pick_healthy(const struct set_ejections *ejected, _
  * affinity choice too) and `watch` names the set and index picked. */
 static __always_inline __u32 pick_endpoint(struct bpf_sock_addr *ctx, __u64 group_id,
                                          struct addr16 *ep, __u16 *ep_port, __u8 *family,
-                                         struct sock_watch *watch)
+                                         struct sock_watch *watch, __u64 *set_id)
 {
     struct group_value *gp = groups.lookup(&group_id);
     if (!gp)
         return OUT_MISS;
     struct group_value g = *gp;
+    *set_id = g.set_id;
     if (g.verdict == VERDICT_UNREACHABLE)
         return OUT_UNREACHABLE;
     if (g.verdict != VERDICT_FORWARD || g.count == 0)
@@ -461,18 +511,6 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, int v6, int is_s
     __u16 ep_port = 0;
     __u8 family = 0;
 
-    if (is_sendmsg && st) {
-        /* An unconnected UDP socket keeps its first choice for a frontend (A10). */
-        struct sock_xlat *x = xlat_for_frontend(st, &dst, key.port);
-        if (x) {
-            d.kind = DECISION_REMEMBERED;
-            copy_addr(&ep, x->endpoint);
-            __builtin_memcpy(d.endpoint, &ep, 16);
-            d.endpoint_port = x->endpoint_port;
-            return conclude(ctx, &d, write_user_addr(ctx, v6, &ep, x->endpoint_port));
-        }
-    }
-
     if ((fe->flags & FE_HAS_SCOPES) && scope) {
         key.scope = scope;
         struct fe_value *scoped = frontends.lookup(&key);
@@ -480,6 +518,23 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, int v6, int is_s
             fe = scoped; /* the consumer view of the client's namespace wins (B5) */
             d.scope = scope;
             d.route_id = fe->route_id;
+        }
+    }
+
+    if (is_sendmsg && st) {
+        /* An unconnected UDP socket keeps its choice for a frontend (A10) while it is usable
+         * (A16); otherwise this datagram picks again below, and remember() replaces it. */
+        struct sock_xlat *x = xlat_for_frontend(st, &dst, key.port);
+        if (x) {
+            if (still_usable(x, fe, d.scope)) {
+                d.kind = DECISION_REMEMBERED;
+                d.group_id = x->group_id;
+                copy_addr(&ep, x->endpoint);
+                __builtin_memcpy(d.endpoint, &ep, 16);
+                d.endpoint_port = x->endpoint_port;
+                return conclude(ctx, &d, write_user_addr(ctx, v6, &ep, x->endpoint_port));
+            }
+            count(OUT_REPICKED);
         }
     }
 
@@ -491,16 +546,21 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, int v6, int is_s
 
     struct sock_watch watch;
     __builtin_memset(&watch, 0, sizeof(watch));
-    outcome = pick_endpoint(ctx, d.group_id, &ep, &ep_port, &family, &watch);
+    __u64 set_id = 0;
+    outcome = pick_endpoint(ctx, d.group_id, &ep, &ep_port, &family, &watch, &set_id);
     if (outcome != OUT_TRANSLATED)
         return conclude(ctx, &d, outcome);
     __builtin_memcpy(d.endpoint, &ep, 16);
     d.endpoint_port = ep_port;
     outcome = write_user_addr(ctx, v6, &ep, ep_port);
     if (outcome == OUT_TRANSLATED && st) {
-        remember(st, &dst, key.port, &ep, ep_port);
+        struct sock_xlat *x = remember(st, &dst, key.port, &ep, ep_port, &d, set_id);
         if (proto == IPPROTO_TCP)
             st->watch = watch; /* the handshake's outcome goes to this endpoint (sockops) */
+        if (!is_sendmsg && proto == IPPROTO_UDP) {
+            __u64 cookie = bpf_get_socket_cookie64(ctx);
+            udp_flows.update(&cookie, x);
+        }
     }
     return conclude(ctx, &d, outcome);
 }

@@ -58,7 +58,8 @@ HEALTH_STATS = {0: "ejections", 1: "capped", 2: "failures", 3: "successes"}
 HSTAT_COUNT = 4
 
 #: Outcome counters: index in the `counters` array -> name (the C OUT_* defines).
-OUTCOMES = {0: "translated", 1: "rejected", 2: "unreachable", 3: "skipped", 4: "miss"}
+OUTCOMES = {0: "translated", 1: "rejected", 2: "unreachable", 3: "skipped", 4: "miss",
+            5: "repicked"}  # repicked: not an outcome, counted besides one (OUT_REPICKED)
 OUT_COUNT = 8
 
 #: Names-map key of a client pod's "namespace/name": its cgroup id with this bit set, so it never
@@ -342,6 +343,11 @@ class MapSizes:
     evicted (their endpoints are picked again until they fail again).
     Preallocated: about 0.7 MiB (184 bytes per entry) from the start."""
 
+    udp_flows: int = 16384
+    """Connected UDP sockets meshlet translated, by socket cookie, so the agent can terminate
+    those whose endpoint goes away (SEMANTICS A16). LRU: closed sockets age out, and a live one
+    evicted only escapes termination. Preallocated: about 2 MiB (120 bytes per entry)."""
+
     def __post_init__(self):
         for f in fields(self):
             value = getattr(self, f.name)
@@ -418,6 +424,7 @@ MAP_SPECS: dict[str, MapSpec] = {
         MapSpec("health", _LRU_HASH, HealthKey, HealthValue, 0, "health"),
         MapSpec("ejections", _LRU_HASH, U64, SetEjections, 0, "ejections"),
         MapSpec("health_stats", _PERCPU_ARRAY, U32, ct.c_uint64, 0, None, HSTAT_COUNT),
+        MapSpec("udp_flows", _LRU_HASH, U64, SockXlat, 0, "udp_flows"),
     )
 }
 

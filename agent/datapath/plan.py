@@ -148,8 +148,10 @@ def plan_group(group: BackendGroup) -> GroupPlan:
     sid = set_id(gid, group.endpoints)
     blob = endpoint_values(group.endpoints)
     value = E.GROUP_VALUE.pack(sid, len(group.endpoints), group.affinity_timeout, int(group.verdict), flags)
-    return GroupPlan(E.U64.pack(gid), value, sid, blob, member_records(blob) if group.affinity_timeout else b"",
-                     name)
+    # Members answer "is this endpoint in the current set": the affinity check asks it, and so
+    # does an unconnected UDP socket's remembered choice when its group's set moved (A16).
+    members = member_records(blob) if group.affinity_timeout or group.key.protocol == "UDP" else b""
+    return GroupPlan(E.U64.pack(gid), value, sid, blob, members, name)
 
 
 def frontend_key_bytes(address: str, port: int, protocol: str, scope: str) -> bytes:

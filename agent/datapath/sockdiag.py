@@ -7,7 +7,8 @@ the socket stays bound to that namespace for its whole life. `dump` asks the ker
 sockets of one family and protocol in some states, with the value each holds in our pinned
 socket-storage map (INET_DIAG_REQ_SK_BPF_STORAGES, Linux 5.2): a socket without a value was never
 translated by meshlet. `destroy` aborts one socket by its id (address tuple and cookie, as the
-dump gave it): the application's next call fails with ECONNABORTED. The kernel does this only
+dump gave it): the application's next call fails (ECONNABORTED; a UDP socket is also
+disconnected, so its next send fails with EDESTADDRREQ). The kernel does this only
 with CONFIG_INET_DIAG_DESTROY; `destroy_available` probes it on a socket of our own.
 
 Why netlink and not a BPF socket iterator calling the bpf_sock_destroy kfunc (Linux 6.5): bcc

@@ -5,8 +5,9 @@ meshlet's socket storage, `struct sock_state`) and the desired state just writte
 it must be terminated and why. The caller (agent/runtime/stale.py) lists and destroys; nothing
 here does I/O.
 
-A socket is ours to judge only if meshlet translated it: its storage holds a translation whose
-endpoint is the socket's peer. A socket without storage (opened from a skipped pod, or before
+A socket is ours to judge only if meshlet translated it: a TCP socket's storage, or a connected UDP
+socket's entry in the `udp_flows` map (by socket cookie: sock_diag returns socket storage for TCP
+only), holds a translation whose endpoint is the socket's peer. A socket without storage (opened from a skipped pod, or before
 meshlet), or connected straight to a pod IP (no translation names that peer), is never touched.
 
 The remembered translation names the frontend, the view it was picked in (scope 0 = the default
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Iterable, Mapping
 
 from agent.datapath import layout as L
 from agent.datapath.plan import scope_id
@@ -112,17 +112,19 @@ class Judge:
         return offered
 
 
-def stale_sockets(judge: Judge, sockets: Iterable, terminate_protocols: Mapping[int, bool]) -> list[tuple[object, str]]:
-    """(socket, reason) for each listed socket that must go. `sockets`: sockdiag.DiagSocket-like
-    (protocol, peer, peer_port, storage); `terminate_protocols`: which protocols we terminate."""
-    out = []
-    for sk in sockets:
-        if not terminate_protocols.get(sk.protocol) or sk.storage is None:
-            continue
-        xlat = translation_to(sk.storage, address_text(sk.peer), sk.peer_port)
-        if xlat is None:
-            continue
-        reason = judge.verdict(sk.protocol, xlat)
-        if reason is not None:
-            out.append((sk, reason))
-    return out
+def flow_translation(value: bytes, peer: str, peer_port: int) -> Translation | None:
+    """The translation in a `udp_flows` value (one `struct sock_xlat`) if it made this peer."""
+    x = L.SockXlat.from_buffer_copy(value[:L.ct.sizeof(L.SockXlat)])
+    xlat = Translation(address_text(bytes(x.frontend)), _port(x.frontend_port), address_text(bytes(x.endpoint)),
+                       _port(x.endpoint_port), x.scope)
+    return xlat if x.used and xlat.endpoint == peer and xlat.endpoint_port == peer_port else None
+
+
+def translation_of(sk, flow_value: bytes | None) -> Translation | None:
+    """What meshlet translated this listed socket (sockdiag.DiagSocket) to, or None if it did not:
+    a UDP socket by its `udp_flows` entry (`flow_value`, looked up by its cookie), a TCP one by
+    its socket storage. Either must name the socket's peer as the endpoint."""
+    peer = address_text(sk.peer)
+    if sk.protocol == 17:
+        return flow_translation(flow_value, peer, sk.peer_port) if flow_value else None
+    return translation_to(sk.storage, peer, sk.peer_port) if sk.storage else None

@@ -2,15 +2,17 @@
 
 Role: after a sync that changed frontends or groups (and after every full sync), visit the network
 namespaces of the pods on this node, list their connected UDP sockets (and, when the agent was
-told to, their TCP connections) with the value each holds in meshlet's socket storage, and destroy
-those that meshlet translated to an endpoint no longer offered (agent/datapath/stale.py decides).
-The application's next call then fails (ECONNABORTED) and its reconnect is translated afresh.
+told to, their TCP connections), find what meshlet translated each to (a UDP socket's entry in
+the `udp_flows` map by its cookie, a TCP socket's socket storage, which the dump returns), and
+destroy those translated to an endpoint no longer offered (agent/datapath/stale.py decides).
+The application's next call then fails (ECONNABORTED, or EDESTADDRREQ for a send on a UDP
+socket, which the kernel also disconnects) and its reconnect is translated afresh.
 Unconnected UDP sockets need nothing here: the programs re-pick their next datagram themselves.
 
 Mechanism: netlink sock_diag (agent/datapath/sockdiag.py), probed at start as the `sock_destroy`
 kernel feature; without it this does nothing and the start-up report says what is lost.
 
-May touch: the pinned socket-storage map (read, through sock_diag), the pod cgroups (read), the
+May touch: the pinned `udp_flows` and socket-storage maps (read), the pod cgroups (read), the
 pods' network namespaces (one netlink socket in each, kept while the namespace has processes:
 an open socket keeps its namespace alive, so one whose pods are gone is closed at the next
 sweep), and the sockets that the rule picks. Runs on the sync loop's thread only.
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from agent.datapath import sockdiag
-from agent.datapath.stale import Judge, stale_sockets
+from agent.datapath.stale import Judge, translation_of
 from agent.model import DesiredState
 from agent.runtime.logs import get_logger
 
@@ -65,13 +67,15 @@ def pod_network_namespaces(cgroup_root: Path) -> dict[int, str]:
 class StaleSockets:
     """One per agent. `sweep(state)` after each sync; `close()` at exit."""
 
-    def __init__(self, storage_map_fd: int, namespaces: Callable[[], Mapping[int, str]], *,
+    def __init__(self, storage_map_fd: int, udp_flows, namespaces: Callable[[], Mapping[int, str]], *,
                  terminate_tcp: bool = False, on_terminated: Callable[[str, str], None] | None = None,
                  clock: Callable[[], float] = time.monotonic):
         """storage_map_fd: an fd of the pinned `sockets` map (owned by us from here on);
+        udp_flows: the pinned `udp_flows` map (a bpfsys.Map, owned by us from here on);
         namespaces: () -> {netns inode: a path that opens it}, the pods' namespaces now;
         on_terminated(protocol name, reason): called once per socket destroyed."""
         self.storage_map_fd = storage_map_fd
+        self.udp_flows = udp_flows
         self.namespaces = namespaces
         self.terminate_tcp = terminate_tcp
         self.on_terminated = on_terminated
@@ -84,13 +88,17 @@ class StaleSockets:
         from agent.datapath import bpfsys, loader
 
         fd = bpfsys.obj_get(loader.map_pin(bpffs, "sockets"))
-        return cls(fd, lambda: pod_network_namespaces(cgroup_root), **kw)
+        try:
+            flows = bpfsys.Map.open_pinned(loader.map_pin(bpffs, "udp_flows"))
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, flows, lambda: pod_network_namespaces(cgroup_root), **kw)
 
     def sweep(self, state: DesiredState) -> dict[tuple[str, str], int]:
         """Destroy every stale translated socket now. Returns (protocol, reason) -> sockets."""
         started = self.clock()
         judge = Judge(state)
-        wanted = {socket.IPPROTO_UDP: True, socket.IPPROTO_TCP: self.terminate_tcp}
         done: dict[tuple[str, str], int] = {}
         namespaces = dict(self.namespaces())
         for inode in set(self._netlinks) - set(namespaces):
@@ -98,7 +106,7 @@ class StaleSockets:
         for inode, path in namespaces.items():
             try:
                 netlink = self._netlink(inode, path)
-                for sk, reason in stale_sockets(judge, self._listed(netlink), wanted):
+                for sk, reason in self._stale(judge, list(self._listed(netlink))):
                     if netlink.destroy(sk):
                         proto = "tcp" if sk.protocol == socket.IPPROTO_TCP else "udp"
                         done[(proto, reason)] = done.get((proto, reason), 0) + 1
@@ -119,9 +127,19 @@ class StaleSockets:
                      **{f"{proto}_{reason}": n for (proto, reason), n in sorted(done.items())})
         return done
 
+    def _stale(self, judge: Judge, listed: list[sockdiag.DiagSocket]) -> list[tuple[sockdiag.DiagSocket, str]]:
+        out = []
+        for sk in listed:
+            flow = self.udp_flows.lookup(sk.cookie.to_bytes(8, "little")) if sk.protocol == socket.IPPROTO_UDP else None
+            xlat = translation_of(sk, flow)
+            reason = judge.verdict(sk.protocol, xlat) if xlat is not None else None
+            if reason is not None:
+                out.append((sk, reason))
+        return out
+
     def _listed(self, netlink: sockdiag.Netlink):
         for family in FAMILIES:
-            yield from netlink.dump(family, socket.IPPROTO_UDP, (sockdiag.TCP_ESTABLISHED,), self.storage_map_fd)
+            yield from netlink.dump(family, socket.IPPROTO_UDP, (sockdiag.TCP_ESTABLISHED,))
             if self.terminate_tcp:
                 yield from netlink.dump(family, socket.IPPROTO_TCP, sockdiag.CLIENT_TCP_STATES, self.storage_map_fd)
 
@@ -135,6 +153,7 @@ class StaleSockets:
         for netlink in self._netlinks.values():
             netlink.close()
         self._netlinks = {}
+        self.udp_flows.close()
         if self.storage_map_fd >= 0:
             os.close(self.storage_map_fd)
             self.storage_map_fd = -1

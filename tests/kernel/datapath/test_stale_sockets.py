@@ -29,6 +29,8 @@ DNS = "10.96.0.53"
 CLIENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stale_client.py")
 #: Generous: a loaded CI machine may be slow; the 1 s rule is checked on the events' own times.
 WAIT = 20.0
+#: What the next call on a destroyed UDP socket fails with (see the first test).
+ABORTED = {"ECONNABORTED", "EDESTADDRREQ"}
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +168,9 @@ def test_connected_udp_client_loses_no_query_while_every_endpoint_is_replaced(
     replies = [e for e in events if e["event"] == "reply"]
     errors = [e for e in events if e["event"] == "error"]
     assert len(errors) == terminated[("udp", "endpoint_removed")], errors
-    assert {e["errno"] for e in errors} == {"ECONNABORTED"}, errors
+    # The kernel aborts the socket (a pending receive fails with ECONNABORTED) and disconnects it
+    # (a send fails with EDESTADDRREQ): which one the client meets depends on where it was.
+    assert {e["errno"] for e in errors} <= ABORTED, errors
     # No query lost: every query number got exactly one answer (the failed one was retried).
     seqs = [e["seq"] for e in replies]
     assert seqs == list(range(len(seqs))), "a query was lost or answered twice"
@@ -223,7 +227,7 @@ def test_a_deleted_frontend_terminates_its_connected_udp_sockets(datapath, share
     write(datapath, shares, empty)
     assert stale.sweep(empty) == {("udp", "frontend_removed"): 1}
     error = c.wait_for("the socket's end", lambda e: e["event"] == "error")
-    assert error["errno"] == "ECONNABORTED"
+    assert error["errno"] in ABORTED
 
 
 def test_an_unconnected_sticky_socket_moves_to_a_live_endpoint(datapath, shares, dns_pods, client, clients):
