@@ -137,6 +137,7 @@ class Explanation:
     groups: list[GroupLine] = field(default_factory=list)
     verdict: str = ""
     agent_note: str = ""
+    existing: str = ""  #: what happens to sockets already open when their endpoint goes (A16)
 
     def as_json(self) -> dict:
         return asdict(self)
@@ -157,6 +158,7 @@ def explain_connection(view: MapsView, client: Client, target: Target) -> Explan
         out.verdict = "untouched: not a Service frontend, the connection goes to the address as given"
         return out
     out.frontend = True
+    out.existing = existing_sockets(target.protocol)
 
     # The client's scope, as find_client() decides it in the kernel: its namespace's name in
     # the decoded view (or the id's hex form when the names map lacks it).
@@ -210,6 +212,19 @@ def explain_connection(view: MapsView, client: Client, target: Target) -> Explan
     return out
 
 
+def existing_sockets(protocol: str) -> str:
+    """What happens to sockets already open to this frontend when their endpoint leaves the
+    Service or the frontend is deleted (SEMANTICS A10, A14, A16)."""
+    if protocol == "UDP":
+        return ("a connected UDP socket whose endpoint leaves (or whose frontend is deleted) is ended within "
+                "1 s of the agent's sync: its next call fails and a reconnect picks again; an unconnected one "
+                "keeps its endpoint while it stays usable, else its next datagram picks again (A16)")
+    if protocol == "TCP":
+        return ("established connections keep their endpoint when it leaves (A14), unless the agent runs "
+                "with --terminate-tcp=true: then they are ended within 1 s of the sync (A16)")
+    return "established connections keep their endpoint when it leaves (A14)"
+
+
 def _group_line(view: MapsView, group_id: int, name: str, share: float) -> GroupLine:
     if group_id == 0:
         return GroupLine(share, "an invalid backendRef's share", "reject")
@@ -261,6 +276,8 @@ def render(ex: Explanation) -> list[str]:
                            if ep.ejected_seconds else "")
                 lines.append(f"  {'':<9} {'':>6}    {ep.share:>6.1%}  {ep.endpoint}{ejected}")
     lines.append(f"  verdict   {ex.verdict}")
+    if ex.existing and ex.verdict and not ex.verdict.startswith("untouched"):
+        lines.append(f"  existing  {ex.existing}")
     if ex.agent_note:
         lines.append(f"  agent     {ex.agent_note}")
     return lines

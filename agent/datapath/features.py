@@ -76,6 +76,12 @@ FEATURES: tuple[Feature, ...] = (
     # cgroup link of it), state callbacks asked per socket, and the socket storage connect wrote.
     Feature("sockops", "the cgroup sock_ops hook with bpf_sock_ops_cb_flags_set and socket storage", "5.10",
             without="passive health is off: endpoints whose handshakes fail keep being picked (SEMANTICS A17)"),
+    # Not used by the programs: the agent's way to end connected sockets whose endpoint went away
+    # (agent/runtime/stale.py). bcc cannot call the bpf_sock_destroy kfunc (Linux 6.5), so the
+    # netlink path is the one mechanism, on every kernel.
+    Feature("sock_destroy", "netlink SOCK_DESTROY of sockets (CONFIG_INET_DIAG_DESTROY)", "4.5",
+            without="connected UDP sockets (and TCP connections with --terminate-tcp) keep talking to "
+                    "an endpoint that left their Service until the application closes them (SEMANTICS A16)"),
     Feature("set_retval", "bpf_set_retval", "5.18",
             without="a rejected connection fails with EPERM instead of ECONNREFUSED, and one with no "
                     "usable endpoint with EPERM instead of EHOSTUNREACH",
@@ -330,6 +336,17 @@ def ringbuf_available() -> bool:
     return True
 
 
+def sock_destroy_available() -> bool:
+    """Netlink SOCK_DESTROY, tried on a UDP socket of our own (agent/datapath/sockdiag.py)."""
+    from agent.datapath import sockdiag
+
+    try:
+        return sockdiag.destroy_available()
+    except OSError as err:
+        raise UserError(f"cannot probe netlink SOCK_DESTROY ({err}); hint: run the agent as root "
+                        "(CAP_NET_ADMIN)") from None
+
+
 def _raise_memlock() -> None:
     # Kernels before 5.11 charge BPF objects to RLIMIT_MEMLOCK, often 64 KiB: a probe refused
     # for that would read as "no feature". bcc raises the limit the same way when it loads.
@@ -367,5 +384,6 @@ def probe() -> dict[str, bool]:
     found["set_retval"] = helper(U.HELPER_SET_RETVAL)
     found["sockops"] = sockops_available()
     found["ringbuf"] = ringbuf_available()
+    found["sock_destroy"] = sock_destroy_available()
     assert set(found) == set(NAMES), "probe and FEATURES disagree"
     return found

@@ -56,7 +56,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 def build_settings(manifests: Path | None, kubeconfig: Path | None, node_name: str | None,
                    cgroup_root: Path | None, bpffs: Path, listen: str, log_format: str,
-                   map_sizes: tuple[str, ...] = ()) -> Settings:
+                   map_sizes: tuple[str, ...] = (), terminate_tcp: bool = False) -> Settings:
     if manifests is not None and kubeconfig is not None:
         raise UserError("--manifests and --kubeconfig exclude each other; hint: pass one of them "
                         "(neither means the in-cluster config)")
@@ -78,6 +78,7 @@ def build_settings(manifests: Path | None, kubeconfig: Path | None, node_name: s
         kubeconfig=kubeconfig,
         log_format=log_format,
         map_sizes=parse_map_sizes(map_sizes),
+        terminate_tcp=terminate_tcp,
         leader_namespace=os.environ.get("POD_NAMESPACE") or Settings.leader_namespace,
     )
 
@@ -218,7 +219,7 @@ class Agent:
                             min_sync_interval=s.min_sync_interval, full_resync_interval=s.full_resync_interval,
                             retry_initial=s.retry_initial, retry_max=s.retry_max,
                             stats_interval=s.stats_interval, on_statuses=self._on_statuses,
-                            on_pods=self.pods.publish)
+                            on_pods=self.pods.publish, stale_sockets=self._open_stale_sockets(datapath))
             thread = threading.Thread(target=self._run_loop, args=(loop,), name="sync-loop", daemon=True)
             thread.start()
             received = self._wait_for_stop(thread)
@@ -268,6 +269,20 @@ class Agent:
         report("kernel.features", **support.log_fields())
         self.metrics.record_kernel_features(support.present)
         return datapath
+
+    def _open_stale_sockets(self, datapath):
+        """The sweeper of sockets whose endpoint went away, or None when the kernel cannot destroy
+        sockets (the kernel.features line already said what is lost)."""
+        if not datapath.support.present.get("sock_destroy"):
+            return None
+        from agent.runtime.stale import StaleSockets
+
+        stale = StaleSockets.open(str(self.settings.bpffs), self.settings.cgroup_root,
+                                  terminate_tcp=self.settings.terminate_tcp,
+                                  on_terminated=lambda protocol, reason: self.metrics.sockets_terminated.labels(
+                                      protocol=protocol, reason=reason).inc())
+        self._stoppers.append(stale.close)
+        return stale.sweep
 
     def _start_sources(self) -> None:
         from agent.sources.cgroups import CgroupsSource
@@ -353,8 +368,11 @@ def map_size_help() -> str:
 @click.option("--passive-health", type=click.Choice(("on", "off")), default="on", show_default=True,
               help="Eject an endpoint whose TCP handshakes keep failing, for a back-off (in the kernel). "
                    "One Service: annotation meshlet.io/passive-health: \"off\".")
+@click.option("--terminate-tcp", type=click.BOOL, default=False, show_default=True, metavar="BOOL",
+              help="Also end translated TCP connections whose endpoint left its Service (connected UDP "
+                   "sockets are ended either way; SEMANTICS A16).")
 def run(manifests, kubeconfig, node_name, cgroup_root, bpffs, listen, log_format, map_sizes,
-        passive_health):
+        passive_health, terminate_tcp):
     """Run the agent: program every Service frontend into the kernel and keep it right.
 
     \b
@@ -366,7 +384,8 @@ def run(manifests, kubeconfig, node_name, cgroup_root, bpffs, listen, log_format
     last programmed state until the next agent adopts it. `meshlet uninstall` detaches.
     """
     logs.configure(log_format)
-    settings = build_settings(manifests, kubeconfig, node_name, cgroup_root, bpffs, listen, log_format, map_sizes)
+    settings = build_settings(manifests, kubeconfig, node_name, cgroup_root, bpffs, listen, log_format, map_sizes,
+                              terminate_tcp)
     settings = dataclasses.replace(settings, passive_health=passive_health == "on")
     code = Agent(settings).run()
     if code:

@@ -87,7 +87,10 @@ class SyncLoop:
                  retry_initial: float = 0.2, retry_max: float = 10.0, stats_interval: float = 2.0,
                  on_statuses: Callable[[Mapping[RouteId, RouteStatus]], None] | None = None,
                  on_pods: Callable[[list[dict]], None] | None = None,
+                 stale_sockets: Callable[[DesiredState], Mapping[tuple[str, str], int]] | None = None,
                  clock: Callable[[], float] = time.monotonic):
+        """stale_sockets: terminates the live sockets whose endpoint went away (SEMANTICS A16,
+        agent/runtime/stale.py); called after each write that changed frontends or groups."""
         self.store = store
         self.resolver = resolver
         self.datapath = datapath
@@ -102,6 +105,7 @@ class SyncLoop:
         #: called after each written sync with the pods on this node that have a cgroup:
         #: [{namespace, name, uid, cgroup_id}] (/status/pods, which `meshlet explain` reads)
         self.on_pods = on_pods
+        self.stale_sockets = stale_sockets
         self.clock = clock
 
         self.attached = False
@@ -237,9 +241,21 @@ class SyncLoop:
             self._attach()
         if first:
             self._settle_collector()
+        if full or delta.frontends or delta.groups:
+            self._terminate_stale_sockets()
         if full:
             release_free_heap()  # the plan and the maps' read-back are gone: see agent.gcpause
         return True
+
+    def _terminate_stale_sockets(self) -> None:
+        # Right after the write: from now on new connections get the new state, so every socket
+        # still on a removed endpoint was opened before it, and is found now (within 1 s, A16).
+        if self.stale_sockets is None:
+            return
+        try:
+            self.stale_sockets(self.resolver.state)
+        except Exception as err:  # never stops the datapath; the next change tries again
+            log.error("stale.failed", error=str(err) or type(err).__name__)
 
     def _settle_collector(self) -> None:
         # What the first sync built (the resolver's records of the whole cluster, the plan's

@@ -148,6 +148,13 @@ class Metrics:
                                          "Files of the manifests directory skipped whole or holding a bad "
                                          "document now (each is logged once per change of the file).",
                                          registry=r)
+        self.sockets_terminated = Counter(f"{PREFIX}_sockets_terminated",
+                                          "Live sockets the agent terminated because meshlet had translated "
+                                          "them to an endpoint that left (reason endpoint_removed) or to a "
+                                          "frontend that is gone (frontend_removed), by protocol (SEMANTICS "
+                                          "A16). UDP re-picks of unconnected sockets are "
+                                          "meshlet_datapath_connections{outcome=\"repicked\"}.",
+                                          ["protocol", "reason"], registry=r)
         self.datapath_outcomes = DatapathOutcomes()
         r.register(self.datapath_outcomes)
         self.passive_health = PassiveHealth()

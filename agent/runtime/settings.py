@@ -95,6 +95,11 @@ class Settings:
     (3 in a row) for a back-off; `--passive-health off` turns it off for every Service (one
     Service: annotation meshlet.io/passive-health: "off")."""
 
+    terminate_tcp: bool = False
+    """Also terminate translated TCP connections whose endpoint left their Service (SEMANTICS
+    A16). Off by default: established connections are never touched (A14), and connected UDP
+    sockets are terminated either way."""
+
     leader_namespace: str = "kube-system"
     """Namespace of the Lease that elects the one Route status writer (Kubernetes mode)."""
 

@@ -166,7 +166,9 @@ def test_connected_udp_client_loses_no_query_while_every_endpoint_is_replaced(
 
     assert terminated.get(("udp", "endpoint_removed"), 0) >= 1, terminated
     replies = [e for e in events if e["event"] == "reply"]
-    errors = [e for e in events if e["event"] == "error"]
+    # Errors before the first answer are the lab warming up (a shared machine can take seconds
+    # to answer the first datagram), not a replacement: only the later ones are counted.
+    errors = [e for e in events if e["event"] == "error" and e["t"] > replies[0]["t"]]
     assert len(errors) == terminated[("udp", "endpoint_removed")], errors
     # The kernel aborts the socket (a pending receive fails with ECONNABORTED) and disconnects it
     # (a send fails with EDESTADDRREQ): which one the client meets depends on where it was.

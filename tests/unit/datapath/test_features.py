@@ -57,9 +57,16 @@ def test_without_ring_buffers_trace_is_off_and_the_report_says_so():
     assert "HAVE_RINGBUF" in features.decide(EVERYTHING).defines
 
 
+def test_without_sock_destroy_the_agent_starts_and_says_what_is_lost():
+    support = features.decide(without("sock_destroy"), "6.1.0")
+    fields = support.log_fields()
+    assert fields["disabled"] == "sock_destroy"
+    assert "connected UDP sockets" in fields["effects"] and "A16" in fields["effects"]
+
+
 @pytest.mark.parametrize("missing", [name for name in features.NAMES
                                      if name not in ("getpeername4", "getpeername6", "set_retval", "ringbuf",
-                                                     "sockops")])
+                                                     "sockops", "sock_destroy")])
 def test_every_other_feature_is_required(missing):
     with pytest.raises(UserError, match=f"Linux >= {features.MINIMUM_KERNEL}"):
         features.decide(without(missing))

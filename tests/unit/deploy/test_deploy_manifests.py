@@ -279,7 +279,8 @@ def test_agent_has_its_listed_capabilities_and_no_privilege():
     agent = container(agent_pod(), "agent")
     ctx = agent["securityContext"]
     assert ctx["privileged"] is False
-    assert ctx["capabilities"] == {"drop": ["ALL"], "add": ["BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "SYS_RESOURCE"]}
+    assert ctx["capabilities"] == {"drop": ["ALL"], "add": ["BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE",
+                                                            "SYS_RESOURCE"]}
     assert agent["resources"]["requests"].keys() == {"cpu", "memory"}
 
 

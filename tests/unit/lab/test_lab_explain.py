@@ -155,3 +155,21 @@ def test_the_command_finds_the_pods_cgroup_through_the_agents_status_pods():
         assert other.agent_note.startswith(f"agent at {url} does not list HTTPRoute web/checkout-canary")
     finally:
         listener.stop()
+
+
+def test_explain_says_what_happens_to_existing_sockets_when_their_endpoint_goes():
+    tcp = "\n".join(render(explain_connection(IMAGE, Client("batch", "batch-client"), CHECKOUT)))
+    assert "existing  established connections keep their endpoint when it leaves (A14)" in tcp
+    assert "--terminate-tcp=true" in tcp
+    dns_key = GroupKey("kube-system", "dns", "dns", "UDP", 4)
+    udp_state = DesiredState(
+        frontends={FrontendKey("10.96.0.10", 53, "UDP"): FrontendState("kube-system", "dns", "dns",
+                                                                       (WeightedGroup(1, dns_key),))},
+        groups={dns_key: BackendGroup(dns_key, (Endpoint("10.244.3.10", 53),), Verdict.FORWARD)})
+    ex = explain_connection(decode(plan(udp_state, {}).expand()), Client("batch", "batch-client"),
+                            Target("10.96.0.10", 53, "UDP"))
+    udp = "\n".join(render(ex))
+    assert "existing  a connected UDP socket whose endpoint leaves" in udp and "picks again" in udp
+    assert ex.as_json()["existing"] == ex.existing
+    untouched = explain_connection(IMAGE, Client("batch", "batch-client"), Target("10.96.99.99", 80, "TCP"))
+    assert "existing" not in "\n".join(render(untouched)), "nothing to say for a non-frontend"

@@ -276,3 +276,30 @@ def test_a_loop_stopped_before_its_first_write_gives_the_collector_back():
     stop.set()
     rig.loop.run(stop)
     assert gc.isenabled() and rig.datapath.writes() == []
+
+
+def test_stale_sockets_are_swept_after_each_write_that_changed_frontends_or_groups(rig):
+    swept = []
+
+    def sweep(state):
+        swept.append(sorted(state.frontends))
+        if len(swept) == 3:
+            raise OSError(1, "a sweep that fails")
+        return {}
+
+    rig.loop.stale_sockets = sweep
+    rig.sync_all()
+    rig.loop.tick()
+    assert len(swept) == 1, "the first (full) write is followed by a sweep"
+    rig.clock.advance(1)
+    rig.store.pod_cgroups({"uid-1": 77})  # only a client changed: no endpoint went away
+    rig.loop.tick()
+    assert len(swept) == 1
+    rig.clock.advance(1)
+    rig.store.upsert(service("a", "10.96.0.1"))
+    rig.loop.tick()
+    assert swept[-1] == [FrontendKey("10.96.0.1", 80, "TCP")], "swept against the state just written"
+    rig.clock.advance(1)
+    rig.store.upsert(service("b", "10.96.0.2"))
+    rig.loop.tick()
+    assert len(swept) == 3 and rig.loop.failures == 0, "a failed sweep never fails the sync"
