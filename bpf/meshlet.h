@@ -71,8 +71,8 @@ _Static_assert(MAX_SLOTS <= 255, "fe_value.nslots is a __u8");
 #define OUT_UNREACHABLE 2 /* fails with EHOSTUNREACH */
 #define OUT_SKIPPED 3     /* client opted out: left untouched */
 #define OUT_MISS 4        /* frontend hit but a group/endpoint entry was missing: a bug if >0 */
-#define OUT_REPICKED 5    /* not an outcome: counted besides one, when an unconnected UDP socket's
-                           remembered endpoint was no longer usable and it picked again (A16) */
+#define COUNT_REPICKED 5  /* a counter, not an outcome (counted besides one): an unconnected UDP
+                           socket's remembered endpoint was no longer usable, it picked again (A16) */
 #define OUT_COUNT 8       /* array size: room for outcomes added later without a new layout */
 
 /* decision.kind: which call a translation decided for. */

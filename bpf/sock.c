@@ -534,7 +534,7 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, int v6, int is_s
                 d.endpoint_port = x->endpoint_port;
                 return conclude(ctx, &d, write_user_addr(ctx, v6, &ep, x->endpoint_port));
             }
-            count(OUT_REPICKED);
+            count(COUNT_REPICKED);
         }
     }
 

@@ -95,10 +95,11 @@ class Datapath:
         return self.reconciler.apply(self.planner.change(state, delta, pod_cgroups))
 
     def counters(self) -> dict[str, int]:
-        """Outcome -> connections since the maps were created, summed over CPUs."""
+        """Outcome -> connections since the maps were created, summed over CPUs; and "repicked":
+        datagrams of unconnected UDP sockets whose remembered endpoint was no longer usable."""
         counters = self.maps["counters"]
         out = {}
-        for index, outcome in L.OUTCOMES.items():
+        for index, outcome in (*L.OUTCOMES.items(), (L.COUNT_REPICKED, "repicked")):
             values = counters.lookup(bytes(L.U32(index))) or []
             out[outcome] = sum(int.from_bytes(v, "little") for v in values)
         return out

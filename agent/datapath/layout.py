@@ -58,8 +58,9 @@ HEALTH_STATS = {0: "ejections", 1: "capped", 2: "failures", 3: "successes"}
 HSTAT_COUNT = 4
 
 #: Outcome counters: index in the `counters` array -> name (the C OUT_* defines).
-OUTCOMES = {0: "translated", 1: "rejected", 2: "unreachable", 3: "skipped", 4: "miss",
-            5: "repicked"}  # repicked: not an outcome, counted besides one (OUT_REPICKED)
+OUTCOMES = {0: "translated", 1: "rejected", 2: "unreachable", 3: "skipped", 4: "miss"}
+#: Index of the counter of UDP re-picks (the C COUNT_REPICKED): not an outcome, counted besides one.
+COUNT_REPICKED = 5
 OUT_COUNT = 8
 
 #: Names-map key of a client pod's "namespace/name": its cgroup id with this bit set, so it never

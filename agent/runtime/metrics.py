@@ -51,13 +51,21 @@ class DatapathOutcomes:
         family = CounterMetricFamily(f"{PREFIX}_datapath_connections",
                                      "New connections and UDP flows seen by the socket hooks, by outcome "
                                      "(translated, rejected, unreachable, skipped, ...).", labels=["outcome"])
+        repicks = CounterMetricFamily(f"{PREFIX}_udp_repicks",
+                                      "Datagrams of unconnected UDP sockets whose remembered endpoint was no "
+                                      "longer usable for their frontend, so they picked again (SEMANTICS A16).")
         with self._lock:
             for outcome, value in sorted(self._snapshot.items()):
-                family.add_metric([outcome], value)
+                if outcome == "repicked":
+                    repicks.add_metric([], value)
+                else:
+                    family.add_metric([outcome], value)
         yield family
+        yield repicks
 
     def describe(self) -> Iterable[CounterMetricFamily]:
-        return [CounterMetricFamily(f"{PREFIX}_datapath_connections", "", labels=["outcome"])]
+        return [CounterMetricFamily(f"{PREFIX}_datapath_connections", "", labels=["outcome"]),
+                CounterMetricFamily(f"{PREFIX}_udp_repicks", "")]
 
 
 class PassiveHealth:
@@ -152,8 +160,7 @@ class Metrics:
                                           "Live sockets the agent terminated because meshlet had translated "
                                           "them to an endpoint that left (reason endpoint_removed) or to a "
                                           "frontend that is gone (frontend_removed), by protocol (SEMANTICS "
-                                          "A16). UDP re-picks of unconnected sockets are "
-                                          "meshlet_datapath_connections{outcome=\"repicked\"}.",
+                                          "A16). UDP re-picks of unconnected sockets: meshlet_udp_repicks.",
                                           ["protocol", "reason"], registry=r)
         self.datapath_outcomes = DatapathOutcomes()
         r.register(self.datapath_outcomes)

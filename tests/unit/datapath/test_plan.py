@@ -208,7 +208,8 @@ def test_layout_constants_equal_the_header_defines():
                  "VERDICT_UNREACHABLE", "FE_HAS_SCOPES", "CLIENT_SKIP", "CONFIG_CLIENT_SKIPS", "OUT_COUNT",
                  "TRACE_RING_BYTES", "TRACE_MATCH_FRONTEND", "TRACE_MATCH_CLIENT",
                  "EJECT_SLOTS", "GROUP_PASSIVE_HEALTH", "HEALTH_FAILURES", "HEALTH_BACKOFF_NS",
-                 "HEALTH_BACKOFF_MAX_NS", "HEALTH_MAX_DOUBLINGS", "HSTAT_COUNT"):
+                 "HEALTH_BACKOFF_MAX_NS", "HEALTH_MAX_DOUBLINGS", "HSTAT_COUNT",
+                 "COUNT_REPICKED"):
         assert defines[name] == getattr(L, name), name
     stats = {v: k[len("HSTAT_"):].lower() for k, v in defines.items() if k.startswith("HSTAT_") and k != "HSTAT_COUNT"}
     assert stats == L.HEALTH_STATS

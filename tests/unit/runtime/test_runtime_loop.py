@@ -303,3 +303,12 @@ def test_stale_sockets_are_swept_after_each_write_that_changed_frontends_or_grou
     rig.store.upsert(service("b", "10.96.0.2"))
     rig.loop.tick()
     assert len(swept) == 3 and rig.loop.failures == 0, "a failed sweep never fails the sync"
+
+
+def test_udp_repicks_and_terminated_sockets_have_their_own_metrics(rig):
+    rig.metrics.datapath_outcomes.update({"translated": 7, "repicked": 2})
+    rig.metrics.sockets_terminated.labels(protocol="udp", reason="endpoint_removed").inc()
+    assert rig.metric("meshlet_udp_repicks_total") == 2
+    assert rig.metric("meshlet_datapath_connections_total", outcome="translated") == 7
+    assert rig.metric("meshlet_datapath_connections_total", outcome="repicked") is None, "not an outcome"
+    assert rig.metric("meshlet_sockets_terminated_total", protocol="udp", reason="endpoint_removed") == 1
