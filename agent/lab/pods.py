@@ -70,6 +70,10 @@ GATEWAY_V4 = "10.244.0.1"
 GATEWAY_V6 = "fd00:244::1"
 GATEWAY_LINK_LOCAL = "fe80::1"
 BRIDGE = "br0"
+#: The bridge's own MAC, set when it is made (locally administered). A bridge whose address was
+#: never set takes the lowest MAC of its ports, so a pod added or removed later could change the
+#: gateway's MAC under every pod's ARP cache: their IPv4 traffic then went nowhere for seconds.
+BRIDGE_MAC = "02:6d:65:73:68:01"
 POD_IFNAME = "eth0"
 
 
@@ -367,7 +371,7 @@ class Lab:
         _write_sysctls(NODE_SYSCTLS)
         with IPRoute() as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-            ipr.link("add", ifname=BRIDGE, kind="bridge")
+            ipr.link("add", ifname=BRIDGE, kind="bridge", address=BRIDGE_MAC)
             (bridge,) = ipr.link_lookup(ifname=BRIDGE)
             ipr.addr("add", index=bridge, address=GATEWAY_V4, prefixlen=32)
             ipr.addr("add", index=bridge, address=GATEWAY_V6, prefixlen=128)

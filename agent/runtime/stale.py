@@ -31,7 +31,7 @@ from typing import Callable, Mapping
 from agent.datapath import sockdiag
 from agent.datapath.stale import Judge, translation_of
 from agent.model import DesiredState
-from agent.runtime.logs import get_logger
+from agent.logs import get_logger
 
 log = get_logger("stale")
 

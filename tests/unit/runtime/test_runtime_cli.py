@@ -260,3 +260,14 @@ def test_version_and_build_info_say_the_same_build():
     labels = {"version": version(), "revision": git_revision(), "kernel": platform.release(),
               "layout_version": str(LAYOUT_VERSION)}
     assert Metrics().registry.get_sample_value("meshlet_build_info", labels) == 1
+
+
+def test_tcp_termination_is_off_unless_asked(tmp_path, cgroup_dir):
+    from click.testing import CliRunner
+
+    from agent.runtime.cli import run
+
+    assert settings(manifests=tmp_path, cgroup_root=cgroup_dir).terminate_tcp is False
+    assert settings(manifests=tmp_path, cgroup_root=cgroup_dir, terminate_tcp=True).terminate_tcp is True
+    out = CliRunner().invoke(run, ["--help"]).output
+    assert "--terminate-tcp BOOL" in out and "[default: False]" in out.split("--terminate-tcp", 1)[1]
