@@ -10,14 +10,16 @@ Two rows, both through the real programs and the agent's own sweep (agent/runtim
   UDP sockets in all to a DNS-like Service of two endpoints; one endpoint is removed (the full
   reconcile the agent would do, then its sweep). Measured per socket from the moment the change
   is handed to the datapath to the moment the application sees its socket fail (CLOCK_MONOTONIC,
-  one clock for the machine), plus the sweep's own time.
+  one clock for the machine), plus the sweep's own time. About half the sockets were on it.
 - sticky-path cost: one unconnected UDP socket sends D datagrams to the frontend after its first
   pick; the sendmsg4 program's own time per datagram from the kernel's run-time counters
   (BPF_ENABLE_STATS, on only while this bench holds it). A datagram to an address that is no
   frontend (one hash lookup, the floor every datagram pays) is measured the same way.
 
-Needs root. Everything lives in a lab (agent.lab.pods) and a bpffs directory of its own, removed
-at the end, also on failure; the datapath attaches to the lab's cgroup subtree only.
+Needs root. Everything lives in network namespaces, a cgroup subtree and a bpffs directory of its
+own (bench.topology.Lab), removed at the end, also on failure; the datapath attaches to that
+subtree only. The endpoints exist nowhere: each client netns routes them to its loopback, where
+the datagrams die, since a socket is translated at connect() and nothing needs an answer.
 """
 
 from __future__ import annotations
@@ -35,12 +37,17 @@ import time
 import uuid
 from pathlib import Path
 
+from bench.topology import Lab, run
+
 FRONTEND = "10.96.0.53"
 NOT_A_FRONTEND = "10.96.0.54"
-PORT = 8080
+#: Two endpoints that exist nowhere: the client netns route them to their loopback, where the
+#: datagrams die. Nothing needs to answer: a socket is translated at connect() (or first send).
+ENDPOINTS = ("10.244.0.10", "10.244.0.11")
+PORT = 5353
 
-#: Runs in a client pod: K connected UDP sockets to the frontend, one query each (so each knows
-#: its endpoint), then prints when each one fails, until stdin closes.
+#: Runs in a client pod: K connected UDP sockets to the frontend, then prints when each one
+#: fails (the agent's sweep destroyed it), until stdin closes.
 HOLDER = textwrap.dedent("""
     import json, select, socket, sys, time
     k, addr = int(sys.argv[1]), sys.argv[2]
@@ -48,37 +55,39 @@ HOLDER = textwrap.dedent("""
     for _ in range(k):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.connect((addr, 53))
-        s.settimeout(5)
-        s.send(b"q")
-        socks.append((s, s.recv(100).decode().strip()))
-    print(json.dumps({"ready": [peer for _, peer in socks]}), flush=True)
-    alive = {s.fileno(): (s, peer) for s, peer in socks}
+        socks.append(s)
+    print(json.dumps({"ready": k}), flush=True)
+    alive = {s.fileno(): s for s in socks}
     while alive:
         ready, _, _ = select.select(list(alive) + [sys.stdin], [], [])
         now = time.monotonic()
         if sys.stdin in ready:
             break
         for fd in ready:
-            s, peer = alive.pop(fd)
+            s = alive.pop(fd)
             try:
                 s.recv(100, socket.MSG_DONTWAIT)
-                alive[fd] = (s, peer)  # a late answer, not an end
+                alive[fd] = s  # not an end
+            except BlockingIOError:
+                alive[fd] = s
             except OSError as err:
-                print(json.dumps({"t": now, "peer": peer, "errno": err.errno}), flush=True)
+                print(json.dumps({"t": now, "errno": err.errno}), flush=True)
 """)
 
-#: Runs in a client pod: one unconnected UDP socket, D datagrams to ADDR:53 (none read back).
+#: Runs in a client pod: one unconnected UDP socket, D datagrams to ADDR:53.
 SENDER = textwrap.dedent("""
     import socket, sys
     d, addr = int(sys.argv[1]), sys.argv[2]
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     for _ in range(d):
         try:
             s.sendto(b"q", (addr, 53))
         except OSError:
             pass
 """)
+
+_CLONE_NEWNET = 0x40000000
+_libc = ct.CDLL(None, use_errno=True)
 
 
 class _EnableStatsAttr(ct.Structure):  # bpf_attr: enable_stats
@@ -97,16 +106,15 @@ def program_time(fd: int) -> tuple[int, int]:
     return int(fields.get("run_time_ns", 0)), int(fields.get("run_cnt", 0))
 
 
-def state(lab, servers: list[str]):
-    from agent.model import (BackendGroup, ClientPod, DesiredState, Endpoint, FrontendKey, FrontendState, GroupKey,
-                             Verdict, WeightedGroup)
+def state(endpoints):
+    from agent.model import DesiredState, Endpoint, FrontendKey, FrontendState, GroupKey, Verdict, WeightedGroup
+    from agent.model import BackendGroup
 
     key = GroupKey("kube-system", "dns", "dns", "UDP", 4)
-    eps = tuple(sorted(Endpoint(lab.pods[f"kube-system/{s}"].ipv4, PORT) for s in servers))
+    eps = tuple(sorted(Endpoint(ip, PORT) for ip in endpoints))
     return DesiredState(
         frontends={FrontendKey(FRONTEND, 53, "UDP"): FrontendState("kube-system", "dns", "dns", (WeightedGroup(1, key),))},
-        groups={key: BackendGroup(key, eps, Verdict.FORWARD)},
-        clients={p.uid: ClientPod(p.uid, p.namespace, p.name) for p in lab.pods.values()})
+        groups={key: BackendGroup(key, eps, Verdict.FORWARD)})
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -114,68 +122,91 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def run(sockets: int, pods: int, datagrams: int) -> dict:
+class Pod:
+    """A network namespace with a loopback route to the endpoints, and a kubelet-style pod cgroup
+    (Guaranteed QoS, systemd names) whose container child runs the pod's processes."""
+
+    def __init__(self, lab: Lab, kubepods: Path, index: int):
+        uid = str(uuid.uuid4())
+        self.netns = lab.netns(f"mlb{lab.run_id}-p{index}")
+        run("ip", "-n", self.netns, "route", "add", "10.244.0.0/16", "dev", "lo")
+        pod = lab.child_cgroup(kubepods, f"kubepods-pod{uid.replace('-', '_')}.slice")
+        self.container = lab.child_cgroup(pod, "container.scope")
+
+    def popen(self, argv: list[str], **kw) -> subprocess.Popen:
+        procs, netns = self.container / "cgroup.procs", f"/run/netns/{self.netns}"
+
+        def enter():  # the cgroup first, then the netns (as a container runtime does)
+            procs.write_text(str(os.getpid()))
+            fd = os.open(netns, os.O_RDONLY)
+            if _libc.setns(fd, _CLONE_NEWNET) != 0:
+                os._exit(97)
+            os.close(fd)
+
+        return subprocess.Popen(argv, preexec_fn=enter, **kw)
+
+
+def run_bench(sockets: int, pods: int, datagrams: int) -> dict:
     from agent.datapath import Datapath, MapSizes, uninstall
-    from agent.lab.pods import Lab, unique_lab_name
     from agent.runtime.stale import StaleSockets
 
     per_pod = max(1, sockets // pods)
-    bpffs = f"/sys/fs/bpf/meshlet-bench-stale-{uuid.uuid4().hex[:8]}"
     holders: list[tuple[subprocess.Popen, Path]] = []
-    with Lab(unique_lab_name("bst")) as lab, tempfile.TemporaryDirectory(prefix="meshlet-bench-stale-") as tmp:
-        for name in ("dns-a", "dns-b"):
-            lab.add_pod("kube-system", name, echo_ports=(PORT,))
-        clients = [lab.add_pod("bench", f"c{i}", echo_ports=()) for i in range(pods)]
-        cgroups = {p.uid: p.cgroup_id for p in lab.pods.values()}
-        dp = Datapath.open(bpffs, lab.cgroup_root, MapSizes(affinity=1024, clients=1024, udp_flows=4 * sockets))
-        stale = None
+    with Lab() as lab, tempfile.TemporaryDirectory(prefix="meshlet-bench-stale-") as tmp:
+        root = lab.cgroup_subtree("stale")
+        kubepods = lab.child_cgroup(root, "kubepods.slice")
+        clients = [Pod(lab, kubepods, i) for i in range(pods)]
+        bpffs = Path("/sys/fs/bpf") / f"meshlet-bench-stale-{lab.run_id}"
+        lab.directory(bpffs)
+        lab.on_close(f"meshlet pins in {bpffs}", lambda: uninstall(str(bpffs)))
+        dp = Datapath.open(str(bpffs), str(root), MapSizes(affinity=1024, clients=1024, udp_flows=4 * sockets))
+        lab.on_close("meshlet datapath", dp.close)
+        stale = StaleSockets.open(str(bpffs), root)
+        lab.on_close("stale-socket sweeper", stale.close)
         stats_fd = None
         try:
-            dp.reconcile(state(lab, ["dns-a", "dns-b"]), cgroups)
+            dp.reconcile(state(ENDPOINTS), {})
             dp.attach()
-            stale = StaleSockets.open(bpffs, Path(lab.cgroup_root))
-            workdir = Path(tmp)
             for pod in clients:
-                out = workdir / f"{pod.name}.jsonl"
+                out = Path(tmp) / f"{pod.netns}.jsonl"
                 with open(out, "w") as f:
                     proc = pod.popen([sys.executable, "-c", HOLDER, str(per_pod), FRONTEND], stdin=subprocess.PIPE,
                                      stdout=f, stderr=subprocess.STDOUT)
                 holders.append((proc, out))
-            peers: list[str] = []
             for proc, out in holders:
-                peers += wait_line(out, "ready", proc)["ready"]
-            on_a = peers.count("dns-a")
+                wait_line(out, "ready", proc)
 
-            # The change: dns-a leaves. Timed as the agent's loop does it: write, then sweep.
+            # The change: the first endpoint leaves. Timed as the agent's loop does it: write, sweep.
+            after = state(ENDPOINTS[1:])
             changed_at = time.monotonic()
-            dp.reconcile(state(lab, ["dns-b"]), cgroups)
+            dp.reconcile(after, {})
             written_at = time.monotonic()
-            done = stale.sweep(state(lab, ["dns-b"]))
+            done = stale.sweep(after)
             swept_at = time.monotonic()
+            terminated = sum(done.values())
             deadline = time.monotonic() + 30
             while True:
                 ends = [e for _, out in holders for e in read(out) if "t" in e]
-                if len(ends) >= on_a or time.monotonic() > deadline:
+                if len(ends) >= terminated or time.monotonic() > deadline:
                     break
                 time.sleep(0.05)
             latencies = [e["t"] - changed_at for e in ends]
 
             # Sticky-path cost: after the first datagram, every one reuses the socket's pick.
             stats_fd = enable_run_time_stats()
-            sender = clients[0]
             sendmsg = dp.programs.fds["sendmsg4"]
             costs = {}
             for label, addr in (("sticky", FRONTEND), ("not_a_frontend", NOT_A_FRONTEND)):
                 before = program_time(sendmsg)
-                done_run = sender.run([sys.executable, "-c", SENDER, str(datagrams), addr], timeout=300)
-                if done_run.returncode != 0:
-                    raise RuntimeError(done_run.stderr)
-                after = program_time(sendmsg)
-                runs = after[1] - before[1]
-                costs[label] = round((after[0] - before[0]) / runs, 1) if runs else None
+                sender = clients[0].popen([sys.executable, "-c", SENDER, str(datagrams), addr],
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                if sender.wait(timeout=300) != 0:
+                    raise RuntimeError(f"the sender failed: {sender.stdout.read()}")
+                end = program_time(sendmsg)
+                runs = end[1] - before[1]
+                costs[label] = round((end[0] - before[0]) / runs, 1) if runs else None
             return {
-                "sockets": per_pod * pods, "pods": pods, "on_removed_endpoint": on_a,
-                "terminated": sum(done.values()), "ended_seen": len(ends),
+                "sockets": per_pod * pods, "pods": pods, "terminated": terminated, "ended_seen": len(ends),
                 "reconcile_seconds": round(written_at - changed_at, 4),
                 "sweep_seconds": round(swept_at - written_at, 4),
                 "latency_p50_seconds": round(statistics.median(latencies), 4) if latencies else None,
@@ -194,10 +225,6 @@ def run(sockets: int, pods: int, datagrams: int) -> dict:
                     proc.wait()
             if stats_fd is not None:
                 os.close(stats_fd)
-            if stale is not None:
-                stale.close()
-            dp.close()
-            uninstall(bpffs)
 
 
 def read(path: Path) -> list[dict]:
@@ -226,7 +253,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         raise SystemExit("bench.stale_sockets: error: run as root (network namespaces, cgroups, BPF)")
-    result = run(args.sockets, args.pods, args.datagrams)
+    result = run_bench(args.sockets, args.pods, args.datagrams)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
