@@ -247,6 +247,9 @@ def _finish(r: _ModeRun) -> dict:
     runs = r.program.get("connect4 runs")
     if runs:
         record["program_ns_per_connect"] = round(r.program["connect4 ns"] / runs, 1)
+        if r.program.get("sockops runs"):
+            # sock_ops runs several times per connection (SYN, state changes, ...): per connect().
+            record["sockops_ns_per_connect"] = round(r.program["sockops ns"] / runs, 1)
     if record.get("apply_change_s"):
         record["apply_change"] = stats.summarize_seconds(record["apply_change_s"])
     return record

@@ -4,6 +4,8 @@
 - meshlet: the client, in a cgroup the bench made, connects to the ClusterIP; meshlet's programs
   (agent.datapath) pick the endpoint at connect(). The client netns is otherwise empty, so
   conntrack is not engaged (no NAT rules there).
+- meshlet-no-health: the same with passive health off for every group (the agent's
+  `--passive-health off`): what the health check costs the connect program and sock_ops.
 - iptables-legacy / iptables-nft: kube-proxy's iptables layout loaded with iptables-restore into
   the client netns (OUTPUT chain: the client's own connections are DNATed).
 - nftables: kube-proxy's nftables layout loaded with one `nft -f` into the client netns.
@@ -17,6 +19,7 @@ apply, how long one Service change takes, and which address a client dials for a
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import shutil
 import subprocess
@@ -27,7 +30,7 @@ from bench import iptables_rules, nft_rules
 from bench.synth import SERVICE_PORT, TARGET_PORT, Service, desired_state
 from bench.topology import CLIENT_ADDR, Lab, Pair
 
-ALL_MODES = ("direct", "meshlet", "iptables-legacy", "iptables-nft", "nftables")
+ALL_MODES = ("direct", "meshlet", "meshlet-no-health", "iptables-legacy", "iptables-nft", "nftables")
 FIREWALL_MODES = ("iptables-legacy", "iptables-nft", "nftables")
 
 
@@ -124,9 +127,9 @@ class Meshlet(Mode):
         from agent.datapath import Datapath, uninstall
 
         super().setup()
-        root = self.lab.cgroup_subtree("meshlet")
+        root = self.lab.cgroup_subtree(self.name)
         self.cgroup = self.lab.child_cgroup(root, "client")
-        bpffs = Path("/sys/fs/bpf") / f"meshlet-bench-{self.lab.run_id}"
+        bpffs = Path("/sys/fs/bpf") / f"{self.name}-bench-{self.lab.run_id}"
         self.lab.directory(bpffs)
         self.lab.on_close(f"meshlet pins in {bpffs}", lambda: uninstall(str(bpffs)))
         # Default MapSizes fit 50k Services x 10 endpoints, the largest N of the issue.
@@ -147,8 +150,11 @@ class Meshlet(Mode):
                 out[hook] = (int(fields["run_time_ns"]), int(fields["run_cnt"]))
         return out
 
+    def desired(self, services):
+        return desired_state(services)
+
     def apply_full(self, order):
-        self.state = desired_state(order)
+        self.state = self.desired(order)
         start = time.perf_counter()
         self.datapath.reconcile(self.state, {})
         seconds = time.perf_counter() - start
@@ -159,7 +165,7 @@ class Meshlet(Mode):
     def apply_change(self, order, old, new):
         from agent.model import DesiredState, StateDelta
 
-        changed = desired_state([new])
+        changed = self.desired([new])
         groups = dict(self.state.groups)
         groups.update(changed.groups)
         self.state = DesiredState(frontends=self.state.frontends, groups=groups, clients=self.state.clients)
@@ -167,6 +173,19 @@ class Meshlet(Mode):
         start = time.perf_counter()
         self.datapath.reconcile(self.state, {}, delta=delta)
         return time.perf_counter() - start
+
+
+class MeshletNoHealth(Meshlet):
+    """meshlet with passive health off in every group (SEMANTICS A17's agent switch)."""
+
+    name = "meshlet-no-health"
+
+    def desired(self, services):
+        from agent.model import DesiredState
+
+        state = desired_state(services)
+        groups = {k: dataclasses.replace(g, passive_health=False) for k, g in state.groups.items()}
+        return DesiredState(frontends=state.frontends, groups=groups, clients=state.clients)
 
 
 _STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
@@ -243,4 +262,4 @@ class Nftables(Firewall):
         return self._load(nft_rules.partial_ruleset(old, new), "change")
 
 
-MODE_CLASSES = {cls.name: cls for cls in (Direct, Meshlet, IptablesLegacy, IptablesNft, Nftables)}
+MODE_CLASSES = {cls.name: cls for cls in (Direct, Meshlet, MeshletNoHealth, IptablesLegacy, IptablesNft, Nftables)}

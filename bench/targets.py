@@ -29,6 +29,9 @@ IDLE_CPU_PERCENT = 0.5
 #: Issue 16's churn row (bench.churn): at N Services, `rate` endpoint changes a second, event-to-map
 #: p99 <= this many ms and the agent's CPU under this % of one core.
 CHURN = {"services": 50_000, "rate": 500, "p99_ms": 10.0, "cpu_percent": 50.0}
+#: Issue 12: what passive health may add to the connect program, in ns per connect() (bpf_stats:
+#: meshlet against meshlet-no-health, measured in the same run).
+HEALTH_CHECK_NS = 100
 ALL_SIZES = (100, 1_000, 10_000, 50_000)
 #: The control plane is judged at these N (issue 6).
 CONTROL_PLANE_SIZES = (1_000, 10_000, 50_000)
@@ -69,6 +72,23 @@ def _vs_direct(records, value, limit: float, higher_is_better: bool, label: str)
     return Verdict(label, NOT_MET if missed else MET, "; ".join(parts) + _coverage(covered))
 
 
+def _health_check_cost(records) -> Verdict:
+    label = f"passive health adds < {HEALTH_CHECK_NS} ns to the connect program at every N"
+    parts, missed, covered = [], False, []
+    for n in sorted({r["services"] for r in records}):
+        on, off = measured(records, "meshlet", n), measured(records, "meshlet-no-health", n)
+        if not on or not off or on.get("program_ns_per_connect") is None \
+                or off.get("program_ns_per_connect") is None:
+            continue
+        added = on["program_ns_per_connect"] - off["program_ns_per_connect"]
+        covered.append(n)
+        parts.append(f"N={n}: {added:+.0f} ns")
+        missed |= added >= HEALTH_CHECK_NS
+    if not covered:
+        return Verdict(label, NOT_MEASURED, "meshlet or meshlet-no-health program time not measured")
+    return Verdict(label, NOT_MET if missed else MET, "; ".join(parts) + _coverage(covered))
+
+
 def judge(datapath: list[dict], controlplane: list[dict]) -> list[Verdict]:
     verdicts = [
         _vs_direct(datapath, lambda r: r["connect_us"]["p50"], LATENCY_VS_DIRECT, False,
@@ -78,6 +98,7 @@ def judge(datapath: list[dict], controlplane: list[dict]) -> list[Verdict]:
         _vs_direct(datapath, lambda r: r.get("stream_gbit_s"), THROUGHPUT_VS_DIRECT, True,
                    f"meshlet stream throughput >= {THROUGHPUT_VS_DIRECT}x direct"),
     ]
+    verdicts.append(_health_check_cost(datapath))
     for mode, n, factor in AGAINST_FIREWALLS:
         label = f"p50 connect >= {factor}x lower than {mode} at N={n}"
         mesh, other = measured(datapath, "meshlet", n), measured(datapath, mode, n)

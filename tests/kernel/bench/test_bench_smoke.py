@@ -102,6 +102,15 @@ def test_an_endpoint_change_reaches_every_mode(smoke):
         assert len(r["apply_change_s"]) == 2, mode
 
 
+def test_program_times_with_and_without_passive_health_are_measured(smoke):
+    # The bench rows of issue 12: the connect program's time with and without the health check,
+    # and the sock_ops program's time per connection (bpf_stats).
+    for mode in ("meshlet", "meshlet-no-health"):
+        r = smoke["records"][mode]
+        assert r["program_ns_per_connect"] > 0, mode
+        assert r["sockops_ns_per_connect"] > 0, mode
+
+
 def test_the_bench_removes_what_it_made(smoke):
     assert smoke["leftover_netns"] == set()
     assert smoke["leftover_cgroups"] == set()

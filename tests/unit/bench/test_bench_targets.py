@@ -112,3 +112,13 @@ def test_churn_is_judged_at_its_n_only():
     assert p99.status == NOT_MET and "more than the last bucket" in p99.measured
     assert {v.status for v in targets.judge_churn([churn_record(services=10_000)])} == {NOT_MEASURED}
     assert {v.status for v in targets.judge_churn([])} == {NOT_MEASURED}
+
+
+def test_passive_health_cost_on_the_connect_program():
+    data = [rec("meshlet", 100, 20, program_ns_per_connect=260.0),
+            rec("meshlet-no-health", 100, 20, program_ns_per_connect=230.0)]
+    v = find(targets.judge(data, []), ["passive health"])
+    assert v.status == MET and "N=100: +30 ns" in v.measured
+    data[0]["program_ns_per_connect"] = 340.0
+    assert find(targets.judge(data, []), ["passive health"]).status == NOT_MET
+    assert find(targets.judge(data[:1], []), ["passive health"]).status == NOT_MEASURED
