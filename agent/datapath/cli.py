@@ -52,6 +52,11 @@ def format_table(headers, rows) -> str:
     return "\n".join(lines)
 
 
+def dump_json(view: D.MapsView, which: str | None = None) -> str:
+    """What `meshlet maps dump [WHICH] -o json` prints (the golden tests compare this text)."""
+    return json.dumps(view.as_json(which), indent=2, sort_keys=True)
+
+
 @click.group()
 def maps():
     """Read the datapath's pinned maps (no running agent needed).
@@ -79,7 +84,7 @@ def dump(which, bpffs, output):
     """
     view = D.read_maps(bpffs)
     if output == "json":
-        click.echo(json.dumps(view.as_json(which), indent=2, sort_keys=True))
+        click.echo(dump_json(view, which))
         return
     tables = [which] if which else list(D.DUMPABLE)
     for i, table in enumerate(tables):
