@@ -6,7 +6,7 @@
 #   docker build -t ghcr.io/meshlet/meshlet:0.1.0 --build-arg VERSION=0.1.0 --build-arg REVISION=$(git rev-parse HEAD) .
 # Two stages: `build` makes the venv with pip; the image copies it onto a base holding only what
 # runs: python3, bcc with its LLVM (python3-bpfcc), iproute2, util-linux, ca-certificates. No pip,
-# no compiler toolchain, no apt lists. tests/image runs it as daemonset/daemonset.yaml says.
+# no compiler toolchain, no apt lists. tests/kernel/runtime/test_runtime_image.py runs it as daemonset/daemonset.yaml says.
 
 FROM debian:bookworm-slim AS build
 # HOST_CA_BUNDLE: a CA bundle file mounted into the build (scripts/image.sh mounts the host's,

@@ -13,7 +13,8 @@ demo: setup
 
 # The test target also sets up the kernel-matrix VM (qemu, Debian's 6.1 kernel and headers):
 # tests/vm boots it and runs the kernel tests inside, beside the run on the host kernel; and podman
-# for tests/image, which builds the image and runs it as daemonset/daemonset.yaml says.
+# for tests/kernel/runtime/test_runtime_image.py, which builds the image and runs it as
+# daemonset/daemonset.yaml says.
 test:
 	WITH_VM=1 WITH_IMAGE=1 bash scripts/setup.sh
 	$(PY) -m pytest -q tests

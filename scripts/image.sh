@@ -6,7 +6,7 @@
 #   scripts/image.sh [--print-ref]     build (or reuse) the image; --print-ref only prints its name
 #
 # The image's name is the one daemonset/daemonset.yaml runs (ghcr.io/meshlet/meshlet:<tag>), so the
-# manifests and tests/image use what was built. Steps:
+# manifests and tests/kernel/runtime/test_runtime_image.py use what was built. Steps:
 #   1. podman, runc and mmdebstrap (installed with apt-get when missing; `WITH_IMAGE=1
 #      scripts/setup.sh` does it too);
 #   2. the base, debian:bookworm-slim: used when present, pulled when a registry answers, else made

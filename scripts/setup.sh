@@ -18,7 +18,7 @@ command -v apt-get >/dev/null || die "this script knows Debian/Ubuntu (apt-get);
 # Packages: with WITH_VM=1 also what the kernel-matrix VM test needs, with WITH_IMAGE=1 podman.
 pkgs=(python3-bpfcc python3-venv python3-pip iproute2 iptables nftables bpftool procps)
 [ "${WITH_VM:-0}" = 1 ] && pkgs+=(qemu-system-x86 linux-image-amd64 linux-headers-amd64 busybox-static)
-# With WITH_IMAGE=1 what `make image` and tests/image need (scripts/image.sh).
+# With WITH_IMAGE=1 what `make image` and the image test need (scripts/image.sh).
 [ "${WITH_IMAGE:-0}" = 1 ] && pkgs+=(podman runc mmdebstrap)
 missing=()
 for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done

@@ -1,6 +1,7 @@
 """The Dockerfile and the image's entrypoint, checked as text (fast, no container engine).
 
-The image itself is built and run as the DaemonSet runs it by tests/image (podman). Here the
+The image itself is built and run as the DaemonSet runs it by
+tests/kernel/runtime/test_runtime_image.py (podman). Here the
 Dockerfile is read as text: the base image of both stages, the packages (nothing in the final
 stage that only the build needs), the venv with the system site packages (bcc is Debian's), every
 COPY source present in the repository, the labels, a non-root default user, and an entrypoint that
