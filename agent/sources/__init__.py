@@ -38,10 +38,13 @@ ObjectKey = tuple[str, str, str, str]
 
 
 def object_key(obj: dict) -> ObjectKey:
-    api_version = obj.get("apiVersion") or ""
+    # Any JSON may arrive here (resolve reports what is unusable): never assume a field's type.
+    api_version = obj.get("apiVersion")
+    api_version = api_version if isinstance(api_version, str) else ""
     # Interned: the store keeps one key per object of the cluster, and a group is one of a few.
     group = sys.intern(api_version.rpartition("/")[0])
-    meta = obj.get("metadata") or {}
+    meta = obj.get("metadata")
+    meta = meta if isinstance(meta, dict) else {}
     return (group, str(obj.get("kind") or ""), str(meta.get("namespace") or ""), str(meta.get("name") or ""))
 
 

@@ -253,7 +253,8 @@ class KindWatcher:
             code = obj.get("code")
             raise ApiError(code if isinstance(code, int) else 0, str(obj.get("message", "")),
                            str(obj.get("reason", "")))
-        resource_version = (obj.get("metadata") or {}).get("resourceVersion")
+        meta = obj.get("metadata")
+        resource_version = meta.get("resourceVersion") if isinstance(meta, dict) else None
         if kind in ("ADDED", "MODIFIED"):
             self._call_sink(self._sink.upsert, self._typed(obj))
         elif kind == "DELETED":
