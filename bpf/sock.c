@@ -4,10 +4,14 @@
  * to an endpoint chosen here: a weighted pick among the frontend's backend groups, then an
  * endpoint inside the group (uniform, or ClientIP affinity keyed by the client's netns cookie).
  * recvmsg4/6 and getpeername4/6 show the frontend instead of the endpoint (SEMANTICS A12).
+ * sockops (the cgroup sock_ops hook) learns how the handshake of each TCP connection translated
+ * here ended and ejects endpoints that keep failing (passive health, SEMANTICS A17; at the end).
  *
  * Cost model: traffic to an address that is not a frontend pays one hash lookup and nothing
  * else. Only after that lookup hits do we look for the client's pod (cgroup walk, and only when
- * a consumer scope or an opt-out could change the answer) and the socket's storage.
+ * a consumer scope or an opt-out could change the answer) and the socket's storage. A pick in
+ * a group with passive health adds one lookup (its set's ejections, a miss while none is
+ * ejected) and, for TCP, 16 bytes written to the socket's storage for sockops.
  *
  * Consistency: the agent never modifies a value in place. A frontend's whole split is one map
  * value, a group's current endpoint set is one value (set_id, count), and the maps holding
