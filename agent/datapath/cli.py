@@ -148,14 +148,15 @@ def trace(source, target, verdicts, count, output, bpffs):
     from agent.datapath import trace as T
 
     flt = T.Filter(tuple(verdicts) or tuple(T.VERDICTS), T.parse_to(target) if target else None)
+    table = T.TableWriter()
     if output == "table":
-        click.echo(T.table_row(T.COLUMNS))
+        click.echo(table.row(T.COLUMNS))
 
     def emit(event):
         if output == "json":
             click.echo(json.dumps(T.as_json(event), sort_keys=True))
         else:
-            click.echo(T.table_row(T.table_cells(event)))
+            click.echo(table.row(T.table_cells(event)))
 
     summary = T.trace(bpffs, source, flt, count, emit, ready=lambda text: click.echo(f"meshlet: {text}", err=True))
     lost = f"; {summary.dropped} lost to a full ring buffer (narrow the filters)" if summary.dropped else ""

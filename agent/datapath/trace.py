@@ -44,6 +44,7 @@ from agent.datapath import layout as L
 from agent.datapath import entries as E
 from agent.datapath.dump import format_endpoint
 from agent.errors import UserError
+from agent.kubelet import pod_uid_of
 
 #: Seconds a trace stays on without being renewed (a killed trace stops after this).
 TRACE_LEASE_S = 5
@@ -307,13 +308,16 @@ def pod_names(names: Mapping[int, str]) -> dict[int, str]:
 
 
 class ClientNamer:
-    """cgroup id of a client task -> its pod ("namespace/name"), or its cgroup path.
+    """cgroup id of a client task -> its pod ("namespace/name"), else "pod <uid>" from a kubelet
+    cgroup name, else its cgroup path.
 
     A task runs in its pod's cgroup or in a container cgroup below it: the cgroup's directory is
     found by its inode number (= cgroup id) under the cgroup2 mount, then the nearest directory
-    up that is a known pod names it. The scan is cached and redone at most once a second."""
+    up that is a known pod names it. `pods(fresh)` gives the pods the names map knows (fresh: read
+    again, rate-limited by the caller: a pod the agent named after the trace started). The cgroup
+    scan is cached and redone at most once a second; only answers naming a pod are kept."""
 
-    def __init__(self, mount: str, pods: Callable[[], Mapping[int, str]]):
+    def __init__(self, mount: str, pods: Callable[[bool], Mapping[int, str]]):
         self.mount = mount
         self._pods = pods
         self._paths: dict[int, str] = {}
@@ -341,23 +345,32 @@ class ClientNamer:
         path = self.path_of(cgroup_id)
         if path is None:
             return f"cgroup {cgroup_id}"
-        pods = self._pods()
-        name = None
-        probe = path
-        while probe.startswith(self.mount) and len(probe) >= len(self.mount):
+        ancestors = self._ancestors(path)
+        for fresh in (False, True):
+            pods = self._pods(fresh)
+            for ino, _ in ancestors:
+                if ino in pods:
+                    self._names[cgroup_id] = pods[ino]
+                    return pods[ino]
+        for _, directory in ancestors:
+            uid = pod_uid_of(os.path.basename(directory), under_kubepods="kubepods" in directory)
+            if uid:
+                return f"pod {uid}"  # a pod the agent has not named (yet)
+        rel = os.path.relpath(path, self.mount)
+        return "/" if rel == "." else "/" + rel  # a process outside every pod
+
+    def _ancestors(self, path: str) -> list[tuple[int, str]]:
+        """(cgroup id, directory) from `path` up to the mount."""
+        out = []
+        while path.startswith(self.mount) and len(path) >= len(self.mount):
             try:
-                ino = os.stat(probe).st_ino
+                out.append((os.stat(path).st_ino, path))
             except OSError:
                 break
-            if ino in pods:
-                name = pods[ino]
+            if path == self.mount:
                 break
-            probe = os.path.dirname(probe)
-        if name is None:
-            rel = os.path.relpath(path, self.mount)
-            name = "/" if rel == "." else "/" + rel  # a process outside every known pod
-        self._names[cgroup_id] = name
-        return name
+            path = os.path.dirname(path)
+        return out
 
 
 def find_pod(names: Mapping[int, str], text: str, namer: ClientNamer) -> tuple[int, int]:
@@ -396,7 +409,11 @@ def trace(bpffs: str, flt_from: str | None, flt: Filter, count: int, emit: Calla
     names = read_names(bpffs)
     names_read = time.monotonic()
 
-    def current_pods() -> Mapping[int, str]:
+    def current_pods(fresh: bool) -> Mapping[int, str]:
+        nonlocal names_read
+        if fresh and time.monotonic() - names_read > 1.0:
+            names.update(read_names(bpffs))
+            names_read = time.monotonic()
         return pod_names(names)
 
     namer = ClientNamer(mount, current_pods)
@@ -463,11 +480,18 @@ def _raise_interrupt(_signum, _frame):
 # --- output ------------------------------------------------------------------------------------
 
 COLUMNS = ("TIME", "CLIENT", "FRONTEND", "PROTO", "SCOPE", "ROUTE", "BACKEND", "ENDPOINT", "VERDICT")
-_WIDTHS = (15, 22, 21, 5, 8, 10, 24, 21, 7)
 
 
-def table_row(cells: tuple[str, ...]) -> str:
-    return "  ".join(c.ljust(w) for c, w in zip(cells, _WIDTHS)).rstrip()
+class TableWriter:
+    """Rows of a table printed as they come: a column widens for good when a cell needs more
+    (the rows already printed cannot move), so it starts at widths that fit typical names."""
+
+    def __init__(self, widths: tuple[int, ...] = (15, 20, 18, 5, 8, 34, 28, 18, 7)):
+        self.widths = list(widths)
+
+    def row(self, cells: tuple[str, ...]) -> str:
+        self.widths = [max(w, len(c)) for w, c in zip(self.widths, cells)]
+        return "  ".join(c.ljust(w) for c, w in zip(cells, self.widths)).rstrip()
 
 
 def table_cells(e: Event) -> tuple[str, ...]:

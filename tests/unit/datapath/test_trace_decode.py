@@ -62,3 +62,32 @@ def test_a_record_decodes_with_names_from_the_names_map():
 def test_pod_names_are_the_tagged_entries_of_the_names_map():
     assert T.pod_names({0x1234 | L.POD_NAME_TAG: "default/client", 0x1234: "shop/web:http/tcp/v4"}) == {
         0x1234: "default/client"}
+
+
+def test_the_streamed_table_widens_a_column_for_good_when_a_cell_needs_it():
+    table = T.TableWriter((4, 4))
+    assert table.row(("A", "B")) == "A     B"
+    assert table.row(("longer", "B")) == "longer  B"
+    assert table.row(("A", "B")) == "A       B", "later rows keep the wider column"
+
+
+def test_a_client_is_named_by_the_nearest_known_pod_above_its_cgroup(tmp_path):
+    pod_dir = tmp_path / "kubepods.slice" / "kubepods-besteffort.slice" / "kubepods-besteffort-poda_b.slice"
+    container = pod_dir / "cri-containerd-1.scope"
+    container.mkdir(parents=True)
+    node_task = tmp_path / "system.slice"
+    node_task.mkdir()
+    known: dict[int, str] = {}
+    asked_fresh = []
+
+    def pods(fresh: bool):
+        asked_fresh.append(fresh)
+        return known
+
+    namer = T.ClientNamer(str(tmp_path), pods)
+    cgroup = container.stat().st_ino
+    assert namer(cgroup) == "pod a-b", "not named yet: the kubelet's cgroup name still gives the uid"
+    assert asked_fresh == [False, True], "an unknown pod makes the names map be read again"
+    known[pod_dir.stat().st_ino] = "shop/web-1"
+    assert namer(cgroup) == "shop/web-1"
+    assert namer(node_task.stat().st_ino) == "/system.slice"
