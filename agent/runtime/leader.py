@@ -38,7 +38,8 @@ LEASES = ResourceKind("Lease", "coordination.k8s.io", "v1", "leases")
 class LeaderElector:
     def __init__(self, api_client, identity: str, namespace: str, on_start: Callable[[], None],
                  on_stop: Callable[[], None], lease_name: str = "meshlet-status-writer",
-                 lease_seconds: float = 11, renew_seconds: float = 5, retry_seconds: float = 2):
+                 lease_seconds: float = 11, renew_seconds: float = 5, retry_seconds: float = 2,
+                 clock: Callable[[], float] = time.monotonic):
         if not 0 < renew_seconds * 2 <= lease_seconds:
             raise ValueError(f"renew_seconds ({renew_seconds}) must be at most half of lease_seconds ({lease_seconds})")
         if not 0 < retry_seconds < lease_seconds - renew_seconds:
@@ -51,6 +52,7 @@ class LeaderElector:
         self.retry_seconds = retry_seconds
         #: The holder steps down when it could not renew for this long (see the module docstring).
         self.renew_deadline = lease_seconds - renew_seconds
+        self._clock = clock  #: monotonic seconds (tests drive step() on a clock of their own)
         self._on_start = on_start
         self._on_stop = on_stop
         # Each request is bounded well inside the renew deadline, so a hung API server cannot
@@ -78,13 +80,10 @@ class LeaderElector:
         log.info("leader.candidate", identity=self.identity, lease=f"{self.namespace}/{self.lease_name}")
         try:
             while not self._stop.is_set():
-                self._round()
+                self.step()
                 self._stop.wait(self._next_wait())
         finally:
-            if self._leader:
-                self._step_down("stopping")
-                if self._release:
-                    self._release_lease()
+            self.resign(self._release)
             self._done.set()
 
     def stop(self, release: bool = True, timeout: float = 5.0) -> None:
@@ -99,7 +98,7 @@ class LeaderElector:
     def _next_wait(self) -> float:
         if not self._leader:
             return self.retry_seconds
-        now = time.monotonic()
+        now = self._clock()
         due = self._renewed_at + self.renew_seconds - now
         if due <= 0:  # the renewal failed: try again soon, and never sleep past the deadline
             due = min(self.retry_seconds, self._renewed_at + self.renew_deadline - now)
@@ -107,15 +106,23 @@ class LeaderElector:
 
     # --- one round --------------------------------------------------------------------------
 
-    def _round(self) -> None:
+    def resign(self, release: bool = True) -> None:
+        """Step down if leading (on_stop) and, with `release`, free the Lease at once."""
+        if self._leader:
+            self._step_down("stopping")
+            if release:
+                self._release_lease()
+
+    def step(self) -> None:
+        """One round: try to acquire, or renew when due, or step down past the deadline."""
         try:
             if not self._leader:
                 self._try_acquire()
-            elif time.monotonic() - self._renewed_at >= self.renew_seconds:
+            elif self._clock() - self._renewed_at >= self.renew_seconds:
                 self._renew()
         except ApiError as err:
             log.warning("leader.api_error", identity=self.identity, status=err.status, error=err.message)
-        if self._leader and time.monotonic() - self._renewed_at > self.renew_deadline:
+        if self._leader and self._clock() - self._renewed_at > self.renew_deadline:
             self._step_down(f"could not renew the Lease for {self.renew_deadline:g}s")
 
     def _try_acquire(self) -> None:
@@ -146,7 +153,7 @@ class LeaderElector:
             "spec": {"holderIdentity": self.identity, "leaseDurationSeconds": self._duration(),
                      "acquireTime": now_text, "renewTime": now_text, "leaseTransitions": 0},
         }
-        sent = time.monotonic()
+        sent = self._clock()
         try:
             created = self._http.json("POST", LEASES.collection_path(self.namespace), body=lease)
         except ApiError as err:
@@ -159,7 +166,7 @@ class LeaderElector:
         lease = dict(self._lease)
         lease["spec"] = {**(lease.get("spec") or {}), "renewTime": format_micro_time(time.time()),
                          "leaseDurationSeconds": self._duration()}
-        sent = time.monotonic()
+        sent = self._clock()
         try:
             self._lease = self._http.json("PUT", self._path, body=lease)
             self._renewed_at = sent
@@ -182,7 +189,7 @@ class LeaderElector:
         self._lease = current  # still ours (our earlier write landed after all): renew next round
 
     def _write(self, lease: dict, taking_over_from: str) -> None:
-        sent = time.monotonic()
+        sent = self._clock()
         try:
             written = self._http.json("PUT", self._path, body=lease)
         except ApiError as err:
@@ -213,13 +220,13 @@ class LeaderElector:
         version = (lease.get("metadata") or {}).get("resourceVersion")
         if version != self._observed_version:
             self._observed_version = version
-            self._observed_at = time.monotonic()
+            self._observed_at = self._clock()
 
     def _expired(self, spec: dict) -> bool:
         duration = spec.get("leaseDurationSeconds")
         if not isinstance(duration, (int, float)) or duration <= 0:
             duration = self.lease_seconds
-        return time.monotonic() - self._observed_at >= duration
+        return self._clock() - self._observed_at >= duration
 
     def _became_leader(self, lease: dict, sent: float, previous: str) -> None:
         self._lease = lease

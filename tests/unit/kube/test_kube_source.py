@@ -157,17 +157,17 @@ def test_dropped_connection_resumes_from_the_last_version_without_relisting(apis
 
 
 def test_a_server_ended_watch_is_resumed_at_once(apiserver, sink, start_source):
-    source = start_source(backoff_initial=3.0, backoff_max=3.0)  # a backoff would show
+    # An hour of backoff: waited for, it would fail the generous deadline below; resumed at
+    # once, the new watch comes within it whatever the machine's load.
+    source = start_source(backoff_initial=3600.0, backoff_max=3600.0)
     wait_synced(sink, source)
     apiserver.wait_for_watches("Service")
     apiserver.create(make("Service", "default", "a"))
     sink.wait_for(lambda: sink.names("Service") == ["a"])
     seen_version = apiserver.get("Service", "default", "a")["metadata"]["resourceVersion"]
 
-    ended = time.monotonic()
     apiserver.end_watches("Service")  # what the server does when timeoutSeconds runs out
-    wait_until(lambda: len(apiserver.requests_for("Service", watch=True)) == 2, 1.0, "a new watch at once")
-    assert time.monotonic() - ended < 1.0
+    wait_until(lambda: len(apiserver.requests_for("Service", watch=True)) == 2, 30.0, "a new watch at once")
     assert last_watch_version(apiserver, "Service") == seen_version
     assert len(apiserver.requests_for("Service", watch=False)) == 1
 

@@ -6,13 +6,13 @@ a cgroup2 directory has like any other); the kernel tests run it on a real cgrou
 
 import os
 import threading
-import time
 import uuid
 
 import pytest
 
 from agent.kubelet import QOS_CLASSES, pod_cgroup_path
 from agent.lab.pods import container_cgroup_name
+from agent.runtime.settings import Settings
 from agent.sources import POD_CGROUPS
 from agent.kubelet import pod_uid_of
 from agent.sources.cgroups import CgroupsSource, scan_pod_cgroups
@@ -77,23 +77,30 @@ def test_reports_only_changes_and_the_first_scan(tmp_path):
     assert sink.mappings == [{}, {uid: inode}]
 
 
-def test_appearing_and_vanishing_pods_are_noticed_within_one_second(tmp_path):
+#: A generous deadline for a background thread to react (a loaded CI machine is slow at times);
+#: the one-second promise itself is the scan interval's (test_the_default_scan_interval_...).
+REACT = 10.0
+
+
+def test_the_default_scan_interval_keeps_the_one_second_promise():
+    assert Settings.cgroup_scan_interval <= 0.5  # a change is seen by the next scan (test above)
+
+
+def test_appearing_and_vanishing_pods_are_noticed_by_the_running_source(tmp_path):
     sink = RecordingSink()
     source = CgroupsSource(tmp_path, sink, interval=0.25)
     source.start()
     try:
-        assert sink.changed.wait(1)
+        assert sink.changed.wait(REACT)
         sink.changed.clear()
-        started = time.monotonic()
         uid, inode = make_pod(tmp_path, "cgroupfs", "guaranteed")
-        assert sink.changed.wait(1.0) and time.monotonic() - started < 1.0
+        assert sink.changed.wait(REACT)
         assert sink.mappings[-1] == {uid: inode}
         sink.changed.clear()
         pod_dir = tmp_path / pod_cgroup_path("cgroupfs", "guaranteed", uid)
         (pod_dir / container_cgroup_name("cgroupfs", uid)).rmdir()
-        started = time.monotonic()
         pod_dir.rmdir()
-        assert sink.changed.wait(1.0) and time.monotonic() - started < 1.0
+        assert sink.changed.wait(REACT)
         assert sink.mappings[-1] == {}
     finally:
         source.stop()
