@@ -91,3 +91,16 @@ def test_a_client_is_named_by_the_nearest_known_pod_above_its_cgroup(tmp_path):
     known[pod_dir.stat().st_ino] = "shop/web-1"
     assert namer(cgroup) == "shop/web-1"
     assert namer(node_task.stat().st_ino) == "/system.slice"
+
+
+def test_without_a_ring_buffer_pinned_the_trace_says_why_in_one_sentence(tmp_path):
+    from agent.datapath import loader
+
+    with pytest.raises(UserError, match="no meshlet maps pinned"):
+        T.Control(str(tmp_path))
+    maps = tmp_path / f"v{L.LAYOUT_VERSION}" / "maps"
+    maps.mkdir(parents=True)
+    (maps / "frontends").write_text("")  # the agent's maps are there, the trace maps are not
+    assert loader.map_pin(str(tmp_path), "frontends") == str(maps / "frontends")
+    with pytest.raises(UserError, match=r"lacks BPF ring buffers \(Linux >= 5.8\).*hint:"):
+        T.Ring(str(tmp_path))
