@@ -169,6 +169,19 @@ class ConnectLoop:
         with open(self.out_path) as f:
             return [json.loads(line) for line in f if line.startswith("{") and line.endswith("}\n")]
 
+    def switched_to(self, peer: str, since: float, then: int = 20, timeout: float = 30.0) -> list[dict]:
+        """The lines started after `since`, once `then` more connections followed the first one
+        that reached `peer` (polling with a generous deadline: how fast a change arrives is the
+        benchmark's event-to-map row, not a test's bound)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            after = [line for line in self.lines() if line["t"] > since]
+            reached = [i for i, line in enumerate(after) if line.get("peer") == peer]
+            if reached and len(after) - reached[0] > then:
+                return after
+            time.sleep(0.05)
+        raise AssertionError(f"new connections did not reach {peer} within {timeout}s: {self.lines()[-5:]}")
+
     def wait_for(self, count: int, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
         while len(self.lines()) < count and time.monotonic() < deadline:

@@ -7,7 +7,8 @@ attaches nowhere else. Every test removes its agent (by pid), detaches and unpin
 uninstall` on its own bpffs and subtree), also on failure; the lab removes pods, netns, cgroups.
 
 What a user would check:
-- a change of the manifests reaches new connections within 1 s (SEMANTICS B15);
+- a change of the manifests reaches new connections, and none go back to the old endpoint
+  (how fast, SEMANTICS B15, is the benchmark's event-to-map row: no test bounds a real agent's time);
 - restarting the agent (SIGTERM, then SIGKILL) while a client connects in a loop costs zero
   failed connections (D1);
 - a new agent that is still listing (its first sync held open) changes nothing: the maps keep
@@ -31,7 +32,7 @@ def ip(world, name):
     return world.pods[f"mesh/{name}"].ipv4
 
 
-def test_manifest_change_reaches_new_connections_within_one_second(world):
+def test_manifest_change_reaches_new_connections_and_none_go_back(world):
     write_atomically(world.manifests_dir / "echo.yaml", manifests([ip(world, "echo-a")]))
     agent = world.agent()
     agent.wait_ready()
@@ -42,13 +43,10 @@ def test_manifest_change_reaches_new_connections_within_one_second(world):
     for target in ("echo-b", "echo-a"):
         changed_at = time.time()
         write_atomically(world.manifests_dir / "echo.yaml", manifests([ip(world, target)]))
-        time.sleep(1.5)
-        after = [line for line in loop.lines() if line["t"] > changed_at]
-        assert after and not [line for line in after if "error" in line], after
-        followed = [line["t"] - changed_at for line in after if line["peer"] == target]
-        first = followed[0]
-        assert first < 1.0, f"new connections reached {target} only {first:.2f}s after the change"
-        stragglers = [line for line in after if line["t"] - changed_at > first and line["peer"] != target]
+        after = loop.switched_to(target, changed_at)
+        assert not [line for line in after if "error" in line], after
+        first = next(i for i, line in enumerate(after) if line["peer"] == target)
+        stragglers = [line for line in after[first:] if line["peer"] != target]
         assert not stragglers, stragglers
     code, status = agent.get("/healthz")
     assert code == 200, status
