@@ -16,6 +16,7 @@ import click
 
 from agent.datapath import dump as D
 from agent.datapath import loader
+from agent.datapath import trace as T
 from agent.model import host_port
 
 
@@ -126,7 +127,7 @@ def uninstall(bpffs, cgroup_root):
 @click.command()
 @click.option("--from", "source", metavar="NS/POD", help="Only connections from this pod (of this node).")
 @click.option("--to", "target", metavar="ADDR[:PORT][/PROTO]", help="Only connections to this frontend.")
-@click.option("--verdict", "verdicts", multiple=True, type=click.Choice(["forward", "reject", "unreachable", "skip", "miss"]),
+@click.option("--verdict", "verdicts", multiple=True, type=click.Choice(list(T.VERDICTS)),
               help="Only these verdicts (repeat the option for several; default: all).")
 @click.option("--count", type=click.IntRange(min=0), default=0, show_default=True,
               help="Stop after this many events (0: until Ctrl-C).")
@@ -145,8 +146,6 @@ def trace(source, target, verdicts, count, output, bpffs):
       meshlet trace --from default/client --to 10.96.0.10:80/tcp
       meshlet trace --verdict reject --verdict unreachable -o json --count 10
     """
-    from agent.datapath import trace as T
-
     flt = T.Filter(tuple(verdicts) or tuple(T.VERDICTS), T.parse_to(target) if target else None)
     table = T.TableWriter()
     if output == "table":

@@ -112,6 +112,17 @@ def test_a_rejected_and_an_unreachable_connection_show_their_errno(datapath, sha
         f"{OTHER4}:80", "shop/local:http/tcp/v4", "unreachable", "EHOSTUNREACH")
 
 
+def test_a_pod_that_opted_out_shows_as_skipped(datapath, shares, lab, tracing):
+    web = shares.group("web", ["web-1"])
+    datapath.reconcile(shares.state({shares.fe(SVC4, 80): shares.split((1, web))}, [web], shares.clients(("skipper",))),
+                       shares.cgroups())
+    t = tracing("--count", "1").ready()
+    lab.pod("quiet/skipper").client("tcp", SVC4, 80, 1)  # untranslated: ENETUNREACH from the lab node
+    (event,), _ = t.events()
+    assert (event["client"], event["frontend"], event["verdict"], event["endpoint"], event["errno"]) == (
+        "quiet/skipper", f"{SVC4}:80", "skip", "", "")
+
+
 def test_a_udp_flow_is_one_event_its_later_datagrams_none(datapath, shares, client, tracing):
     dns = shares.group("dns", ["web-3"], protocol="UDP")
     web = shares.group("web", ["web-1"])
