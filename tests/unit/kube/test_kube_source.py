@@ -9,7 +9,6 @@ no error, and one installed later is picked up.
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -86,7 +85,7 @@ def test_a_list_reaches_the_sink_page_by_page_as_it_arrives(apiserver, sink, sta
         source = start_source()  # pages of 2: [svc-0, svc-1], [svc-2, svc-3], then the held [svc-4]
         sink.wait_for(lambda: sink.names("Service") == ["svc-0", "svc-1", "svc-2", "svc-3"],
                       what="the first two pages before the list ends")
-        time.sleep(0.1)
+        wait_until(lambda: len(continued) == 2, 30, "the source asking for the held last page")
         assert "Service" not in sink.synced_sources and sink.calls_of("list", "Service") == []
     finally:
         release.set()
@@ -100,16 +99,18 @@ def test_a_list_reaches_the_sink_page_by_page_as_it_arrives(apiserver, sink, sta
 def test_each_kind_is_synced_once_and_only_after_its_first_list(apiserver, sink, start_source):
     apiserver.create(make("Service", "default", "web"))
     release = threading.Event()
+    asked = threading.Event()
 
     def hold_service_list(method, path, query, body):
         if path == "/api/v1/services" and query.get("watch") != "true":
+            asked.set()
             release.wait(10)
         return None
 
     apiserver.add_hook(hold_service_list)
     source = start_source()
     sink.wait_for(lambda: set(sink.synced_sources) >= set(source.kinds) - {"Service"}, what="all but Service")
-    time.sleep(0.2)
+    assert asked.wait(30), "the Service list was never asked for"
     assert "Service" not in sink.synced_sources
     assert sink.names("Service") == []
 
@@ -182,10 +183,8 @@ def test_bookmarks_advance_the_version_a_watch_resumes_from(apiserver, sink, sta
     apiserver.touch_other()  # the cluster moves on; nothing a Service watch sees
     bookmark_version = str(apiserver.send_bookmarks("Service"))
     assert int(bookmark_version) > int(first_watch)
-    deadline = time.monotonic() + 5
-    while source._watchers["Service"].resource_version != bookmark_version:
-        assert time.monotonic() < deadline, "the bookmark never reached the watcher"
-        time.sleep(0.01)
+    wait_until(lambda: source._watchers["Service"].resource_version == bookmark_version, 30,
+               "the bookmark reaching the watcher")
 
     apiserver.drop_watches("Service")
     wait_until(lambda: len(apiserver.requests_for("Service", watch=True)) == 2, what="the resumed watch")
@@ -205,9 +204,11 @@ def test_410_gone_relists_and_the_sink_matches_the_server(apiserver, sink, start
     # The agent is cut off while the cluster changes and compacts its history.
     cut_off = threading.Event()
     cut_off.set()
+    refused = []
 
     def unreachable(method, path, query, body):
         if cut_off.is_set() and path == "/api/v1/services":
+            refused.append(query.get("watch"))
             return 503, {"kind": "Status", "code": 503, "message": "stand-in: unavailable"}
         return None
 
@@ -216,7 +217,7 @@ def test_410_gone_relists_and_the_sink_matches_the_server(apiserver, sink, start
     apiserver.delete("Service", "default", "goes")
     apiserver.create(make("Service", "default", "new"))
     apiserver.compact()
-    time.sleep(0.2)
+    wait_until(lambda: refused, 30, "the source trying again while cut off")
     cut_off.clear()
 
     sink.wait_for(lambda: sink.names("Service") == ["new", "stays"], what="relist after 410")
@@ -255,10 +256,7 @@ def test_a_missing_route_crd_is_no_error_and_is_picked_up_once_installed(apiserv
 
     apiserver.remove_crd("HTTPRoute")
     sink.wait_for(lambda: sink.names("HTTPRoute") == [], what="HTTPRoute gone with its CRD")
-    deadline = time.monotonic() + 5
-    while "HTTPRoute" in source.served_kinds:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_until(lambda: "HTTPRoute" not in source.served_kinds, 30, "HTTPRoute no longer served")
 
 
 def test_one_bad_discovery_answer_does_not_drop_a_route_kind(apiserver, sink, start_source):
@@ -301,16 +299,18 @@ def test_the_best_served_route_version_is_watched(apiserver, sink, start_source)
 def test_an_unavailable_server_is_retried_until_it_answers(apiserver, sink, start_source):
     failing = threading.Event()
     failing.set()
+    refused = []
 
     def unavailable(method, path, query, body):
         if failing.is_set():
+            refused.append(path)
             return 503, {"kind": "Status", "code": 503, "message": "stand-in: unavailable"}
         return None
 
     apiserver.add_hook(unavailable)
     apiserver.create(make("Namespace", "", "default"))
     source = start_source()
-    time.sleep(0.5)
+    wait_until(lambda: refused.count("/api/v1/namespaces") >= 2, 30, "the Namespace list refused and retried")
     assert sink.synced_sources == []  # nothing is synced while nothing could be listed
     failing.clear()
     wait_synced(sink, source)
