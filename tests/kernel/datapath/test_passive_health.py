@@ -99,6 +99,16 @@ def skipped(datapath, g: BackendGroup) -> list[int]:
     return sorted(s.index for s in value.slot if s.until_ns > now)
 
 
+def assert_skipped_while_ejected(datapath, g: BackendGroup, index: int, rec: L.HealthValue) -> None:
+    """The set skips `index` while its back-off runs (read before the clock: a slow machine may
+    be past the back-off by now, and then nothing is skipped)."""
+    now_skipped = skipped(datapath, g)
+    if time.clock_gettime_ns(time.CLOCK_MONOTONIC) < rec.until_ns:
+        assert now_skipped == [index]
+    else:
+        assert now_skipped in ([], [index])
+
+
 def health_stats(datapath) -> dict[str, int]:
     out = {}
     for index, name in L.HEALTH_STATS.items():
@@ -125,7 +135,7 @@ def test_an_endpoint_that_stops_listening_fails_at_most_f_connections_then_none(
     # connection per back-off), so the failures never exceed F + the extra ejections.
     assert failed <= F + rec.ejections - 1, (first, rec.ejections)
     web3_index = web.endpoints.index(Endpoint(shares.address("web-3", 4), HEALTH_PORT))
-    assert skipped(datapath, web) == [web3_index]
+    assert_skipped_while_ejected(datapath, web, web3_index, rec)
 
     second = connect(client, 40)
     rec2 = record(datapath, shares, "web-3")
@@ -176,8 +186,10 @@ def test_two_of_two_dead_failures_pass_through_and_meshlet_rejects_nothing(datap
     assert result["errors"] == {"ECONNREFUSED": 20}, result
     assert after["rejected"] == before["rejected"], "no connection was refused by meshlet itself"
     assert after["translated"] - before["translated"] == 20, "every one went to an endpoint"
-    assert len(skipped(datapath, web)) == 1, "never more than half of the set is ejected"
-    assert health_stats(datapath)["capped"] > stats["capped"], "the other endpoint's failures passed through"
+    assert len(skipped(datapath, web)) <= 1, "never more than half of the set is ejected"
+    after_stats = health_stats(datapath)
+    assert after_stats["ejections"] > stats["ejections"], "one of them was ejected"
+    assert after_stats["capped"] > stats["capped"], "the other endpoint's failures passed through"
 
 
 def test_a_route_split_keeps_its_weights_while_an_endpoint_inside_one_backend_is_ejected(
@@ -194,7 +206,8 @@ def test_a_route_split_keeps_its_weights_while_an_endpoint_inside_one_backend_is
     to_b = result["peers"].get("web-2", 0)
     assert to_a + to_b == n and set(result["errors"]) <= {"ECONNREFUSED"}, result
     assert result["errors"].get("ECONNREFUSED", 0) <= F + record(datapath, shares, "web-3").ejections - 1
-    assert skipped(datapath, a) == [a.endpoints.index(Endpoint(shares.address("web-3", 4), HEALTH_PORT))]
+    assert_skipped_while_ejected(datapath, a, a.endpoints.index(Endpoint(shares.address("web-3", 4), HEALTH_PORT)),
+                                 record(datapath, shares, "web-3"))
     # 50/50 kept (B12): 5.33 standard deviations of a fair binomial around n/2.
     assert abs(to_a - n / 2) <= 5.33 * (n * 0.25) ** 0.5, result
 
