@@ -11,7 +11,11 @@
  * else. Only after that lookup hits do we look for the client's pod (cgroup walk, and only when
  * a consumer scope or an opt-out could change the answer) and the socket's storage. A pick in
  * a group with passive health adds one lookup (its set's ejections, a miss while none is
- * ejected) and, for TCP, 16 bytes written to the socket's storage for sockops.
+ * ejected) and, for TCP, 16 bytes written to the socket's storage for sockops. A later datagram
+ * of an unconnected UDP socket checks that its remembered endpoint is still usable (SEMANTICS
+ * A16): one lookup of its group while the set revision is unchanged, a members lookup when it
+ * moved (see still_usable). A connected UDP socket's connect() also writes its translation to
+ * udp_flows (by socket cookie), where the agent finds the ones to end when their endpoint goes.
  *
  * Consistency: the agent never modifies a value in place. A frontend's whole split is one map
  * value, a group's current endpoint set is one value (set_id, count), and the maps holding

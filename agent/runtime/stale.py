@@ -30,8 +30,8 @@ from typing import Callable, Mapping
 
 from agent.datapath import sockdiag
 from agent.datapath.stale import Judge, translation_of
-from agent.model import DesiredState
 from agent.logs import get_logger
+from agent.model import DesiredState
 
 log = get_logger("stale")
 
