@@ -82,6 +82,8 @@ def podman_run_args(ds: dict, ctr: dict, image: str, host_paths: dict[str, str],
     args = []
     if pod.get("hostNetwork"):
         args.append("--network=host")
+    if pod.get("hostPID"):
+        args.append("--pid=host")
     if sc.get("privileged"):
         args.append("--privileged")
     if "runAsUser" in sc:
