@@ -5,10 +5,10 @@ changed; a fresh machine makes the Debian base once). Then, from that image, the
 `node-init` and `agent` containers run EXACTLY as the manifest specifies them: security context
 (privileged or not, user, capabilities, read-only root), volume mounts with their propagation,
 arguments with $(VAR) expansion, environment from the downward API and the memory limit are read
-from the manifest and mapped onto podman's flags (`podman_run_args`), never restated here. What
-the kubelet adds is added as it would: the API server's address and the ServiceAccount's token
-and CA. Only the node's paths are replaced: the host cgroup2 root by the lab's cgroup subtree, the
-node's /sys/fs/bpf by a directory of our own in bpffs.
+from the manifest and mapped onto podman's flags (tests/podman_daemonset.py), never restated
+here. What the kubelet adds is added as it would: the API server's address and the
+ServiceAccount's token and CA. Only the node's paths are replaced: the host cgroup2 root by the
+lab's cgroup subtree, the node's /sys/fs/bpf by a directory of our own in bpffs.
 
 The API server is the stand-in (tests/standin_apiserver.py) over HTTPS, enforcing
 daemonset/rbac.yaml for the agent's ServiceAccount. Lab pods connect to a Service in a loop
@@ -23,9 +23,7 @@ Safety: the lab's own netns and cgroup subtree; containers named meshlet-test-*,
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -36,7 +34,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-import yaml
+from podman_daemonset import container, daemonset, podman_run_args
 from runtime_agent_helpers import CLUSTER_IP, REPO, ConnectLoop
 from standin_apiserver import StandInApiServer
 from standin_rbac import Policy
@@ -52,88 +50,6 @@ PODMAN_ENV = {**os.environ, "CONTAINERS_CONF": f"{REPO}/image/containers.conf"}
 NODE = "lab-node"
 BUILD_TIMEOUT = 1500  #: a fresh machine makes the Debian base and pip-installs the dependencies
 READY_TIMEOUT = 180.0  #: the agent compiles its programs with bcc at each start
-
-
-# --- the manifest, mapped onto podman -------------------------------------------------------------
-
-def daemonset(path: Path) -> dict:
-    return next(d for d in yaml.safe_load_all(path.read_text()) if d and d["kind"] == "DaemonSet")
-
-
-def container(ds: dict, name: str) -> dict:
-    pod = ds["spec"]["template"]["spec"]
-    return next(c for c in pod.get("initContainers", []) + pod["containers"] if c["name"] == name)
-
-
-def quantity_bytes(text: str) -> int:
-    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "k": 10**3, "M": 10**6, "G": 10**9}
-    number, unit = re.fullmatch(r"(\d+)([A-Za-z]*)", str(text)).groups()
-    return int(number) * units.get(unit, 1)
-
-
-def podman_run_args(ds: dict, ctr: dict, image: str, host_paths: dict[str, str], downward: dict[str, str],
-                    kubelet_env: dict[str, str], kubelet_mounts: list[str]) -> list[str]:
-    """`podman run` flags for one container of the DaemonSet, as the kubelet would run it.
-
-    host_paths: hostPath path on the node -> the path that stands in for it here (paths not named
-    are used as they are); downward: fieldPath -> value for env valueFrom.fieldRef."""
-    pod = ds["spec"]["template"]["spec"]
-    sc = ctr.get("securityContext") or {}
-    args = []
-    if pod.get("hostNetwork"):
-        args.append("--network=host")
-    if pod.get("hostPID"):
-        args.append("--pid=host")
-    if sc.get("privileged"):
-        args.append("--privileged")
-    if "runAsUser" in sc:
-        args += ["--user", str(sc["runAsUser"])]
-    if sc.get("readOnlyRootFilesystem"):
-        args += ["--read-only", "--read-only-tmpfs=false"]  # no tmpfs the manifest did not ask for
-    caps = sc.get("capabilities") or {}
-    args += ["--cap-drop=all" if cap == "ALL" else f"--cap-drop=CAP_{cap}" for cap in caps.get("drop", [])]
-    args += [f"--cap-add=CAP_{cap}" for cap in caps.get("add", [])]
-    # The kubelet runs containers Unconfined unless the pod or container names a seccomp profile.
-    seccomp = (sc.get("seccompProfile") or (pod.get("securityContext") or {}).get("seccompProfile") or {})
-    if seccomp.get("type", "Unconfined") == "Unconfined":
-        args += ["--security-opt", "seccomp=unconfined"]
-    if sc.get("allowPrivilegeEscalation") is False:
-        args += ["--security-opt", "no-new-privileges"]
-    limit = ((ctr.get("resources") or {}).get("limits") or {}).get("memory")
-    if limit:
-        args += ["--memory", str(quantity_bytes(limit))]
-    volumes = {v["name"]: v for v in pod.get("volumes", [])}
-    propagation = {None: "rprivate", "None": "rprivate", "HostToContainer": "rslave", "Bidirectional": "rshared"}
-    for mount in ctr.get("volumeMounts", []):
-        volume = volumes[mount["name"]]
-        if "hostPath" in volume:
-            source = host_paths.get(volume["hostPath"]["path"], volume["hostPath"]["path"])
-            options = ["ro" if mount.get("readOnly") else "rw", propagation[mount.get("mountPropagation")]]
-            args += ["--volume", f"{source}:{mount['mountPath']}:{','.join(options)}"]
-        elif "emptyDir" in volume:
-            size = volume["emptyDir"].get("sizeLimit")
-            args += ["--tmpfs", f"{mount['mountPath']}:rw" + (f",size={quantity_bytes(size)}" if size else "")]
-        else:
-            raise AssertionError(f"volume {mount['name']}: no podman mapping for {sorted(volume)}")
-    env = dict(kubelet_env)
-    for var in ctr.get("env", []):
-        if "value" in var:
-            env[var["name"]] = var["value"]
-        else:
-            field_path = var["valueFrom"]["fieldRef"]["fieldPath"]
-            assert field_path in downward, f"env {var['name']}: no value for the downward API's {field_path}"
-            env[var["name"]] = downward[field_path]
-    for key, value in env.items():
-        args += ["--env", f"{key}={value}"]
-    for mount in kubelet_mounts:
-        args += ["--volume", mount]
-
-    def expand(text: str) -> str:  # Kubernetes' $(VAR) expansion in command and args
-        return re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), text)
-
-    if "command" in ctr:
-        args += ["--entrypoint", json.dumps([expand(a) for a in ctr["command"]])]
-    return args + [image] + [expand(a) for a in ctr.get("args", [])]
 
 
 def podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
