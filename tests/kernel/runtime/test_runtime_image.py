@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -50,6 +51,7 @@ PODMAN_ENV = {**os.environ, "CONTAINERS_CONF": f"{REPO}/image/containers.conf"}
 NODE = "lab-node"
 BUILD_TIMEOUT = 1500  #: a fresh machine makes the Debian base and pip-installs the dependencies
 READY_TIMEOUT = 180.0  #: the agent compiles its programs with bcc at each start
+PORT_TIMEOUT = 900.0  #: for another run of this test on the machine to finish with the port
 
 
 def podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
@@ -176,6 +178,17 @@ def wait(predicate, what: str, timeout: float, diagnose=lambda: ""):
     raise AssertionError(f"{what}: not within {timeout}s\n{diagnose()}")
 
 
+def port_free(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, int(port)))
+        except OSError:
+            return False
+    return True
+
+
 def peers_since(loop: ConnectLoop, since: float) -> list:
     return [line.get("peer") or line.get("error") for line in loop.lines() if line["t"] > since]
 
@@ -221,10 +234,12 @@ def test_the_image_runs_as_the_daemonset_specifies(image, lab, node, tls, tmp_pa
         assert done.returncode == 0, f"node-init failed:\n{done.stdout}{done.stderr}"
         assert "node-init: bpffs on /sys/fs/bpf, cgroup2 root at /run/meshlet/cgroup" in done.stdout
 
-        # The agent.
+        # The agent. Its listener is the manifest's fixed host port: another run of this test on
+        # the machine (a second checkout) must be done with it first.
+        listen = next(a for a in container(ds, "agent")["args"] if a.startswith("--listen=")).split("=", 1)[1]
+        wait(lambda: port_free(listen), f"{listen} free (another agent container listens there)", PORT_TIMEOUT)
         agent_args = run_args(ds, names["agent"], "agent")
         podman(*agent_args[:1], "--detach", *agent_args[1:])
-        listen = next(a for a in container(ds, "agent")["args"] if a.startswith("--listen=")).split("=", 1)[1]
         base = f"http://{listen}"
 
         def logs() -> str:
