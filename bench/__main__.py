@@ -6,6 +6,7 @@
     python -m bench --sizes 100,10000 --modes direct,meshlet,nftables --rounds 5
     python -m bench --report-only bench/out/results-....json   # regenerate RESULTS.md and plots
     python -m bench --cleanup            # remove what a killed run left behind
+    python -m bench --soak               # churn soak: 10k Services, 50 endpoint changes/s, 10 min
     python -m bench --sizes 50000 --no-controlplane --reuse bench/out/results-A.json   # add N=50k
 
 Needs root (network namespaces, cgroups, BPF). Everything runs in namespaces and cgroups the
@@ -86,6 +87,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--churn-seconds", type=float, default=60.0, help="churn window in seconds")
     p.add_argument("--idle-seconds", type=float,
                    help="idle-cost window in seconds (default: the agent's full reconcile interval, 60)")
+    p.add_argument("--soak", action="store_true", help="run only the churn soak (bench/soak.py): the real "
+                   "agent under endpoint and route churn while lab clients connect; JSON to --out")
+    p.add_argument("--soak-services", type=int, default=10_000, help="soak: Services")
+    p.add_argument("--soak-seconds", type=float, default=600.0, help="soak: churn window in seconds")
+    p.add_argument("--soak-endpoint-rate", type=float, default=50.0, help="soak: EndpointSlice changes per second")
+    p.add_argument("--soak-route-rate", type=float, default=1.0, help="soak: HTTPRoute edits per second")
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("out"), help="JSON/PNG directory")
     p.add_argument("--results-md", type=Path, default=report.RESULTS_MD, help="markdown file to write")
     p.add_argument("--note", default="", help="a sentence for RESULTS.md about the run's conditions")
@@ -175,6 +182,16 @@ def main(argv=None) -> None:
 
             print("\n".join(remove_leftovers()) or "nothing left behind")
             return
+        if args.soak:
+            from bench import soak
+
+            record = soak.run(args.soak_services, args.soak_seconds, args.soak_endpoint_rate, args.soak_route_rate)
+            args.out.mkdir(parents=True, exist_ok=True)
+            path = args.out / f"soak-{time.strftime('%Y%m%d-%H%M%S')}.json"
+            path.write_text(json.dumps(record, indent=1))
+            print(json.dumps({k: v for k, v in record.items() if k != "samples"}, indent=1))
+            print(f"soak: {'ok' if record['ok'] else 'FAILED'}; record in {path}")
+            sys.exit(0 if record["ok"] else 1)
         results = run(args)
         path = report.write_json(results, args.out)
         publish(results, args, path.resolve())
