@@ -2,15 +2,17 @@
 connect without pause (issue 13). `python -m bench.soak --help`; the CI variant is
 tests/kernel/bench/test_bench_soak.py (a few hundred Services for a few seconds).
 
-What runs: a lab (agent.lab.pods: network namespaces, a cgroup subtree of its own) with one client
-pod and LIVE_PODS echo pods; the tests' stand-in API server (not Kubernetes: it speaks the
+What runs: one client pod (bench.topology: a network namespace and a pod cgroup below a cgroup
+subtree of its own) whose netns holds the whole pod range locally (AnyIP), with an echo server
+there answering each connection with the address it reached: the endpoint the connection was
+translated to. LIVE_ENDPOINTS of those addresses are the live endpoints. The tests' stand-in API server (not Kubernetes: it speaks the
 list/watch wire) holding N Services with their EndpointSlices and N // 100 HTTPRoutes; `meshlet
-run --kubeconfig` against it, attached to the lab's subtree only. The first LIVE Services have
-the echo pods as endpoints; the rest have addresses that exist nowhere (they are only programmed).
+run --kubeconfig` against it, attached to that subtree only. The first LIVE Services have the
+live endpoints; the rest have synthetic endpoints (programmed, never connected to).
 
 The churn (one thread, on an absolute schedule, so its rates are what was asked or reported
 short): `endpoint_rate` EndpointSlice changes per second, one in ten on a live Service (one echo
-pod made not ready, another made ready again: a live Service always keeps one ready endpoint),
+endpoint made not ready, another made ready again: a live Service always keeps one ready endpoint),
 the others swapping an endpoint of a synthetic Service; `route_rate` HTTPRoute weight edits per
 second. One connect loop per live Service runs in the client pod throughout.
 
@@ -24,13 +26,14 @@ What is checked (the record's `ok` is all of them):
 - once the churn stops and the agent has caught up, the planned maps hold exactly the number of
   entries a fresh plan of the final objects gives (nothing leaked, nothing missing).
 
-May touch: what the lab makes, a bpffs directory /sys/fs/bpf/meshlet-soak-<id> (uninstalled at
+May touch: what its bench.topology.Lab makes (one netns, a cgroup subtree), a bpffs directory /sys/fs/bpf/meshlet-soak-<id> (uninstalled at
 the end), loopback (the stand-in server, the agent's listener), child processes it stops by pid.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import random
@@ -55,11 +58,27 @@ from bench.controlplane import (
     objects,
     slice_object,
 )
-from bench.synth import NAMESPACE, PORT_NAME, SERVICE_PORT, Service, make_services, with_endpoint_replaced
+from bench.synth import NAMESPACE, POD_CIDR, SERVICE_PORT, TARGET_PORT, Service, make_services, with_endpoint_replaced
+from bench.topology import Lab, run as run_cmd
 
 REPO = Path(__file__).resolve().parent.parent
-LIVE_PODS = 3
-ECHO_PORT = 8080  #: the lab's echo servers (agent.lab.pods), and the synthetic slices' port
+#: The live endpoints: pod-range addresses no synthetic Service uses (synthetic ones fill the range
+#: from its start, and endpoint swaps take from its last quarter).
+LIVE_ENDPOINTS = ("10.244.150.1", "10.244.150.2", "10.244.150.3")
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+#: Answers each TCP connection on TARGET_PORT with the local address it reached, then closes.
+ECHO_SERVER = textwrap.dedent("""
+    import socket, socketserver, sys
+    class Echo(socketserver.BaseRequestHandler):
+        def handle(self):
+            self.request.sendall(self.request.getsockname()[0].encode() + b"\\n")
+    socketserver.ThreadingTCPServer.allow_reuse_address = True
+    server = socketserver.ThreadingTCPServer(("0.0.0.0", int(sys.argv[1])), Echo)
+    print("ready", flush=True)
+    server.serve_forever()
+""")
 GATEWAY = "gateway.networking.k8s.io"
 
 #: Prints one JSON line per connection to ADDR:PORT: when it started, the pod that answered or the errno.
@@ -79,6 +98,29 @@ CONNECT_LOOP = textwrap.dedent("""
         print(json.dumps(line), flush=True)
         time.sleep(0.005)
 """)
+
+
+class ClientPod:
+    """A netns holding the whole pod range locally (AnyIP), and a pod cgroup under `root`."""
+
+    def __init__(self, lab: Lab, root: Path):
+        self.netns = lab.netns(f"mlb{lab.run_id}-soak")
+        run_cmd("ip", "-n", self.netns, "route", "add", "local", POD_CIDR, "dev", "lo")
+        pod = lab.child_cgroup(root, f"kubepods-pod{uuid.uuid4().hex}.slice")
+        self.container = lab.child_cgroup(pod, "container.scope")
+
+    def popen(self, argv: list[str], in_cgroup: bool = True, **kw) -> subprocess.Popen:
+        procs, netns = self.container / "cgroup.procs", f"/run/netns/{self.netns}"
+
+        def enter():  # the cgroup first, then the netns (as a container runtime does)
+            if in_cgroup:
+                procs.write_text(str(os.getpid()))
+            fd = os.open(netns, os.O_RDONLY)
+            if _libc.setns(fd, _CLONE_NEWNET) != 0:
+                os._exit(97)
+            os.close(fd)
+
+        return subprocess.Popen(argv, preexec_fn=enter, **kw)
 
 
 def route_object(index: int, parent: Service, backends: tuple[Service, Service], weights: tuple[int, int]) -> dict:
@@ -132,8 +174,9 @@ def growth(samples: list[tuple[float, float, int]], warmup: float, column: int) 
 def judge_connections(lines: list[dict], timeline: list[tuple[float, frozenset]], names: dict[str, str],
                       sync_delay: float) -> tuple[list[dict], list[dict]]:
     """(failed, wrong): a wrong connection reached a pod not usable for its Service at any moment of
-    [start - sync_delay, start]. timeline: (time the change was sent, usable pod IPs from then on),
-    sorted; names: pod name -> IP."""
+    [start - sync_delay, start]; it gets `late_s`, how long before its start the endpoint stopped
+    being usable (None: it never was). timeline: (time the change was sent, usable pod IPs from
+    then on), sorted; names: what a connection's `peer` says -> the endpoint IP."""
     failed = [line for line in lines if "error" in line]
     wrong = []
     for line in lines:
@@ -141,13 +184,15 @@ def judge_connections(lines: list[dict], timeline: list[tuple[float, frozenset]]
             continue
         ip = names.get(line["peer"])
         t = line["t"]
-        usable = set()
+        usable, last_usable = set(), None
         for i, (since, ips) in enumerate(timeline):
             until = timeline[i + 1][0] if i + 1 < len(timeline) else float("inf")
             if since <= t and until >= t - sync_delay:
                 usable |= ips
+            if ip in ips and since <= t:
+                last_usable = min(until, t)
         if ip not in usable:
-            wrong.append(line)
+            wrong.append({**line, "late_s": None if last_usable is None else round(t - last_usable, 3)})
     return failed, wrong
 
 
@@ -185,7 +230,6 @@ def run(services: int = 10_000, seconds: float = 600.0, endpoint_rate: float = 5
         live: int = 3, sync_delay: float = 1.0, ready_timeout: float = 600.0, log=sys.stderr) -> dict:
     from agent.datapath import uninstall
     from agent.datapath.layout import PLANNED_MAPS
-    from agent.lab.pods import Lab, unique_lab_name
 
     rng = random.Random(13)
     warmup = 60.0 if seconds >= 240 else seconds / 4
@@ -193,10 +237,15 @@ def run(services: int = 10_000, seconds: float = 600.0, endpoint_rate: float = 5
                     "route_rate_asked": route_rate, "live_services": live, "sync_delay_s": sync_delay,
                     "warmup_s": warmup}
     bpffs = f"/sys/fs/bpf/meshlet-soak-{uuid.uuid4().hex[:8]}"
-    with Lab(unique_lab_name("soak")) as lab, tempfile.TemporaryDirectory() as scratch:
-        client = lab.add_pod(NAMESPACE, "client", echo_ports=())
-        pods = {f"echo-{i}": lab.add_pod(NAMESPACE, f"echo-{i}", echo_ports=(ECHO_PORT,)) for i in range(LIVE_PODS)}
-        pod_ips = {name: pod.ipv4 for name, pod in pods.items()}
+    with Lab() as lab, tempfile.TemporaryDirectory() as scratch:
+        cgroup_root = lab.cgroup_subtree("soak")
+        client = ClientPod(lab, cgroup_root)
+        echo = client.popen([PYTHON, "-c", ECHO_SERVER, str(TARGET_PORT)], in_cgroup=False,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+        lab.on_close(f"echo server pid {echo.pid}", lambda: _stop(echo))
+        if echo.stdout.readline().strip() != "ready":
+            raise RuntimeError("the soak's echo server did not start")
+        pod_ips = {ip: ip for ip in LIVE_ENDPOINTS}  # the echo server answers with the address reached
         synthetic = make_services(services, k=3, udp_every=0)
         live_services = synthetic[:live]
         ready = {svc.name: {ip: True for ip in pod_ips.values()} for svc in live_services}
@@ -218,7 +267,7 @@ def run(services: int = 10_000, seconds: float = 600.0, endpoint_rate: float = 5
         try:
             port = _free_loopback_port()
             cmd = [PYTHON, "-m", "agent", "run", "--kubeconfig", str(_kubeconfig(Path(scratch, "kubeconfig"), server.url)),
-                   "--node-name", NODE_NAME, "--cgroup-root", lab.cgroup_root, "--bpffs", bpffs,
+                   "--node-name", NODE_NAME, "--cgroup-root", str(cgroup_root), "--bpffs", bpffs,
                    "--listen", f"127.0.0.1:{port}", "--log-format", "json"]
             agent_log = open(Path(scratch, "agent.log"), "w")
             agent = subprocess.Popen(cmd, stdout=agent_log, stderr=subprocess.STDOUT, cwd=REPO)
@@ -305,7 +354,8 @@ def run(services: int = 10_000, seconds: float = 600.0, endpoint_rate: float = 5
                 failed += f
                 wrong += w
             record.update(connections=sum(len(v) for v in lines_by_service.values()), failed=len(failed),
-                          wrong_endpoint=len(wrong), failed_examples=failed[:3], wrong_examples=wrong[:3],
+                          wrong_endpoint=len(wrong), failed_examples=failed[:3],
+                          wrong_examples=sorted(wrong, key=lambda w: -(w["late_s"] or 0))[:3],
                           rss_mib_first=sampler.samples[0][1] if sampler.samples else None,
                           rss_mib_last=sampler.samples[-1][1] if sampler.samples else None,
                           fds_first=sampler.samples[0][2] if sampler.samples else None,

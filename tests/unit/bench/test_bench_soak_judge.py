@@ -11,7 +11,7 @@ def test_a_connection_to_an_endpoint_that_was_not_usable_is_caught():
     lines = [{"t": 5.0, "peer": "b"}, {"t": 10.5, "peer": "b"}, {"t": 12.0, "peer": "b"},
              {"t": 12.0, "peer": "a"}, {"t": 13.0, "error": "ECONNREFUSED"}]
     failed, wrong = soak.judge_connections(lines, timeline, names, sync_delay=1.0)
-    assert failed == [lines[4]] and wrong == [lines[2]]
+    assert failed == [lines[4]] and wrong == [{**lines[2], "late_s": 2.0}]
 
 
 def test_growth_is_measured_from_the_first_sample_after_the_warmup():
