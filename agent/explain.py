@@ -39,8 +39,9 @@ from agent.datapath.dump import FrontendRow, MapsView, read_maps
 from agent.datapath.plan import scope_id
 from agent.errors import UserError
 from agent.model import SKIP_KEY, host_port
+from agent.runtime.settings import DEFAULT_LISTEN
 
-DEFAULT_AGENT = "http://127.0.0.1:9966"
+DEFAULT_AGENT = f"http://{DEFAULT_LISTEN}"  # the agent's default --listen
 NODE = "node"
 
 #: (namespace, pod name) -> the pod's cgroup id on this node, None when unknown.

@@ -123,13 +123,13 @@ def parse_listen(text: str) -> tuple[str, int]:
     """`ADDR:PORT` or `[V6ADDR]:PORT` -> (address, port); port 0 picks a free port."""
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
-        raise UserError(f"--listen {text!r} is not ADDR:PORT; e.g. --listen 127.0.0.1:9966")
+        raise UserError(f"--listen {text!r} is not ADDR:PORT; e.g. --listen {DEFAULT_LISTEN}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        raise UserError(f"--listen {text!r}: {host!r} is not an IP address; e.g. --listen 127.0.0.1:9966") from None
+        raise UserError(f"--listen {text!r}: {host!r} is not an IP address; e.g. --listen {DEFAULT_LISTEN}") from None
     return host, int(port)
 
 

@@ -9,7 +9,7 @@ and the layers its row names, nothing else:
     plan      datapath: uapi, layout, entries, plan -> base        (pure)
     datapath  the rest of agent/datapath/ -> base, plan
     runtime   agent/runtime/          -> base, resolve, sources, plan, datapath
-    explain   agent/explain.py        -> base, plan, datapath
+    explain   agent/explain.py        -> base, plan, datapath, runtime (settings: the agent's defaults)
     lab       agent/lab/              -> everything above but bench
     bench     bench/                  -> everything above but lab
     cli       agent/cli.py, agent/__main__.py -> everything (the composition root)
@@ -55,7 +55,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "plan": {"base"},
     "datapath": {"base", "plan"},
     "runtime": {"base", "resolve", "sources", "plan", "datapath"},
-    "explain": {"base", "plan", "datapath"},
+    "explain": {"base", "plan", "datapath", "runtime"},
     "lab": {"base", "resolve", "sources", "plan", "datapath", "runtime", "explain"},
     "bench": {"base", "resolve", "sources", "plan", "datapath", "runtime", "explain"},
     "cli": set(LAYERS),
