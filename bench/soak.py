@@ -346,6 +346,7 @@ def run(services: int = 10_000, seconds: float = 600.0, endpoint_rate: float = 5
             sampler.join()
             code, health = _get(port, "/healthz")
             record["healthz"] = code
+            record["event_to_map"] = event_to_map(_get(port, "/metrics")[1])
             lines_by_service = {svc.name: _read_lines(out.name) for svc, out in outputs}
             names = dict(pod_ips)
             failed, wrong = [], []
@@ -372,6 +373,22 @@ def run(services: int = 10_000, seconds: float = 600.0, endpoint_rate: float = 5
                 _stop(proc)
             server.stop()
             uninstall(bpffs)
+
+
+def event_to_map(metrics: str) -> dict:
+    """From the agent's /metrics: changes observed, and the share written within 0.5, 1 and 2 s."""
+    buckets, count = {}, 0.0
+    for line in metrics.splitlines():
+        if line.startswith("meshlet_event_to_map_seconds_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[le] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("meshlet_event_to_map_seconds_count"):
+            count = float(line.rsplit(" ", 1)[1])
+    out = {"changes": int(count)}
+    for le in ("0.5", "1.0", "2.0"):
+        if le in buckets and count:
+            out[f"within_{le}s"] = round(buckets[le] / count, 4)
+    return out
 
 
 def _update(server, obj: dict) -> None:

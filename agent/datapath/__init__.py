@@ -51,6 +51,8 @@ class Datapath:
         self.adopted = adopted
         #: What the kernel has and what was turned off for lack of it (the start-up report).
         self.support = support
+        #: Entries of the programs' state copied from an older layout at attach, by map.
+        self.carried: dict[str, int] = {}
         self.planner = P.Planner()
         self.reconciler = Reconciler({name: maps[name] for name in L.PLANNED_MAPS})
 
@@ -81,7 +83,12 @@ class Datapath:
             raise
 
     def attach(self) -> None:
-        """Create or update (in place) the pinned links; then drop older layouts' pins."""
+        """Create or update (in place) the pinned links; then drop older layouts' pins.
+
+        On new maps (an upgrade across a layout change), the programs' state an older layout
+        holds is carried over first (loader.carry_over; `carried` says what)."""
+        if not self.adopted:
+            self.carried = loader.carry_over(self.bpffs, self.maps)
         loader.attach(self.bpffs, self.cgroup_root, self.programs)
         loader.remove_old_layouts(self.bpffs)
 

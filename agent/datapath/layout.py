@@ -436,6 +436,11 @@ TRACE_MAPS = ("trace_control", "trace_events")
 #: Maps whose content the agent owns (plans, writes, sweeps). The others belong to the programs.
 PLANNED_MAPS = ("endpoints", "members", "groups", "clients", "config", "names", "frontends")
 
+#: State the programs keep that a layout change carries over to the new maps when the map's type,
+#: key and value are unchanged (loader.carry_over): session affinity survives an upgrade. Socket
+#: storage cannot be copied (it lives on each socket), so it is not listed.
+CARRIED_MAPS = ("affinity",)
+
 #: The one key of the config map (an array of one entry).
 CONFIG_KEY = 0
 

@@ -39,6 +39,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Mapping
 
 from agent.datapath import bpfsys
 from agent.datapath import layout as L
@@ -343,6 +344,38 @@ def _attach_one(pin: str, cgroup_fd: int, root_id: int, cgroup_root: str, attach
         bpfsys.obj_pin(link_fd, pin)
     finally:
         os.close(link_fd)
+
+
+def carry_over(bpffs: str, maps: Mapping[str, bpfsys.Map]) -> dict[str, int]:
+    """Copy the programs' state (layout.CARRIED_MAPS) from the newest older layout's pins into our
+    new maps, where that map's type, key and value sizes are unchanged; map -> entries copied.
+
+    Called before the links switch to our programs, after our maps were made (not adopted): the
+    new programs then start with the old ones' affinity choices instead of an empty map. Entries
+    the old programs add after the copy are not seen; the window is the copy itself."""
+    current = os.path.basename(version_dir(bpffs))
+    older = sorted((int(entry[1:]) for entry in os.listdir(bpffs)
+                    if entry.startswith("v") and entry[1:].isdigit() and entry != current), reverse=True)
+    copied: dict[str, int] = {}
+    for name in L.CARRIED_MAPS:
+        spec, target = L.MAP_SPECS[name], maps.get(name)
+        path = next((p for p in (os.path.join(bpffs, f"v{v}", "maps", name) for v in older)
+                     if os.path.exists(p)), None)
+        if target is None or path is None:
+            continue
+        try:
+            with bpfsys.Map.open_pinned(path) as old:
+                info = old.info
+                if (info.type, info.key_size, info.value_size) != (spec.type, ct.sizeof(spec.key),
+                                                                     ct.sizeof(spec.value)):
+                    continue  # its layout changed: nothing of it can be read as ours
+                entries = [entry for chunk in old.chunks() for entry in chunk][:target.max_entries]
+        except bpfsys.BpfError:
+            continue  # gone or unreadable: the new map starts empty, as it would have anyway
+        if entries:
+            target.update_batch(entries)
+        copied[name] = len(entries)
+    return copied
 
 
 def remove_old_layouts(bpffs: str) -> list[str]:

@@ -357,7 +357,8 @@ class SyncLoop:
         self.attached = True
         self.health.programs_attached()
         self.metrics.attached.set(1)
-        log.info("attach.done", adopted=self.datapath.adopted)
+        log.info("attach.done", adopted=self.datapath.adopted,
+                 carried=",".join(f"{m}:{n}" for m, n in getattr(self.datapath, "carried", {}).items()) or "-")
         return True
 
     # --- observations -------------------------------------------------------------------------

@@ -83,3 +83,40 @@ def test_upgrade_across_a_layout_change_under_load_loses_no_connection(world, tm
     assert len(after) >= 100 and {line["peer"] for line in after} == {"echo-a", "echo-b"}
     # Only the current layout's pins are left; the links now run the current programs.
     assert sorted(e for e in os.listdir(world.bpffs_dir) if e.startswith("v")) == [f"v{layout.LAYOUT_VERSION}"]
+
+
+def affinity_manifests(endpoint_ips: list[str]) -> str:
+    return manifests(endpoint_ips).replace(
+        "  ports: [{name: http, port: 80, protocol: TCP, targetPort: 8080}]",
+        "  ports: [{name: http, port: 80, protocol: TCP, targetPort: 8080}]\n  sessionAffinity: ClientIP")
+
+
+def test_session_affinity_survives_an_upgrade_across_a_layout_change(world, tmp_path):
+    from agent.datapath import bpfsys
+
+    old_tree, old_version = previous_release(tmp_path)
+    pods = world.pods
+    text = affinity_manifests([pods["mesh/echo-a"].ipv4, pods["mesh/echo-b"].ipv4])
+    assert "sessionAffinity: ClientIP" in text
+    write_atomically(world.manifests_dir / "echo.yaml", text)
+    old_agent = world.agent(cwd=old_tree)
+    old_agent.wait_ready()
+    before = world.connect_loop()
+    before.wait_for(20)
+    before.stop()
+    chosen = {line.get("peer") for line in before.lines()}
+    assert len(chosen) == 1 and None not in chosen, before.lines()[:5]
+    with bpfsys.Map.open_pinned(os.path.join(world.bpffs_dir, f"v{old_version}", "maps", "affinity")) as old:
+        remembered = old.items()
+    assert len(remembered) == 1
+
+    assert old_agent.stop(signal.SIGTERM) == 0
+    new_agent = world.agent()
+    new_agent.wait_ready()
+    assert "carried=affinity:1" in new_agent.log_text(), new_agent.log_text()[-2000:]
+    with bpfsys.Map.open_pinned(os.path.join(world.bpffs_dir, f"v{layout.LAYOUT_VERSION}", "maps", "affinity")) as new:
+        assert new.items() == remembered  # before any new connection: carried, not re-learnt
+    after = world.connect_loop()
+    after.wait_for(20)
+    after.stop()
+    assert {line.get("peer") for line in after.lines()} == chosen, after.lines()[:5]
