@@ -82,6 +82,12 @@ def sample(metrics_text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
+def full_syncs(metrics_text: str) -> tuple[float, float]:
+    """(count, seconds) of the agent's full reconciles so far (meshlet_sync_duration_seconds)."""
+    name = "meshlet_sync_duration_seconds"
+    return sample(metrics_text, f"{name}_count", mode="full"), sample(metrics_text, f"{name}_sum", mode="full")
+
+
 _BUCKET = re.compile(r'^(?P<name>\w+)_bucket\{le="(?P<le>[^"]+)"\} (?P<count>\S+)$')
 
 

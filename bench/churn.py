@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.agentproc import histogram_buckets, sample, start_agent
+from bench.agentproc import full_syncs, histogram_buckets, start_agent
 from bench.synth import make_services, with_endpoint_replaced
 from bench.topology import Lab
 
@@ -51,7 +51,7 @@ def run(services: int = SERVICES, rate: float = RATE, seconds: float = SECONDS, 
         time.sleep(settle)  # start-up work (first full sync, collector) is not churn cost
         text = agent.metrics_text()
         before = histogram_buckets(text, HISTOGRAM)
-        full_before = _full_syncs(text)
+        full_before = full_syncs(text)
         cpu_before, start = agent.cpu_seconds(), time.monotonic()
         sent = 0
         total = int(rate * seconds)
@@ -83,18 +83,12 @@ def run(services: int = SERVICES, rate: float = RATE, seconds: float = SECONDS, 
             time.sleep(0.1)
         elapsed = time.monotonic() - start
         cpu = agent.cpu_seconds() - cpu_before
-        full_after = _full_syncs(text)
+        full_after = full_syncs(text)
         record.update(full_syncs=int(full_after[0] - full_before[0]),
                       full_sync_s=round(full_after[1] - full_before[1], 3))
         record.update(changes=sent, sent_rate=round(sent / sent_s, 1), cpu_percent=round(100 * cpu / elapsed, 2),
                       loadavg=os.getloadavg(), **event_to_map(before, buckets))
     return record
-
-
-def _full_syncs(metrics_text: str) -> tuple[float, float]:
-    """(count, seconds) of the agent's full reconciles so far."""
-    name = "meshlet_sync_duration_seconds"
-    return sample(metrics_text, f"{name}_count", mode="full"), sample(metrics_text, f"{name}_sum", mode="full")
 
 
 def event_to_map(before: dict[float, float], after: dict[float, float]) -> dict:

@@ -9,7 +9,8 @@ pause, then reads the agent's utime + stime from /proc/<pid>/stat over `seconds`
 changing: its CPU in % of one core. The window is as long as the agent's periodic full reconcile
 interval by default, so one of those is inside it, as on a real node.
 
-For the analysis it also times one full walk of the same tree (`scan_pod_cgroups`, what the
+The record also holds the periodic full reconciles inside the window and their seconds: at many
+Services they are most of an idle agent's CPU. For the analysis it also times one full walk of the same tree (`scan_pod_cgroups`, what the
 agent did 4 times a second before it followed change notifications).
 
 May touch: a cgroup subtree and a bpffs directory made by topology.Lab (removed at the end, also
@@ -24,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.agentproc import start_agent
+from bench.agentproc import full_syncs, start_agent
 from bench.synth import make_services
 from bench.topology import Lab
 
@@ -93,9 +94,13 @@ def run(seconds: float | None = None, pods: int = PODS, containers: int = CONTAI
         if isinstance(agent, str):
             return record | {"status": "failed", "note": agent}
         time.sleep(settle)  # start-up work (first full sync, collector) is not idle cost
+        full_before = full_syncs(agent.metrics_text())
         cpu_before, start = agent.cpu_seconds(), time.monotonic()
         time.sleep(seconds)
         cpu_after, elapsed = agent.cpu_seconds(), time.monotonic() - start
+        full_after = full_syncs(agent.metrics_text())
+        record["full_syncs"] = int(full_after[0] - full_before[0])
+        record["full_sync_s"] = round(full_after[1] - full_before[1], 3)
         record["cpu_percent"] = round(100 * (cpu_after - cpu_before) / elapsed, 3)
         record["pods_found"] = _pods_found(agent.log_path)
         record["loadavg"] = os.getloadavg()

@@ -296,19 +296,20 @@ def render_markdown(results: dict, plot_paths: list[Path], json_path: Path | Non
             "from /proc over the window, in % of one core (the window holds one periodic full reconcile). "
             "Walk = one full walk of the same tree for pod cgroups in the bench process; polling the tree "
             "every 0.25 s (what the agent did before it followed change notifications) would cost "
-            "4 walks a second.",
+            "4 walks a second. Full: the agent's periodic full reconciles inside the window and their seconds.",
             "",
-            "| tree | Services | window | agent CPU | pods found | walk | 4 walks/s would cost | load avg |",
-            "|---|---|---|---|---|---|---|---|",
+            "| tree | Services | window | agent CPU | full | pods found | walk | 4 walks/s would cost | load avg |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in idle:
             if r.get("cpu_percent") is None:
-                lines.append(f"| {r.get('pods')} pods | {r.get('services')} | | | | | | {_cell(r.get('note', ''))} |")
+                lines.append(f"| {r.get('pods')} pods | {r.get('services')} | | | | | | | {_cell(r.get('note', ''))} |")
                 continue
             lines.append(
                 f"| {r['pods']} pods x {r['containers']} + {r['system_services']} services "
                 f"({r['cgroups']} cgroups) | {r['services']} x {r['endpoints_per_service']} | {r['seconds']:g} s | "
-                f"{r['cpu_percent']:.2f} % | {r.get('pods_found')} | {r['walk_ms']:.1f} ms | "
+                f"{r['cpu_percent']:.2f} % | {r.get('full_syncs', '-')} ({_fmt(r.get('full_sync_s'), 2)} s) | "
+                f"{r.get('pods_found')} | {r['walk_ms']:.1f} ms | "
                 f"{r['walk_ms'] * 4 / 10:.1f} % | {', '.join(f'{x:.1f}' for x in r['loadavg'])} |")
     churn = results.get("churn", [])
     if churn:

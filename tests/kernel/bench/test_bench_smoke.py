@@ -144,8 +144,9 @@ def test_the_idle_harness_measures_the_real_agent_on_a_node_tree():
     assert record["status"] == "ok", record.get("note")
     assert record["pods_found"] == 6
     assert record["cgroups"] > 6 * 3 + 4
-    assert record["cpu_percent"] >= 0 and record["walk_ms"] > 0
-    assert bench_cgroups() - cgroups_before == set()
+    assert record["cpu_percent"] >= 0 and record["walk_ms"] > 0 and record["full_syncs"] >= 0
+    # Only the idle harness's own subtrees: another bench may run beside this test.
+    assert {c for c in bench_cgroups() - cgroups_before if c.endswith("-idle")} == set()
 
 
 def test_the_churn_harness_measures_the_real_agents_event_to_map():
@@ -159,4 +160,4 @@ def test_the_churn_harness_measures_the_real_agents_event_to_map():
     assert record["changes"] == 20 and record["observed"] == 20
     assert record["event_to_map_p99_le_ms"] is not None and record["cpu_percent"] >= 0
     assert record["full_syncs"] == 0  # a 1 s window holds no periodic full reconcile
-    assert bench_cgroups() - cgroups_before == set()
+    assert {c for c in bench_cgroups() - cgroups_before if c.endswith("-churn")} == set()

@@ -62,10 +62,12 @@ def test_the_idle_row_and_its_target():
     data = results()
     data["idle"] = [{"pods": 110, "containers": 3, "system_services": 150, "services": 1000,
                      "endpoints_per_service": 10, "seconds": 60, "cgroups": 594, "walk_ms": 4.8,
-                     "pods_found": 110, "loadavg": (0.2, 0.3, 0.4), "cpu_percent": 0.21, "status": "ok"}]
+                     "pods_found": 110, "loadavg": (0.2, 0.3, 0.4), "cpu_percent": 0.21, "status": "ok",
+                     "full_syncs": 1, "full_sync_s": 0.08}]
     text = report.render_markdown(data, [], None)
     assert "| idle agent CPU on a busy node <= 0.5 % of one core | **met** | 0.21 % over 60 s" in text
-    assert "| 110 pods x 3 + 150 services (594 cgroups) | 1000 x 10 | 60 s | 0.21 % | 110 | 4.8 ms | 1.9 % |" in text
+    assert ("| 110 pods x 3 + 150 services (594 cgroups) | 1000 x 10 | 60 s | 0.21 % | 1 (0.08 s) | 110 | 4.8 ms | "
+            "1.9 % |" in text)
 
 
 def test_the_churn_row():
