@@ -300,8 +300,9 @@ class MapSizes:
     Kernel memory (`memory_cost`, printed by `meshlet run --help` and logged at start): the hash
     maps are created with BPF_F_NO_PREALLOC, so up front they cost only their bucket array (16
     bytes per bucket, the size rounded up to a power of two); each entry in use then costs its
-    element (a 48-byte header plus key and value, each rounded up to 8 bytes). The affinity map
-    is an LRU map: preallocated, every entry costs from the start. A pinned map keeps the size it
+    element (a 48-byte header plus key and value, each rounded up to 8 bytes). The LRU maps
+    (affinity, passive health) are preallocated: every entry and the buckets cost from the start.
+    tests/kernel/datapath checks these estimates against the kernel's own count (fdinfo memlock). A pinned map keeps the size it
     was created with: starting with another size is refused (the message says how to go on).
     """
 
@@ -324,7 +325,7 @@ class MapSizes:
 
     affinity: int = 65536
     """Remembered (client netns, group) affinity choices; least recently used are evicted.
-    Preallocated: about 6 MiB (96 bytes per entry) from the start."""
+    Preallocated: about 7 MiB (96 bytes per entry and the buckets) from the start."""
 
     clients: int = 16384
     """Pod cgroups on this node (kubelet's max pods is 110 by default, 250 at most).
@@ -337,17 +338,17 @@ class MapSizes:
     health: int = 8192
     """Passive health records: endpoints whose handshakes failed lately (a success deletes
     one); least recently touched are evicted (that endpoint then needs fresh failures).
-    Preallocated: about 0.7 MiB (88 bytes per entry) from the start."""
+    Preallocated: about 0.8 MiB (88 bytes per entry and the buckets) from the start."""
 
     ejections: int = 4096
     """Endpoint sets with endpoints skipped now (passive health); least recently touched are
     evicted (their endpoints are picked again until they fail again).
-    Preallocated: about 0.7 MiB (184 bytes per entry) from the start."""
+    Preallocated: about 0.8 MiB (184 bytes per entry and the buckets) from the start."""
 
     udp_flows: int = 16384
     """Connected UDP sockets meshlet translated, by socket cookie, so the agent can terminate
     those whose endpoint goes away (SEMANTICS A16). LRU: closed sockets age out, and a live one
-    evicted only escapes termination. Preallocated: about 2 MiB (120 bytes per entry)."""
+    evicted only escapes termination. Preallocated: about 2.2 MiB (120 bytes per entry and the buckets)."""
 
     def __post_init__(self):
         for f in fields(self):
@@ -380,10 +381,10 @@ def memory_cost(name: str, sizes: MapSizes) -> tuple[int, int]:
     spec = MAP_SPECS[name]
     entries = spec.max_entries(sizes)
     element = _HTAB_ELEM_HEADER + _round8(ct.sizeof(spec.key)) + _round8(ct.sizeof(spec.value))
+    buckets = 1 << max(0, entries - 1).bit_length()
     if spec.flags & _NO_PREALLOC:
-        buckets = 1 << max(0, entries - 1).bit_length()
         return buckets * _HTAB_BUCKET, element
-    return entries * element, 0
+    return buckets * _HTAB_BUCKET + entries * element, 0
 
 
 @dataclass(frozen=True)

@@ -211,3 +211,16 @@ def test_a_failed_compile_is_one_clear_error(lab, monkeypatch):
             Datapath.open(bpffs, lab.node_cgroup(), MapSizes(affinity=64, clients=8))
     finally:
         uninstall(bpffs)
+
+
+def test_the_documented_kernel_memory_of_each_sized_map_is_what_the_kernel_counts(datapath):
+    # `meshlet run --help` and the MapSizes docstrings quote layout.memory_cost; the kernel's own
+    # count of a map's memory is the memlock line of its fdinfo.
+    for name in L.SIZED_MAPS:
+        with bpfsys.Map.open_pinned(loader.map_pin(datapath.bpffs, name)) as m:
+            entries = sum(len(chunk) for chunk in m.chunks())
+            with open(f"/proc/self/fdinfo/{m.fd}") as f:
+                memlock = int(next(line.split()[1] for line in f if line.startswith("memlock:")))
+        upfront, per_entry = L.memory_cost(name, datapath.sizes)
+        estimate = upfront + per_entry * entries
+        assert abs(memlock - estimate) <= 0.1 * memlock + 128 * 1024, (name, memlock, estimate)
