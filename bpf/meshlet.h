@@ -277,7 +277,9 @@ struct health_value {
  * the set's size, so at least half of a set is always picked from and a whole outage passes
  * through as the endpoints' own errors. A slot is active while until_ns is in the future:
  * expiry needs no writer. Keyed by set revision: indexes mean something only within one set.
- * The sockops program replaces the whole value (never writes in place); connect guards
+ * The sockops program replaces the whole value (never writes in place), each value it writes
+ * within the cap: two CPUs ejecting in one set at once can lose one of the ejections (the last
+ * write wins; that endpoint's next failure ejects it), never pass the cap. Connect guards
  * against a torn read of a reused LRU element (an index found out of range is ignored). */
 struct eject_slot {
     __u32 index;          /* the endpoint's index in the set */
