@@ -213,6 +213,15 @@ def test_a_failed_compile_is_one_clear_error(lab, monkeypatch):
         uninstall(bpffs)
 
 
+def _kernel_at_least(major: int, minor: int) -> bool:
+    import platform
+
+    release = platform.release().split("-")[0].split(".")
+    return (int(release[0]), int(release[1])) >= (major, minor)
+
+
+@pytest.mark.skipif(not _kernel_at_least(6, 4), reason="a map's fdinfo memlock is its real memory "
+                    "(map_mem_usage) only since Linux 6.4; older kernels print a worst-case footprint")
 def test_the_documented_kernel_memory_of_each_sized_map_is_what_the_kernel_counts(datapath):
     # `meshlet run --help` and the MapSizes docstrings quote layout.memory_cost; the kernel's own
     # count of a map's memory is the memlock line of its fdinfo.
