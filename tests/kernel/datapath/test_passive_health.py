@@ -255,9 +255,12 @@ def test_an_agent_restart_keeps_the_ejection(datapath, shares, client, servers, 
         datapath.attach()  # the session's programs behind the links again, for the tests after
 
 
-def test_a_blackholed_endpoint_times_out_and_is_ejected(datapath, shares, client, servers):
-    """SYNs dropped by the endpoint's netns: the client gives up after its 2 s connect timeout,
-    by which time its SYN went unanswered for a whole RTO (retransmitted once): a failure."""
+@pytest.mark.parametrize("timeout, syn_retries", [("2", None), ("10", "1")], ids=["client-gives-up", "kernel-gives-up"])
+def test_a_blackholed_endpoint_times_out_and_is_ejected(datapath, shares, client, servers, timeout, syn_retries):
+    """SYNs dropped by the endpoint's netns. client-gives-up: the client closes after its 2 s
+    connect timeout, by which time its SYN went unanswered for a whole RTO (retransmitted once).
+    kernel-gives-up: with net.ipv4.tcp_syn_retries=1 in the client's netns the kernel ends the
+    handshake itself after ~3 s (ETIMEDOUT). Both are failures."""
     for name in ("web-1", "web-2", "web-3"):
         servers.start(name)
     web = group(shares, "web", ["web-1", "web-2", "web-3"])
@@ -267,14 +270,18 @@ def test_a_blackholed_endpoint_times_out_and_is_ejected(datapath, shares, client
              f"  type filter hook input priority 0;\n  tcp dport {HEALTH_PORT} drop\n }}\n}}\n")
     done = web3.run(["nft", "-f", "-"], input=rules)
     assert done.returncode == 0, done.stderr
+    old_retries = client.run(["sysctl", "-n", "net.ipv4.tcp_syn_retries"]).stdout.strip()
     try:
-        result = connect(client, 40, "--timeout", "2")
+        if syn_retries:
+            assert client.run(["sysctl", "-q", "-w", f"net.ipv4.tcp_syn_retries={syn_retries}"]).returncode == 0
+        result = connect(client, 40, "--timeout", timeout)
         timeouts = result["errors"].get("ETIMEDOUT", 0)
         assert set(result["errors"]) <= {"ETIMEDOUT"}, result
         rec = record(datapath, shares, "web-3")
         assert rec is not None and rec.ejections >= 1, (result, rec)
         assert timeouts <= F + rec.ejections - 1, (result, rec)
     finally:
+        client.run(["sysctl", "-q", "-w", f"net.ipv4.tcp_syn_retries={old_retries}"])
         web3.run(["nft", "delete", "table", "inet", "meshlet_test_blackhole"])
 
 
