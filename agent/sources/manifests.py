@@ -276,24 +276,22 @@ def list_manifest_files(directory: Path) -> Listing:
 
     Symlinks are followed, each directory is read once: a link back to a directory already read
     (a loop, or a second way to the same place) is reported instead of walked again. An entry that
-    disappears while we walk is left to the next poll.
+    disappears while we walk is left to the next poll. The directory itself unreadable or gone
+    raises OSError: the poll fails (reported once) and the last list stays in force.
     """
     files: dict[str, tuple] = {}
     broken: dict[str, tuple[tuple, str]] = {}
-    try:
-        top = os.stat(directory)
-    except OSError:
-        return Listing(files, broken)
+    top = os.stat(directory)  # gone or unreadable: raised, never an empty listing (the caller keeps its list)
     seen = {(top.st_dev, top.st_ino): "."}
     pending = [""]
     while pending:
         rel_dir = pending.pop()
         try:
             names = sorted(os.listdir(os.path.join(directory, rel_dir)))
-        except FileNotFoundError:
-            continue
         except OSError as err:
-            if rel_dir:
+            if not rel_dir:
+                raise  # the directory itself: never taken for an empty one
+            if not isinstance(err, FileNotFoundError):
                 broken[rel_dir] = (_lstat_signature(os.path.join(directory, rel_dir)),
                                    f"cannot list this directory: {err.strerror}")
             continue

@@ -503,3 +503,20 @@ def test_the_bad_files_gauge_follows_the_directory(tmp_path):
     (tmp_path / "self.yaml").unlink()
     source.poll_once()
     assert b"meshlet_manifests_bad_files 0.0" in generate_latest(metrics.registry)
+
+
+def test_an_unreadable_directory_keeps_the_last_list_instead_of_emptying_it(tmp_path, monkeypatch):
+    (tmp_path / "svc.yaml").write_text(SERVICE)
+    sink = RecordingSink()
+    source = ManifestsSource(tmp_path, sink)
+    assert source.poll_once()
+    real = os.listdir
+
+    def failing(path):
+        if Path(path) == tmp_path:
+            raise OSError(5, "Input/output error")
+        return real(path)
+    monkeypatch.setattr(manifests.os, "listdir", failing)
+    with pytest.raises(OSError):
+        source.poll_once()  # _run reports it once and polls again
+    assert sink.names() == [("Service", "echo")] and len(sink.steps) == 1
