@@ -309,7 +309,9 @@ class Agent:
 
         s = self.settings
         api_client = kube_api_client(s.kubeconfig)
-        source = KubeSource(api_client, s.node_name, self.store)
+        source = KubeSource(api_client, s.node_name, self.store,
+                            on_api_error=lambda kind, reason: self.metrics.api_errors.labels(
+                                kind=kind, reason=reason).inc())
         for kind in source.kinds:
             self.store.expect(kind)
         source.start()

@@ -162,6 +162,11 @@ class Metrics:
                                           "frontend that is gone (frontend_removed), by protocol (SEMANTICS "
                                           "A16). UDP re-picks of unconnected sockets: meshlet_udp_repicks.",
                                           ["protocol", "reason"], registry=r)
+        self.api_errors = Counter(f"{PREFIX}_api_errors",
+                                  "Failed Kubernetes API requests and broken watches, by kind ('discovery' "
+                                  "for the route-kind discovery) and reason (agent.sources.kube."
+                                  "API_ERROR_REASONS); the datapath keeps its state meanwhile.",
+                                  ["kind", "reason"], registry=r)
         self.datapath_outcomes = DatapathOutcomes()
         r.register(self.datapath_outcomes)
         self.passive_health = PassiveHealth()

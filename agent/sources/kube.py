@@ -110,8 +110,9 @@ class KindWatcher:
     """Keeps one kind in the sink: list, watch, resume, relist (see the module docstring)."""
 
     def __init__(self, http: ApiHttp, resource: ResourceKind, sink: "Sink", settings: KubeSettings,
-                 on_first_list):
+                 on_first_list, on_api_error):
         self.resource = resource
+        self._on_api_error = on_api_error
         self._http = http
         self._sink = sink
         self._settings = settings
@@ -155,6 +156,7 @@ class KindWatcher:
             except ApiError as err:
                 if self._stopped:
                     break
+                self._on_api_error(kind, api_error_reason(err.status))
                 if err.status == 410:
                     self._relist_next()
                     if self._backoff.failures == 0:
@@ -168,6 +170,7 @@ class KindWatcher:
             except (urllib3.exceptions.HTTPError, OSError, ValueError) as err:
                 if self._stopped:
                     break
+                self._on_api_error(kind, "connection")
                 log.warning("kube.watch_dropped", kind=kind, error=str(err) or type(err).__name__,
                             resourceVersion=self.resource_version or "")
             delay = self._backoff.next_delay()
@@ -278,6 +281,24 @@ class KindWatcher:
             fn(*args)
 
 
+#: The reasons an API error is counted under (a closed set: the `reason` label of
+#: meshlet_api_errors). "connection": no HTTP answer, or a stream that broke.
+API_ERROR_REASONS = ("expired", "forbidden", "server", "client", "connection")
+
+
+def api_error_reason(status: int) -> str:
+    """The API_ERROR_REASONS entry for an HTTP status (0: no answer)."""
+    if status == 410:
+        return "expired"
+    if status in (401, 403):
+        return "forbidden"
+    if status >= 500:
+        return "server"
+    if status == 0:
+        return "connection"
+    return "client"
+
+
 def _hint(err: ApiError) -> str:
     if err.status in (401, 403):
         return "check the agent's ServiceAccount and ClusterRole (list/watch on this kind)"
@@ -293,8 +314,11 @@ class KubeSource:
     maps the kinds being watched now to their API version.
     """
 
-    def __init__(self, api_client, node_name: str, sink: "Sink", **settings):
+    def __init__(self, api_client, node_name: str, sink: "Sink", on_api_error=None, **settings):
+        """on_api_error(kind, reason): called for each failed API request or broken watch, with
+        reason one of API_ERROR_REASONS and kind "discovery" for the route-kind discovery."""
         self.settings = KubeSettings(**settings)
+        self._on_api_error = on_api_error or (lambda kind, reason: None)
         self.node_name = node_name
         self._sink = sink
         self._http = ApiHttp(api_client, self.settings.request_timeout)
@@ -332,7 +356,8 @@ class KubeSource:
     # --- internals --------------------------------------------------------------------------
 
     def _start_watcher(self, resource: ResourceKind) -> None:
-        watcher = KindWatcher(self._http, resource, self._sink, self.settings, self._first_list_done)
+        watcher = KindWatcher(self._http, resource, self._sink, self.settings, self._first_list_done,
+                              self._on_api_error)
         with self._lock:
             if self._stopping.is_set():
                 return
@@ -354,6 +379,7 @@ class KubeSource:
             try:
                 served = discover_route_kinds(self._http)
             except ApiError as err:
+                self._on_api_error("discovery", api_error_reason(err.status))
                 log.warning("kube.discovery_failed", status=err.status, error=err.message, hint=_hint(err))
                 # until discovery first succeeds we do not know which route kinds exist: retry
                 # soon; afterwards the kinds in hand stay watched and the next round will tell.

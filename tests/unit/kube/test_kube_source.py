@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from agent.sources.kube import CORE_KINDS, ROUTE_KINDS, KubeSource
+from agent.sources.kube import API_ERROR_REASONS, CORE_KINDS, ROUTE_KINDS, KubeSource
 from agent.sources.kubeapi import Backoff
 from kube_testing import wait_until
 from standin_apiserver import make
@@ -315,6 +315,34 @@ def test_an_unavailable_server_is_retried_until_it_answers(apiserver, sink, star
     failing.clear()
     wait_synced(sink, source)
     assert sink.names("Namespace") == ["default"]
+
+
+def test_each_failed_request_is_reported_with_its_kind_and_reason(apiserver, api_client, sink):
+    """What meshlet_api_errors counts: a refused list (403), a failing server (503)."""
+    answers = {"/api/v1/namespaces": (403, "Forbidden"), "/api/v1/services": (503, "ServiceUnavailable")}
+    failing = threading.Event()
+    failing.set()
+
+    def refuse(method, path, query, body):
+        if failing.is_set() and path in answers:
+            code, reason = answers[path]
+            return code, {"kind": "Status", "code": code, "reason": reason, "message": "stand-in: refused"}
+        return None
+
+    apiserver.add_hook(refuse)
+    errors = []
+    source = KubeSource(api_client, "node-a", sink, on_api_error=lambda kind, reason: errors.append((kind, reason)),
+                        **FAST)
+    source.start()
+    try:
+        wait_until(lambda: {("Namespace", "forbidden"), ("Service", "server")} <= set(errors), 30,
+                   "both refusals reported")
+        failing.clear()
+        wait_synced(sink, source, timeout=30)
+        assert {reason for _, reason in errors} <= set(API_ERROR_REASONS)
+        assert {kind for kind, _ in errors} == {"Namespace", "Service"}, errors
+    finally:
+        source.stop()
 
 
 def test_requests_carry_the_clients_credentials(apiserver, api_client, sink):

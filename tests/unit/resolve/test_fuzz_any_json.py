@@ -183,7 +183,8 @@ def test_the_kubernetes_source_takes_any_watch_event(events):
     for event_type, obj in events:
         kind = obj.get("kind") if isinstance(obj, dict) else None
         resource = kinds[kind if isinstance(kind, str) and kind in kinds else "Service"]
-        watcher = KindWatcher(None, resource, store, KubeSettings(), on_first_list=lambda *_: None)
+        watcher = KindWatcher(None, resource, store, KubeSettings(), on_first_list=lambda *_: None,
+                              on_api_error=lambda *_: None)
         try:
             watcher._handle({"type": event_type, "object": obj})
         except ValueError as err:  # a broken event: the watcher relists (its _run catches it)
