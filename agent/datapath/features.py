@@ -222,9 +222,9 @@ def helper_available(helper: int, attach_type: int = HOOKS["connect4"]) -> bool:
     return _loads(attach_type, _call_and_accept(helper, *setup))
 
 
-def sk_storage_available(attach_types: list[int]) -> bool:
-    """bpf_sk_storage_get(map, ctx->sk, NULL, F_CREATE) in a program of each attach type, on a
-    socket-storage map of our own (which needs BTF for its key and value)."""
+def _on_own_sk_storage_map(probe) -> bool:
+    """probe(map_fd) on a socket-storage map of our own (which needs BTF for its key and value:
+    an int each), closed afterwards; a kernel that cannot make one answers as `_answer` says."""
     try:
         btf_fd = bpfsys.btf_load(_BTF_INT)
     except bpfsys.BpfError as err:
@@ -236,19 +236,26 @@ def sk_storage_available(attach_types: list[int]) -> bool:
         except bpfsys.BpfError as err:
             return _answer(err)
         try:
-            insns = _call_and_accept(
-                U.HELPER_SK_STORAGE_GET,
-                _insn(_MOV64_REG, dst=6, src=1),  # r6 = ctx
-                _insn(_LDX_DW, dst=2, src=6, off=_SOCK_ADDR_SK),  # r2 = ctx->sk
-                _insn(_LD_IMM64, dst=1, src=_PSEUDO_MAP_FD, imm=map_fd), _insn(0),  # r1 = map
-                _insn(_MOV64_IMM, dst=3, imm=0),  # no initial value
-                _insn(_MOV64_IMM, dst=4, imm=U.SK_STORAGE_GET_F_CREATE),
-            )
-            return all(_loads(attach_type, insns) for attach_type in attach_types)
+            return probe(map_fd)
         finally:
             os.close(map_fd)
     finally:
         os.close(btf_fd)
+
+
+def sk_storage_available(attach_types: list[int]) -> bool:
+    """bpf_sk_storage_get(map, ctx->sk, NULL, F_CREATE) in a program of each attach type."""
+    def probe(map_fd: int) -> bool:
+        insns = _call_and_accept(
+            U.HELPER_SK_STORAGE_GET,
+            _insn(_MOV64_REG, dst=6, src=1),  # r6 = ctx
+            _insn(_LDX_DW, dst=2, src=6, off=_SOCK_ADDR_SK),  # r2 = ctx->sk
+            _insn(_LD_IMM64, dst=1, src=_PSEUDO_MAP_FD, imm=map_fd), _insn(0),  # r1 = map
+            _insn(_MOV64_IMM, dst=3, imm=0),  # no initial value
+            _insn(_MOV64_IMM, dst=4, imm=U.SK_STORAGE_GET_F_CREATE),
+        )
+        return all(_loads(attach_type, insns) for attach_type in attach_types)
+    return _on_own_sk_storage_map(probe)
 
 
 #: offsetof(struct bpf_sock_ops, sk) (uapi, stable since Linux 5.3).
@@ -259,39 +266,26 @@ _JEQ_IMM = 0x15
 def sockops_available() -> bool:
     """A sock_ops program that does what bpf/sock.c's sockops does with the kernel: read ctx->sk,
     bpf_sk_storage_get on a socket-storage map of our own, bpf_sock_ops_cb_flags_set."""
-    try:
-        btf_fd = bpfsys.btf_load(_BTF_INT)
-    except bpfsys.BpfError as err:
-        return _answer(err)
-    try:
+    def probe(map_fd: int) -> bool:
+        insns = b"".join((
+            _insn(_MOV64_REG, dst=6, src=1),  # r6 = ctx
+            _insn(_LDX_DW, dst=2, src=6, off=_SOCK_OPS_SK),  # r2 = ctx->sk
+            _insn(_JEQ_IMM, dst=2, off=8, imm=0),  # no socket: accept
+            _insn(_LD_IMM64, dst=1, src=_PSEUDO_MAP_FD, imm=map_fd), _insn(0),  # r1 = map
+            _insn(_MOV64_IMM, dst=3, imm=0),
+            _insn(_MOV64_IMM, dst=4, imm=0),
+            _insn(_CALL, imm=U.HELPER_SK_STORAGE_GET),
+            _insn(_MOV64_REG, dst=1, src=6),
+            _insn(_MOV64_IMM, dst=2, imm=0),
+            _insn(_CALL, imm=U.HELPER_SOCK_OPS_CB_FLAGS_SET),
+        )) + _ACCEPT
         try:
-            map_fd = bpfsys.map_create(U.MAP_TYPE_SK_STORAGE, 4, 4, 0, U.BPF_F_NO_PREALLOC,
-                                       btf_fd=btf_fd, btf_key_type_id=1, btf_value_type_id=1)
+            fd = bpfsys.prog_load(U.PROG_TYPE_SOCK_OPS, insns, HOOKS["sockops"], log_size=4096)
         except bpfsys.BpfError as err:
             return _answer(err)
-        try:
-            insns = b"".join((
-                _insn(_MOV64_REG, dst=6, src=1),  # r6 = ctx
-                _insn(_LDX_DW, dst=2, src=6, off=_SOCK_OPS_SK),  # r2 = ctx->sk
-                _insn(_JEQ_IMM, dst=2, off=8, imm=0),  # no socket: accept
-                _insn(_LD_IMM64, dst=1, src=_PSEUDO_MAP_FD, imm=map_fd), _insn(0),  # r1 = map
-                _insn(_MOV64_IMM, dst=3, imm=0),
-                _insn(_MOV64_IMM, dst=4, imm=0),
-                _insn(_CALL, imm=U.HELPER_SK_STORAGE_GET),
-                _insn(_MOV64_REG, dst=1, src=6),
-                _insn(_MOV64_IMM, dst=2, imm=0),
-                _insn(_CALL, imm=U.HELPER_SOCK_OPS_CB_FLAGS_SET),
-            )) + _ACCEPT
-            try:
-                fd = bpfsys.prog_load(U.PROG_TYPE_SOCK_OPS, insns, HOOKS["sockops"], log_size=4096)
-            except bpfsys.BpfError as err:
-                return _answer(err)
-            os.close(fd)
-            return True
-        finally:
-            os.close(map_fd)
-    finally:
-        os.close(btf_fd)
+        os.close(fd)
+        return True
+    return _on_own_sk_storage_map(probe)
 
 
 def cgroup_links_available() -> bool:
