@@ -1,6 +1,7 @@
 """The lab's client: N new connections (or UDP flows) from one process, and where they went, as JSON.
 
-`python -m agent.lab.client tcp|udp ADDR PORT --count N [--family 4|6|mapped] [--unconnected]`
+`python -m agent.lab.client tcp|udp ADDR PORT --count N [--family 4|6|mapped] [--unconnected]
+[--interval S]`
 runs inside a lab pod (agent.lab.pods.Pod.run) and prints one JSON object:
 
     {"peers": {pod_name: count}, "errors": {errno_name: count},
@@ -27,6 +28,7 @@ import ipaddress
 import json
 import socket
 import sys
+import time
 
 from agent.model import host_port
 
@@ -93,8 +95,11 @@ def read_to_eof(sock) -> bytes:
         chunks.append(chunk)
 
 
-def tcp_connections(family, sockaddr, count: int, timeout: float, tally: Tally) -> None:
-    for _ in range(count):
+def tcp_connections(family, sockaddr, count: int, timeout: float, tally: Tally,
+                    interval: float = 0.0) -> None:
+    for i in range(count):
+        if i and interval:
+            time.sleep(interval)  # connections spaced in time, e.g. to slide an affinity timeout
         with socket.socket(family, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             try:
@@ -134,13 +139,13 @@ def udp_unconnected(family, sockaddr, count: int, timeout: float, tally: Tally) 
 
 
 def run(kind: str, addr: str, port: int, count: int, family: str | None = None,
-        unconnected: bool = False, timeout: float = 2.0) -> dict:
+        unconnected: bool = False, timeout: float = 2.0, interval: float = 0.0) -> dict:
     sock_family, sockaddr = target(addr, port, family)
     tally = Tally()
     if kind == "tcp":
         if unconnected:
             raise ValueError("--unconnected is for udp only")
-        tcp_connections(sock_family, sockaddr, count, timeout, tally)
+        tcp_connections(sock_family, sockaddr, count, timeout, tally, interval)
     elif unconnected:
         udp_unconnected(sock_family, sockaddr, count, timeout, tally)
     else:
@@ -164,10 +169,12 @@ def main(argv=None) -> None:
                         help="udp: one unconnected socket sending COUNT datagrams")
     parser.add_argument("--timeout", type=float, default=2.0,
                         help="seconds per connect or answer (default 2)")
+    parser.add_argument("--interval", type=float, default=0.0,
+                        help="tcp: seconds between one connection and the next (default 0)")
     args = parser.parse_args(argv)
     try:
         result = run(args.kind, args.addr, args.port, args.count, args.family,
-                     args.unconnected, args.timeout)
+                     args.unconnected, args.timeout, args.interval)
     except ValueError as err:
         parser.error(str(err))
     json.dump(result, sys.stdout)
