@@ -97,6 +97,7 @@ def node(lab, tmp_path):
     os.makedirs(bpffs)
     names = {c: f"meshlet-test-{c}-{uuid.uuid4().hex[:8]}" for c in ("node-init", "agent", "uninstall")}
     loops: list[ConnectLoop] = []
+    podman_parents_before = set(podman_cgroup_parents())
     try:
         yield bpffs, names, loops
     finally:
@@ -108,6 +109,21 @@ def node(lab, tmp_path):
         subprocess.run([sys.executable, "-m", "agent", "uninstall", "--bpffs", agent_bpffs,
                         "--cgroup-root", lab.cgroup_root], cwd=REPO, capture_output=True, timeout=60)
         shutil.rmtree(bpffs, ignore_errors=True)
+        # podman (cgroupfs manager) makes its parent cgroup (and conmon's below it) in every
+        # hierarchy and leaves them: remove the ones this test made, deepest first (rmdir refuses
+        # a cgroup still in use, so nothing in use goes).
+        for parent in set(podman_cgroup_parents()) - podman_parents_before:
+            for below, _, _ in sorted(os.walk(parent), key=lambda entry: -len(entry[0])):
+                try:
+                    os.rmdir(below)
+                except OSError:
+                    pass
+
+
+def podman_cgroup_parents() -> list[str]:
+    """podman's parent cgroup (cgroupfs manager) in each mounted hierarchy, where it exists."""
+    return [str(p) for p in Path("/sys/fs/cgroup").glob("*/libpod_parent")] + \
+        [str(p) for p in Path("/sys/fs/cgroup").glob("libpod_parent")]
 
 
 # --- the cluster's objects -------------------------------------------------------------------------
