@@ -51,7 +51,9 @@ CONNECT_LOOP = textwrap.dedent("""
 """)
 
 
-def manifests(endpoint_ips: list[str]) -> str:
+def manifests(endpoint_ips: list[str], service: str = "echo", cluster_ip: str = CLUSTER_IP, port: int = 80,
+              protocol: str = "TCP", port_name: str = "http") -> str:
+    """Namespace mesh, one Service there (target port 8080, the echo pods' port) and its slice."""
     endpoints = "\n".join(f"  - addresses: [{ip}]\n    conditions: {{ready: true}}" for ip in endpoint_ips)
     return textwrap.dedent(f"""\
         apiVersion: v1
@@ -60,20 +62,20 @@ def manifests(endpoint_ips: list[str]) -> str:
         ---
         apiVersion: v1
         kind: Service
-        metadata: {{name: echo, namespace: mesh}}
+        metadata: {{name: {service}, namespace: mesh}}
         spec:
-          clusterIP: {CLUSTER_IP}
-          clusterIPs: [{CLUSTER_IP}]
-          ports: [{{name: http, port: 80, protocol: TCP, targetPort: 8080}}]
+          clusterIP: {cluster_ip}
+          clusterIPs: [{cluster_ip}]
+          ports: [{{name: {port_name}, port: {port}, protocol: {protocol}, targetPort: 8080}}]
         ---
         apiVersion: discovery.k8s.io/v1
         kind: EndpointSlice
         metadata:
-          name: echo-1
+          name: {service}-1
           namespace: mesh
-          labels: {{kubernetes.io/service-name: echo}}
+          labels: {{kubernetes.io/service-name: {service}}}
         addressType: IPv4
-        ports: [{{name: http, port: 8080, protocol: TCP}}]
+        ports: [{{name: {port_name}, port: 8080, protocol: {protocol}}}]
         endpoints:
         """) + endpoints + "\n"
 

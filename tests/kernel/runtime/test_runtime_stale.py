@@ -12,11 +12,10 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
-from runtime_agent_helpers import write_atomically
+from runtime_agent_helpers import manifests, write_atomically
 
 pytestmark = pytest.mark.kernel
 
@@ -25,31 +24,7 @@ CLIENT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 
 def dns_manifests(endpoint_ip: str) -> str:
-    return textwrap.dedent(f"""\
-        apiVersion: v1
-        kind: Namespace
-        metadata: {{name: mesh}}
-        ---
-        apiVersion: v1
-        kind: Service
-        metadata: {{name: dns, namespace: mesh}}
-        spec:
-          clusterIP: {DNS_IP}
-          clusterIPs: [{DNS_IP}]
-          ports: [{{name: dns, port: 53, protocol: UDP, targetPort: 8080}}]
-        ---
-        apiVersion: discovery.k8s.io/v1
-        kind: EndpointSlice
-        metadata:
-          name: dns-1
-          namespace: mesh
-          labels: {{kubernetes.io/service-name: dns}}
-        addressType: IPv4
-        ports: [{{name: dns, port: 8080, protocol: UDP}}]
-        endpoints:
-          - addresses: [{endpoint_ip}]
-            conditions: {{ready: true}}
-        """)
+    return manifests([endpoint_ip], service="dns", cluster_ip=DNS_IP, port=53, protocol="UDP", port_name="dns")
 
 
 def events_of(path) -> list[dict]:
