@@ -29,16 +29,11 @@ import sys
 import time
 from pathlib import Path
 
+from bench.progtime import enable_program_stats, program_stats
+
 STATES = ("off", "on", "on, one ejected")
-_STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
 FRONTEND, PORT = "10.96.0.10", 80
 ENDPOINTS = ("10.244.0.1", "10.244.0.2", "10.244.0.3")  #: in the server netns' local pod range
-
-
-def program_stats(fd: int) -> tuple[int, int]:
-    """(run_time_ns, run_cnt) of a program we hold an fd of."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines() if ":" in line)
-    return int(fields["run_time_ns"]), int(fields["run_cnt"])
 
 
 def run(rounds: int = 5, connects: int = 2000, log=sys.stderr) -> dict:
@@ -70,9 +65,8 @@ def run(rounds: int = 5, connects: int = 2000, log=sys.stderr) -> dict:
         lab.server(binary, pair)
         root = lab.cgroup_subtree("health")
         client = lab.child_cgroup(root, "client")
-        old_stats = _STATS_SYSCTL.read_text().strip()
-        _STATS_SYSCTL.write_text("1")
-        lab.on_close("kernel.bpf_stats_enabled", lambda: _STATS_SYSCTL.write_text(old_stats))
+        if not enable_program_stats(lab):
+            raise RuntimeError("cannot turn on kernel.bpf_stats_enabled: this row needs the kernel's program counters")
         bpffs = f"/sys/fs/bpf/meshlet-bench-health-{lab.run_id}"
 
         from agent.datapath import uninstall

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from bench import iptables_rules, nft_rules
+from bench.progtime import enable_program_stats, program_stats
 from bench.synth import SERVICE_PORT, TARGET_PORT, Service, desired_state
 from bench.topology import CLIENT_ADDR, Lab, Pair
 
@@ -136,19 +137,13 @@ class Meshlet(Mode):
         self.datapath = Datapath.open(str(bpffs), str(root))
         self.lab.on_close("meshlet datapath", self.datapath.close)
         self.state = None
-        _enable_program_stats(self.lab)
+        enable_program_stats(self.lab)  # else the report leaves the program-time column empty
 
     def program_stats(self) -> dict[str, tuple[int, int]]:
         """hook -> (run_time_ns, run_cnt) of our programs so far, from the kernel's own counters
         (kernel.bpf_stats_enabled, switched on by setup): the time spent inside the programs,
         apart from everything else a connect() costs."""
-        out = {}
-        for hook, fd in self.datapath.programs.fds.items():
-            fields = dict(line.split(":", 1) for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines()
-                          if ":" in line)
-            if "run_cnt" in fields:
-                out[hook] = (int(fields["run_time_ns"]), int(fields["run_cnt"]))
-        return out
+        return {hook: program_stats(fd) for hook, fd in self.datapath.programs.fds.items()}
 
     def desired(self, services):
         return desired_state(services)
@@ -186,21 +181,6 @@ class MeshletNoHealth(Meshlet):
         state = desired_state(services)
         groups = {k: dataclasses.replace(g, passive_health=False) for k, g in state.groups.items()}
         return DesiredState(frontends=state.frontends, groups=groups, clients=state.clients)
-
-
-_STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
-
-
-def _enable_program_stats(lab: Lab) -> None:
-    """Turn on the kernel's per-program run time counters for the run, restoring the old value at
-    close. They cost two clock reads per program run, paid by the meshlet mode alone: the
-    meshlet figures are then, if anything, a little pessimistic."""
-    try:
-        old = _STATS_SYSCTL.read_text().strip()
-        _STATS_SYSCTL.write_text("1")
-    except OSError:
-        return  # no counters: the report leaves the program-time column empty
-    lab.on_close("kernel.bpf_stats_enabled", lambda: _STATS_SYSCTL.write_text(old))
 
 
 class Firewall(Mode):

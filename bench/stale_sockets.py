@@ -37,6 +37,7 @@ import time
 import uuid
 from pathlib import Path
 
+from bench.progtime import program_stats
 from bench.topology import Lab, run
 
 FRONTEND = "10.96.0.53"
@@ -99,11 +100,6 @@ def enable_run_time_stats() -> int:
     from agent.datapath import bpfsys
 
     return bpfsys._bpf(32, _EnableStatsAttr(type=0), "enable BPF run-time stats")
-
-
-def program_time(fd: int) -> tuple[int, int]:
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines() if ":" in line)
-    return int(fields.get("run_time_ns", 0)), int(fields.get("run_cnt", 0))
 
 
 def state(endpoints):
@@ -197,12 +193,12 @@ def run_bench(sockets: int, pods: int, datagrams: int) -> dict:
             sendmsg = dp.programs.fds["sendmsg4"]
             costs = {}
             for label, addr in (("sticky", FRONTEND), ("not_a_frontend", NOT_A_FRONTEND)):
-                before = program_time(sendmsg)
+                before = program_stats(sendmsg)
                 sender = clients[0].popen([sys.executable, "-c", SENDER, str(datagrams), addr],
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
                 if sender.wait(timeout=300) != 0:
                     raise RuntimeError(f"the sender failed: {sender.stdout.read()}")
-                end = program_time(sendmsg)
+                end = program_stats(sendmsg)
                 runs = end[1] - before[1]
                 costs[label] = round((end[0] - before[0]) / runs, 1) if runs else None
             return {
