@@ -80,6 +80,22 @@ def manifests(endpoint_ips: list[str], service: str = "echo", cluster_ip: str = 
         """) + endpoints + "\n"
 
 
+def service(name: str, ip: str) -> dict:
+    """A Service in mesh as the API server serves it: port http 80/TCP to target port 8080."""
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "mesh"},
+            "spec": {"clusterIP": ip, "clusterIPs": [ip],
+                     "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]}}
+
+
+def endpoint_slice(service_name: str, ip: str) -> dict:
+    """The one EndpointSlice of `service` with one ready endpoint."""
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": f"{service_name}-1", "namespace": "mesh",
+                         "labels": {"kubernetes.io/service-name": service_name}},
+            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [ip], "conditions": {"ready": True}}]}
+
+
 def write_atomically(path, text: str) -> None:
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:6]}"
     with open(tmp, "w") as f:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 from podman_daemonset import container, daemonset, podman_run_args
-from runtime_agent_helpers import CLUSTER_IP, REPO, ConnectLoop
+from runtime_agent_helpers import CLUSTER_IP, REPO, ConnectLoop, endpoint_slice, service
 from standin_apiserver import StandInApiServer
 from standin_rbac import Policy
 
@@ -127,20 +127,6 @@ def podman_cgroup_parents() -> list[str]:
 
 
 # --- the cluster's objects -------------------------------------------------------------------------
-
-def service(name: str, ip: str) -> dict:
-    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "mesh"},
-            "spec": {"clusterIP": ip, "clusterIPs": [ip],
-                     "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]}}
-
-
-def endpoint_slice(service_name: str, ip: str) -> dict:
-    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"name": f"{service_name}-1", "namespace": "mesh",
-                         "labels": {"kubernetes.io/service-name": service_name}},
-            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-            "endpoints": [{"addresses": [ip], "conditions": {"ready": True}}]}
-
 
 def route(namespace: str, name: str, backend: str) -> dict:
     """An HTTPRoute on mesh/echo: a producer route in mesh, a consumer route elsewhere (GAMMA)."""

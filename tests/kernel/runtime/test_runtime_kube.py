@@ -22,7 +22,7 @@ import time
 
 import pytest
 import yaml
-from runtime_agent_helpers import CLUSTER_IP, REPO
+from runtime_agent_helpers import CLUSTER_IP, REPO, endpoint_slice, service
 from standin_apiserver import GATEWAY_GROUP, StandInApiServer
 from standin_rbac import Policy
 
@@ -31,20 +31,6 @@ from agent.model import CONTROLLER_NAME
 pytestmark = pytest.mark.kernel
 
 OTHER_IP = "10.96.77.11"
-
-
-def service(name: str, ip: str) -> dict:
-    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "mesh"},
-            "spec": {"clusterIP": ip, "clusterIPs": [ip],
-                     "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]}}
-
-
-def endpoint_slice(service_name: str, ip: str) -> dict:
-    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"name": f"{service_name}-1", "namespace": "mesh",
-                         "labels": {"kubernetes.io/service-name": service_name}},
-            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-            "endpoints": [{"addresses": [ip], "conditions": {"ready": True}}]}
 
 
 ROUTE = {
