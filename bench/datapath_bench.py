@@ -5,7 +5,11 @@ mode in its own namespaces and time its full apply; then, in `rounds` rounds, ea
 random order runs the same connection sequences (uniformly random Services; Services at the start,
 middle and end of the KUBE-SERVICES chain; UDP first datagrams; one established stream). Running
 the modes interleaved, round after round, spreads the machine's background noise evenly over them:
-the figures that matter are ratios between modes measured in the same run. Finally every mode
+the figures that matter are ratios between modes measured in the same run. Modes with programs of
+their own (meshlet) also report the kernel's time inside them (bpf_stats): connect4 per translated
+connect, connect4 per connect to an address that is no frontend (the frontend miss: what every
+other connection on the node pays, measured by connecting to the endpoints' own addresses), and
+sendmsg4 per first datagram of a new UDP socket. Finally every mode
 applies the same endpoint changes (timed) and is checked to reach the new endpoint set.
 
 May touch: what topology.Lab and the modes make, and files in the work directory.
@@ -23,12 +27,13 @@ import statistics
 import sys
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import loadgen, stats
 from bench.modes import MODE_CLASSES, ApplyFailed, ApplyTimeout, Mode
-from bench.synth import Service, make_services, with_endpoint_replaced
+from bench.synth import TARGET_PORT, Service, make_services, with_endpoint_replaced
 from bench.topology import Lab
 
 POSITIONS = ("start", "middle", "end")
@@ -43,6 +48,7 @@ class DatapathPlan:
     crr_per_round: int = 3000
     position_conns: int = 300  #: per position and round
     udp_per_round: int = 500
+    miss_per_round: int = 500  #: connects to non-frontend addresses (modes with programs only)
     stream_seconds: float = 1.0
     changes: int = 5
     warmup: int = 300
@@ -69,6 +75,9 @@ class _ModeRun:
     wrong_source: int = 0
     errors: Counter = field(default_factory=Counter)
     program: Counter = field(default_factory=Counter)  #: "<hook> ns" / "<hook> runs" over the crr rounds
+    miss_program: Counter = field(default_factory=Counter)  #: the same over the frontend-miss connects
+    udp_program: Counter = field(default_factory=Counter)  #: the same over the UDP first datagrams
+    wrong_miss: int = 0  #: frontend-miss connects that did not arrive at the address dialled
 
 
 def _say(plan: DatapathPlan, text: str) -> None:
@@ -164,11 +173,8 @@ def _measure_round(plan, r: _ModeRun, round_no, seq, udp_seq, positions, stream_
     mode = r.mode
     draw = random.Random(round_no)  # the direct mode's endpoint choices
     targets = [mode.address(s, "tcp", draw) for s in seq]
-    before = mode.program_stats() if hasattr(mode, "program_stats") else {}
-    crr = loadgen.run_sequence(binary, "crr", mode.pair.cli_path, targets, workdir, mode.cgroup)
-    for hook, (ns, runs) in (mode.program_stats() if before else {}).items():
-        r.program[f"{hook} ns"] += ns - before[hook][0]
-        r.program[f"{hook} runs"] += runs - before[hook][1]
+    with _program_time(mode, r.program):
+        crr = loadgen.run_sequence(binary, "crr", mode.pair.cli_path, targets, workdir, mode.cgroup)
     _check(r, crr, seq)
     ok = [s.latency_ns for s in crr.samples if not s.errno]
     r.crr += ok
@@ -183,13 +189,44 @@ def _measure_round(plan, r: _ModeRun, round_no, seq, udp_seq, positions, stream_
         r.positions[position] += [s.latency_ns for s in run.samples if not s.errno]
     if udp_seq:
         targets = [mode.address(s, "udp", draw) for s in udp_seq]
-        udp = loadgen.run_sequence(binary, "udp", mode.pair.cli_path, targets, workdir, mode.cgroup)
+        with _program_time(mode, r.udp_program):
+            udp = loadgen.run_sequence(binary, "udp", mode.pair.cli_path, targets, workdir, mode.cgroup)
         _check(r, udp, udp_seq, udp=True)
         r.udp += [s.latency_ns for s in udp.samples if not s.errno]
         r.udp_send += [s.send_ns for s in udp.samples if not s.errno]
+    if plan.miss_per_round and hasattr(mode, "program_stats"):
+        # Connects the programs must leave alone: each endpoint dialled by its own address.
+        targets = [(draw.choice(s.endpoints), TARGET_PORT) for s in seq[:plan.miss_per_round]]
+        with _program_time(mode, r.miss_program):
+            miss = loadgen.run_sequence(binary, "crr", mode.pair.cli_path, targets, workdir, mode.cgroup)
+        for sample, (address, _) in zip(miss.samples, targets):
+            if sample.errno:
+                r.errors[sample.errno] += 1
+            elif sample.endpoint != address:
+                r.wrong_miss += 1
     if plan.stream_seconds > 0:
         target = mode.address(stream_service, "tcp", draw)
         r.stream.append(loadgen.run_stream(binary, mode.pair.cli_path, target, plan.stream_seconds, mode.cgroup))
+
+
+@contextmanager
+def _program_time(mode: Mode, into: Counter):
+    """Add the time and runs of `mode`'s programs during the block to `into` ("<hook> ns" /
+    "<hook> runs"); nothing for a mode without programs."""
+    if not hasattr(mode, "program_stats"):
+        yield
+        return
+    before = mode.program_stats()
+    yield
+    for hook, (ns, runs) in mode.program_stats().items():
+        into[f"{hook} ns"] += ns - before[hook][0]
+        into[f"{hook} runs"] += runs - before[hook][1]
+
+
+def _per_run(counter: Counter, hook: str) -> float | None:
+    """Mean ns per run of `hook` in `counter`, None when it never ran."""
+    runs = counter.get(f"{hook} runs")
+    return round(counter[f"{hook} ns"] / runs, 1) if runs else None
 
 
 def _changes(plan, active, services, order, rng, binary, workdir):
@@ -250,6 +287,11 @@ def _finish(r: _ModeRun) -> dict:
         if r.program.get("sockops runs"):
             # sock_ops runs several times per connection (SYN, state changes, ...): per connect().
             record["sockops_ns_per_connect"] = round(r.program["sockops ns"] / runs, 1)
+    if r.miss_program:
+        record["miss_program_ns_per_connect"] = _per_run(r.miss_program, "connect4")
+        record["wrong_miss_endpoint"] = r.wrong_miss
+    if r.udp_program:
+        record["sendmsg_program_ns_per_datagram"] = _per_run(r.udp_program, "sendmsg4")
     if record.get("apply_change_s"):
         record["apply_change"] = stats.summarize_seconds(record["apply_change_s"])
     return record

@@ -225,14 +225,17 @@ def render_markdown(results: dict, plot_paths: list[Path], json_path: Path | Non
             "counters, over the connect rounds): the part of the meshlet-direct difference that is "
             "the program itself. sock_ops ns: time inside the sockops program (passive health, "
             "SEMANTICS A17) per connect(), all its runs for that connection together; "
-            "meshlet-no-health is meshlet with passive health off in every group.",
+            "meshlet-no-health is meshlet with passive health off in every group. miss ns: time inside "
+            "connect4 per connect() to an address that is no frontend (each endpoint dialled by its own "
+            "address: what every non-Service connection on the node pays). sendmsg ns: time inside "
+            "sendmsg4 per UDP datagram over the UDP rounds (each a new socket's first datagram).",
             "",
-            "| N | mode | full apply | change p50 | p01 | p50 | p90 | p99 | start/mid/end p50 | conn/s | UDP send p50/p99 | UDP rtt p50 | stream Gbit/s | prog ns | sock_ops ns | wrong/err |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| N | mode | full apply | change p50 | p01 | p50 | p90 | p99 | start/mid/end p50 | conn/s | UDP send p50/p99 | UDP rtt p50 | stream Gbit/s | prog ns | miss ns | sendmsg ns | sock_ops ns | wrong/err |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in sorted(datapath, key=lambda r: (r["services"], ALL_MODES.index(r["mode"]))):
             if not r.get("connect_us", {}).get("count"):
-                lines.append(f"| {r['services']} | {r['mode']} | {_apply(r)} | | | | | | | | | | | | | "
+                lines.append(f"| {r['services']} | {r['mode']} | {_apply(r)} | | | | | | | | | | | | | | | "
                              f"{r.get('status')}: {_cell(r.get('reason', ''))} |")
                 continue
             c, pos, udp, send = r["connect_us"], r["positions_us"], r["udp_us"], r.get("udp_send_us", {})
@@ -246,6 +249,8 @@ def render_markdown(results: dict, plot_paths: list[Path], json_path: Path | Non
                 + f" | {_fmt(r['conn_per_s'], 0)} | {_fmt(send.get('p50'))}/{_fmt(send.get('p99'))} | "
                 f"{_fmt(udp.get('p50'))} | "
                 f"{_fmt(r.get('stream_gbit_s'), 2)} | {_fmt(r.get('program_ns_per_connect'), 0)} | "
+                f"{_fmt(r.get('miss_program_ns_per_connect'), 0)} | "
+                f"{_fmt(r.get('sendmsg_program_ns_per_datagram'), 0)} | "
                 f"{_fmt(r.get('sockops_ns_per_connect'), 0)} | "
                 f"{r['wrong_endpoint']}/{errors} |"
             )

@@ -32,6 +32,12 @@ CHURN = {"services": 50_000, "rate": 500, "p99_ms": 10.0, "cpu_percent": 50.0}
 #: Issue 12: what passive health may add to the connect program, in ns per connect() (bpf_stats:
 #: meshlet against meshlet-no-health, measured in the same run).
 HEALTH_CHECK_NS = 100
+#: Issue 16: ns inside meshlet's programs (bpf_stats), at every N: connect4 per translated connect,
+#: connect4 per connect to an address that is no frontend (what every other connection on the node
+#: pays), sendmsg4 per first datagram of a new UDP socket (the same pick as a connect: the same bound).
+CONNECT_PROGRAM_NS = 1500
+FRONTEND_MISS_NS = 200
+SENDMSG_PROGRAM_NS = 1500
 ALL_SIZES = (100, 1_000, 10_000, 50_000)
 #: The control plane is judged at these N (issue 6).
 CONTROL_PLANE_SIZES = (1_000, 10_000, 50_000)
@@ -89,6 +95,21 @@ def _health_check_cost(records) -> Verdict:
     return Verdict(label, NOT_MET if missed else MET, "; ".join(parts) + _coverage(covered))
 
 
+def _program_time(records, field: str, limit: float, label: str) -> Verdict:
+    """meshlet's `field` (ns, bpf_stats) <= limit at every N it was measured."""
+    parts, missed, covered = [], False, []
+    for n in sorted({r["services"] for r in records}):
+        mesh = measured(records, "meshlet", n)
+        if not mesh or mesh.get(field) is None:
+            continue
+        covered.append(n)
+        parts.append(f"N={n}: {mesh[field]:.0f} ns")
+        missed |= mesh[field] > limit
+    if not covered:
+        return Verdict(label, NOT_MEASURED, "meshlet program time not measured")
+    return Verdict(label, NOT_MET if missed else MET, "; ".join(parts) + _coverage(covered))
+
+
 def judge(datapath: list[dict], controlplane: list[dict]) -> list[Verdict]:
     verdicts = [
         _vs_direct(datapath, lambda r: r["connect_us"]["p50"], LATENCY_VS_DIRECT, False,
@@ -99,6 +120,14 @@ def judge(datapath: list[dict], controlplane: list[dict]) -> list[Verdict]:
                    f"meshlet stream throughput >= {THROUGHPUT_VS_DIRECT}x direct"),
     ]
     verdicts.append(_health_check_cost(datapath))
+    verdicts += [
+        _program_time(datapath, "program_ns_per_connect", CONNECT_PROGRAM_NS,
+                      f"connect4 program <= {CONNECT_PROGRAM_NS} ns per translated connect at every N"),
+        _program_time(datapath, "miss_program_ns_per_connect", FRONTEND_MISS_NS,
+                      f"frontend miss (a connect to no Service) <= {FRONTEND_MISS_NS} ns in connect4 at every N"),
+        _program_time(datapath, "sendmsg_program_ns_per_datagram", SENDMSG_PROGRAM_NS,
+                      f"sendmsg4 program <= {SENDMSG_PROGRAM_NS} ns per new UDP socket's first datagram at every N"),
+    ]
     for mode, n, factor in AGAINST_FIREWALLS:
         label = f"p50 connect >= {factor}x lower than {mode} at N={n}"
         mesh, other = measured(datapath, "meshlet", n), measured(datapath, mode, n)

@@ -111,6 +111,17 @@ def test_program_times_with_and_without_passive_health_are_measured(smoke):
         assert r["sockops_ns_per_connect"] > 0, mode
 
 
+def test_frontend_miss_and_udp_program_times_are_measured(smoke):
+    # Issue 16's rows: connect4's time on connects to no frontend (each reached the very address
+    # dialled, untouched), and sendmsg4's per new UDP socket's first datagram.
+    for mode in ("meshlet", "meshlet-no-health"):
+        r = smoke["records"][mode]
+        assert r["miss_program_ns_per_connect"] > 0, mode
+        assert r["wrong_miss_endpoint"] == 0, mode
+        assert r["sendmsg_program_ns_per_datagram"] > 0, mode
+    assert "miss_program_ns_per_connect" not in smoke["records"]["direct"]
+
+
 def test_the_bench_removes_what_it_made(smoke):
     assert smoke["leftover_netns"] == set()
     assert smoke["leftover_cgroups"] == set()

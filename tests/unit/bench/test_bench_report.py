@@ -25,7 +25,9 @@ def results():
         "note": "2 cores shared with other test runs",
         "datapath": [
             rec("direct", 20.0, apply_full_s=None),
-            rec("meshlet", 20.2, apply_change={"p50": 0.0004}),
+            rec("meshlet", 20.2, apply_change={"p50": 0.0004}, program_ns_per_connect=1234.0,
+                miss_program_ns_per_connect=87.0, sendmsg_program_ns_per_datagram=1456.0,
+                sockops_ns_per_connect=300.0),
             rec("iptables-legacy", 40.0),
             {"mode": "nftables", "services": 100, "status": "timeout", "reason": "nft did not finish in 5 s",
              "apply_full_s": None, "apply_full_timeout_s": 5.0},
@@ -44,6 +46,9 @@ def test_markdown_has_machine_targets_and_every_record(tmp_path):
     assert "| meshlet connect p50 <= 1.03x direct at every N | **met** | N=100: 1.010x" in text
     assert "| 100 | meshlet | 0.020 s | 0.4 ms | 10.0 | 20.2 |" in text
     assert "| 100 | nftables | > 5 s (timed out) |" in text
+    # prog ns, miss ns, sendmsg ns, sock_ops ns (issue 16's rows), then wrong/err.
+    assert "| 10.00 | 1234 | 87 | 1456 | 300 | 0/0 |" in text
+    assert "| frontend miss (a connect to no Service) <= 200 ns in connect4 at every N | **met** | N=100: 87 ns" in text
     assert "| 1000 | 0.100 s | 0.050 s | 0.200 s | 0.300 s | 0.50 ms | 1.00 ms | 80 MiB | 1.50 s | 120 MiB |" in text
     assert "- N=1000: imports 25 (25), resolved 60 (61)" in text
 

@@ -122,3 +122,21 @@ def test_passive_health_cost_on_the_connect_program():
     data[0]["program_ns_per_connect"] = 340.0
     assert find(targets.judge(data, []), ["passive health"]).status == NOT_MET
     assert find(targets.judge(data[:1], []), ["passive health"]).status == NOT_MEASURED
+
+
+def test_program_time_rows_of_issue_16():
+    data = [rec("meshlet", 100, 20, program_ns_per_connect=900.0, miss_program_ns_per_connect=80.0,
+                sendmsg_program_ns_per_datagram=1000.0),
+            rec("meshlet", 10_000, 20, program_ns_per_connect=1400.0, miss_program_ns_per_connect=150.0)]
+    verdicts = targets.judge(data, [])
+    connect = find(verdicts, ["connect4 program", "translated"])
+    assert connect.status == MET and "N=100: 900 ns; N=10000: 1400 ns" in connect.measured
+    assert find(verdicts, ["frontend miss"]).status == MET
+    sendmsg = find(verdicts, ["sendmsg4"])
+    assert sendmsg.status == MET and "N=10000" not in sendmsg.measured
+    data[1]["miss_program_ns_per_connect"] = 250.0  # one N above the bound is enough to miss
+    data[1]["program_ns_per_connect"] = 1600.0
+    verdicts = targets.judge(data, [])
+    assert find(verdicts, ["frontend miss"]).status == NOT_MET
+    assert find(verdicts, ["connect4 program", "translated"]).status == NOT_MET
+    assert find(targets.judge([rec("meshlet", 100, 20)], []), ["sendmsg4"]).status == NOT_MEASURED
