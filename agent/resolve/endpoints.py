@@ -149,7 +149,56 @@ def backend_group(key: GroupKey, service: ServiceRecord | None, slices: Iterable
     Service is gone rejects (it is about to lose its last user)."""
     if service is None:
         return BackendGroup(key, (), Verdict.REJECT, passive_health=passive_health)
-    candidates = merge_slices(slices, key.port_name, key.protocol, key.family)
-    endpoints, verdict = select_endpoints(candidates, service.local_only, node_name, zone)
+    uniform = _uniform_endpoints(slices, key.port_name, key.protocol, key.family)
+    if uniform is not None:
+        endpoints, verdict = _select_uniform(*uniform, service.local_only, node_name, zone)
+    else:
+        candidates = merge_slices(slices, key.port_name, key.protocol, key.family)
+        endpoints, verdict = select_endpoints(candidates, service.local_only, node_name, zone)
     return BackendGroup(key, endpoints, verdict, service.affinity_timeout,
                         passive_health and service.passive_health)
+
+
+# --- the common case, without a Candidate per endpoint ------------------------------------------
+
+
+def _uniform_endpoints(slices: Iterable[SliceRecord], port_name: str, protocol: str, family: int
+                       ) -> tuple[list[tuple[str, int]], EndpointTraits] | None:
+    """(the merged `IP:port`s, sorted and unique; their one EndpointTraits) when every endpoint
+    of every slice that counts for this port has the same traits (the interned EndpointTraits
+    instance: most Services, whose endpoints are all ready on the same node or all without a
+    node), else None. None too when no endpoint counts (the general path says why).
+
+    Why it holds: merge_slices keeps one copy of each `IP:port`, and copies with equal traits
+    are equal candidates, so the merge is the sorted unique `IP:port`s; every rule of
+    select_endpoints filters candidates by their traits alone or keeps the whole list (hints:
+    "every ready endpoint has one"), so on candidates with one traits value its answer is all
+    of them or none, the same as its answer for one of them (_select_uniform).
+    """
+    idents: list[tuple[str, int]] = []
+    shared: EndpointTraits | None = None
+    for slice_ in slices:
+        if slice_.family != family:
+            continue
+        number = slice_port_number(slice_, port_name, protocol)
+        if number is None or not slice_.traits:
+            continue
+        first = slice_.traits[0]
+        if shared is None:
+            shared = first
+        if first != shared or slice_.traits.count(first) != len(slice_.traits):
+            return None
+        idents += [(address, number) for address in slice_.addresses]
+    if shared is None:
+        return None
+    return sorted(set(idents)), shared
+
+
+def _select_uniform(idents: list[tuple[str, int]], traits: EndpointTraits, local_only: bool,
+                    node_name: str, zone: str | None) -> tuple[tuple[Endpoint, ...], Verdict]:
+    """select_endpoints on candidates that all carry `traits` (see _uniform_endpoints): decided
+    on one of them, then applied to all."""
+    _one, verdict = select_endpoints([_candidate(idents[0], traits)], local_only, node_name, zone)
+    if verdict != Verdict.FORWARD:
+        return (), verdict
+    return tuple([Endpoint(address, port) for address, port in idents]), verdict

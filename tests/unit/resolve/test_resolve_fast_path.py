@@ -48,3 +48,49 @@ def test_fast_path_reads_like_the_checked_path():
                 assert fast == checked, raw
                 assert notes.lines == [], raw
     assert accepted > 100  # the generator does reach the fast path
+
+
+# --- the backend group's fast path (endpoints._uniform_endpoints) -----------------------------
+
+from agent.model import GroupKey  # noqa: E402
+from agent.resolve import endpoints as e  # noqa: E402
+
+TRAITS = [o.endpoint_traits(ready, serving, terminating, node, for_nodes, for_zones)
+          for ready, serving, terminating, node, for_nodes, for_zones in [
+              (True, True, False, "n1", None, None), (True, True, False, "n2", None, None),
+              (True, True, False, None, None, None), (False, True, True, "n1", None, None),
+              (False, False, True, "n2", None, None), (False, True, False, "n1", None, None),
+              (True, True, False, "n2", ("n1",), None), (True, True, False, "n2", ("n3",), ("z1",)),
+              (True, True, False, "n1", None, ("z2",)), (False, True, True, "n2", None, ("z1",))]]
+
+
+def random_slice(rng: random.Random, name: str) -> o.SliceRecord:
+    family = rng.choice([4, 4, 4, 6])
+    addresses = tuple(f"10.0.0.{rng.randrange(6)}" if family == 4 else f"fd00::{rng.randrange(6)}"
+                      for _ in range(rng.randrange(4)))
+    uniform = rng.random() < 0.6
+    first = rng.choice(TRAITS)
+    traits = tuple(first if uniform else rng.choice(TRAITS) for _ in addresses)
+    ports = tuple(o.SlicePort(rng.choice(["", "http"]), rng.choice(["TCP", "UDP"]), rng.choice([80, 81]))
+                  for _ in range(rng.randrange(1, 3)))
+    return o.SliceRecord("ns", name, "svc", family, ports, addresses, traits)
+
+
+def test_group_fast_path_selects_like_the_candidate_path():
+    """backend_group (fast path where it applies) against merge_slices + select_endpoints, on
+    random slices: uniform traits, mixed ones, duplicates across slices, other ports and families."""
+    rng = random.Random(16)
+    fast_taken = 0
+    for _ in range(4000):
+        slices = [random_slice(rng, f"s{i}") for i in range(rng.randrange(4))]
+        port_name, protocol, family = rng.choice(["", "http"]), rng.choice(["TCP", "UDP"]), rng.choice([4, 6])
+        local_only = rng.random() < 0.3
+        node, zone = rng.choice(["n1", "n2"]), rng.choice([None, "z1", "z2"])
+        service = o.ServiceRecord("ns", "svc", "", False, ("10.96.0.1",), (), local_only, 0)
+        key = GroupKey("ns", "svc", port_name, protocol, family)
+        group = e.backend_group(key, service, slices, node, zone)
+        candidates = e.merge_slices(slices, port_name, protocol, family)
+        assert (group.endpoints, group.verdict) == e.select_endpoints(candidates, local_only, node, zone), slices
+        if e._uniform_endpoints(slices, port_name, protocol, family) is not None:
+            fast_taken += 1
+    assert fast_taken > 300  # the generator does reach the fast path
