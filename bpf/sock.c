@@ -9,7 +9,10 @@
  *
  * Cost model: traffic to an address that is not a frontend pays one hash lookup and nothing
  * else. Only after that lookup hits do we look for the client's pod (cgroup walk, and only when
- * a consumer scope or an opt-out could change the answer) and the socket's storage. A pick in
+ * a consumer scope or an opt-out could change the answer) and the socket's storage. The pick
+ * itself needs the frontend value (whose slots carry a copy of each group's value: no groups
+ * lookup) and one endpoints lookup: at 10k Services every lookup in a big map is a random
+ * memory access costing hundreds of ns, so lookups are what we count. A pick in
  * a group with passive health adds one lookup (its set's ejections, a miss while none is
  * ejected) and, for TCP, 16 bytes written to the socket's storage for sockops. A later datagram
  * of an unconnected UDP socket checks that its remembered endpoint is still usable (SEMANTICS
@@ -17,12 +20,13 @@
  * moved (see still_usable). A connected UDP socket's connect() also writes its translation to
  * udp_flows (by socket cookie), where the agent finds the ones to end when their endpoint goes.
  *
- * Consistency: the agent never modifies a value in place. A frontend's whole split is one map
- * value, a group's current endpoint set is one value (set_id, count), and the maps holding
- * them are BPF_F_NO_PREALLOC hashes, whose replaced elements are freed after an RCU grace
- * period: a program holding a value pointer sees the old value or the new one, never a mix.
- * The agent writes a new endpoint set before the group value that names it, and deletes the
- * old set only after (agent/datapath/reconcile.py), so a connect never meets a half set.
+ * Consistency: the agent never modifies a value in place. A frontend's whole split (with the
+ * copies of its groups' values) is one map value, a group's current endpoint set is one value
+ * (set_id, count), and the maps holding them are BPF_F_NO_PREALLOC hashes, whose replaced
+ * elements are freed after an RCU grace period: a program holding a value pointer sees the old
+ * value or the new one, never a mix. The agent writes a new endpoint set before the group value
+ * and the frontend values that name it, and deletes the old set only after
+ * (agent/datapath/reconcile.py), so a connect never meets a half set.
  *
  * Outcomes (OUT_* in meshlet.h): translated; rejected (ECONNREFUSED: empty split, rejected
  * share, group without endpoints); unreachable (EHOSTUNREACH: endpoints exist but none usable
@@ -267,18 +271,18 @@ static __always_inline int still_usable(struct sock_xlat *x, const struct fe_val
 }
 
 /* Weighted pick among the split's slots: r uniform in [0, 2^31), the first slot whose
- * cumulative threshold is above r. Returns OUT_TRANSLATED with *group_id set, OUT_REJECTED for
- * the rejected share (group 0), or OUT_MISS when no slot matched (thresholds not ending at
- * 2^31: a plan bug). Group ids use all 64 bits, so the id travels in an out-parameter. */
-static __always_inline __u32 pick_group(const struct fe_value *fe, __u64 *group_id)
+ * cumulative threshold is above r. Returns OUT_TRANSLATED with *slot a copy of the chosen slot
+ * (its group id and the copy of its group's value), OUT_REJECTED for the rejected share
+ * (group 0), or OUT_MISS when no slot matched (thresholds not ending at 2^31: a plan bug). */
+static __always_inline __u32 pick_group(const struct fe_value *fe, struct fe_slot *slot)
 {
     __u32 r = bpf_get_prandom_u32() & 0x7fffffff;
     __u32 n = fe->nslots;
 #pragma unroll
     for (int i = 0; i < MAX_SLOTS; i++) {
         if (i < n && r < fe->slots[i].threshold) {
-            *group_id = fe->slots[i].group_id;
-            return *group_id ? OUT_TRANSLATED : OUT_REJECTED;
+            *slot = fe->slots[i];
+            return slot->group_id ? OUT_TRANSLATED : OUT_REJECTED;
         }
     }
     return OUT_MISS;
@@ -343,19 +347,20 @@ static __always_inline __u32 pick_healthy(const struct set_ejections *ejected, _
     return i < count ? (__u32)i : r;
 }
 
-/* Choose an endpoint of a group for this client. Returns OUT_TRANSLATED with the endpoint
- * set, OUT_REJECTED or OUT_UNREACHABLE for the group's verdict, or OUT_MISS for a missing
- * entry. With passive health on for the group, ejected endpoints are skipped (a remembered
- * affinity choice too) and `watch` names the set and index picked. */
-static __always_inline __u32 pick_endpoint(struct bpf_sock_addr *ctx, __u64 group_id,
+/* Choose an endpoint of the group `g` (a frontend slot: the group's id and a copy of its value,
+ * see struct fe_slot) for this client. Returns OUT_TRANSLATED with the endpoint set,
+ * OUT_REJECTED or OUT_UNREACHABLE for the group's verdict, or OUT_MISS for a missing entry.
+ * With passive health on for the group, ejected endpoints are skipped (a remembered affinity
+ * choice too) and `watch` names the set and index picked. */
+static __always_inline __u32 pick_endpoint(struct bpf_sock_addr *ctx, const struct fe_slot *gs,
                                          struct addr16 *ep, __u16 *ep_port, __u8 *family,
                                          struct sock_watch *watch, __u64 *set_id)
 {
-    struct group_value *gp = groups.lookup(&group_id);
-    if (!gp)
-        return OUT_MISS;
-    struct group_value g = *gp;
+    struct fe_slot g = *gs;
+    __u64 group_id = g.group_id;
     *set_id = g.set_id;
+    if (g.verdict == VERDICT_NO_GROUP)
+        return OUT_MISS;
     if (g.verdict == VERDICT_UNREACHABLE)
         return OUT_UNREACHABLE;
     if (g.verdict != VERDICT_FORWARD || g.count == 0)
@@ -548,14 +553,16 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, int v6, int is_s
 
     if (fe->verdict != VERDICT_FORWARD)
         return conclude(ctx, &d, OUT_REJECTED);
-    __u32 outcome = pick_group(fe, &d.group_id);
+    struct fe_slot slot;
+    __u32 outcome = pick_group(fe, &slot);
+    d.group_id = slot.group_id;
     if (outcome != OUT_TRANSLATED)
         return conclude(ctx, &d, outcome);
 
     struct sock_watch watch;
     __builtin_memset(&watch, 0, sizeof(watch));
     __u64 set_id = 0;
-    outcome = pick_endpoint(ctx, d.group_id, &ep, &ep_port, &family, &watch, &set_id);
+    outcome = pick_endpoint(ctx, &slot, &ep, &ep_port, &family, &watch, &set_id);
     if (outcome != OUT_TRANSLATED)
         return conclude(ctx, &d, outcome);
     __builtin_memcpy(d.endpoint, &ep, 16);

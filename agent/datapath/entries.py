@@ -56,7 +56,7 @@ MEMBER_KEY = _packer(L.MemberKey, "Q18s6x")  # set_id, addr + port (network orde
 MEMBER_KEY_READ = _packer(L.MemberKey, "Q18s6s")  # set_id, addr + port, pad (must be 0)
 GROUP_VALUE = _packer(L.GroupValue, "QIIBB6x")  # set_id, count, affinity_timeout_s, verdict, flags
 FE_KEY = _packer(L.FeKey, "16sHBxI")  # addr, port (network order), proto, scope
-FE_SLOT = _packer(L.FeSlot, "I4xQ")  # threshold, group_id
+FE_SLOT = _packer(L.FeSlot, "IIQQIBB2x")  # threshold, count, group_id, set_id, affinity_timeout_s, verdict, flags
 # fe_value is packed in parts (plan._frontend_value_used): its head, then the used slots. The
 # _packer call only checks that head + slots is the size layout gives FeValue.
 FE_VALUE_HEAD = struct.Struct("=BBH4xQ")  # verdict, nslots, flags, route_id
@@ -137,6 +137,19 @@ def group_value_fields(value: bytes) -> tuple[int, int, int, int, int]:
     return GROUP_VALUE.unpack(value)
 
 
+#: A frontend slot's copy of a group it cannot find (fe_slot.verdict VERDICT_NO_GROUP).
+NO_GROUP_VALUE = GROUP_VALUE.pack(0, 0, 0, L.VERDICT_NO_GROUP, 0)
+
+
+def fe_slot_bytes(threshold: int, gid: int, group_value: bytes | None) -> bytes:
+    """One fe_slot: the share's threshold and group id, with the copy of that group's value
+    (bpf/meshlet.h, struct fe_slot); a rejected share (gid 0) copies nothing."""
+    if gid == 0:
+        return FE_SLOT.pack(threshold, 0, 0, 0, 0, 0, 0)
+    sid, count, affinity, verdict, flags = GROUP_VALUE.unpack(group_value or NO_GROUP_VALUE)
+    return FE_SLOT.pack(threshold, count, gid, sid, affinity, verdict, flags)
+
+
 def key_set_id(key: bytes) -> int:
     """set_id of an endpoints-map or members-map key (both start with it)."""
     return U64.unpack_from(key)[0]
@@ -148,7 +161,7 @@ def frontend_value_refs(value: bytes) -> tuple[int, tuple[int, ...]]:
     value = full_value("frontends", value)
     _verdict, nslots, _flags, route = FE_VALUE_HEAD.unpack_from(value)
     slot = FE_SLOT.size
-    return route, tuple(FE_SLOT.unpack_from(value, FE_VALUE_HEAD.size + i * slot)[1] for i in range(nslots))
+    return route, tuple(FE_SLOT.unpack_from(value, FE_VALUE_HEAD.size + i * slot)[2] for i in range(nslots))
 
 
 def frontend_key_scope_id(key: bytes) -> int:

@@ -20,7 +20,7 @@ from agent.model import MAX_BACKEND_REFS, Verdict
 
 #: Version of the map layout; pins live under <bpffs>/v<LAYOUT_VERSION>/maps.
 LAYOUT_VERSION = 3  # 2: the config map; 3: passive health (group flags, sock_watch, health maps), sock_xlat
-                    # remembers scope, group and set (stale sockets)
+                    # remembers scope, group and set (stale sockets), fe_slot holds a copy of its group
 
 # --- constants of bpf/meshlet.h (checked against the header by a unit test) --------------------
 MAX_SLOTS = MAX_BACKEND_REFS  # one limit: resolve refuses a wider rule, the maps hold this many
@@ -33,6 +33,7 @@ EJECT_SLOTS = 8
 VERDICT_FORWARD = 0
 VERDICT_REJECT = 1
 VERDICT_UNREACHABLE = 2
+VERDICT_NO_GROUP = 255
 assert (VERDICT_FORWARD, VERDICT_REJECT, VERDICT_UNREACHABLE) == (
     Verdict.FORWARD, Verdict.REJECT, Verdict.UNREACHABLE), "model.Verdict values are the map's"
 
@@ -90,9 +91,20 @@ class FeKey(ct.Structure):
 
 
 class FeSlot(ct.Structure):
-    """struct fe_slot { __u32 threshold; __u32 pad; __u64 group_id; };"""
+    """struct fe_slot {
+        __u32 threshold;
+        __u32 count;       // the rest: a copy of the group's group_value
+        __u64 group_id;
+        __u64 set_id;
+        __u32 affinity_timeout_s;
+        __u8 verdict;      // or VERDICT_NO_GROUP
+        __u8 flags;
+        __u8 pad[2];
+    };"""
 
-    _fields_ = [("threshold", ct.c_uint32), ("pad", ct.c_uint32), ("group_id", ct.c_uint64)]
+    _fields_ = [("threshold", ct.c_uint32), ("count", ct.c_uint32), ("group_id", ct.c_uint64),
+                ("set_id", ct.c_uint64), ("affinity_timeout_s", ct.c_uint32), ("verdict", ct.c_uint8),
+                ("flags", ct.c_uint8), ("pad", ct.c_uint8 * 2)]
 
 
 class FeValue(ct.Structure):

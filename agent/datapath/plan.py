@@ -22,6 +22,10 @@ the same bytes (golden tests compare text dumps of expanded plans).
   are refused (PlanError) rather than silently sharing a view;
 - route_id = 64-bit hash of the RouteRef text (only for names).
 
+Each frontend slot carries a copy of its group's value (set_id, count, verdict, flags, affinity:
+bpf/meshlet.h, struct fe_slot) so a connect needs no groups lookup; `group_value` is the one
+function that makes that value, for the groups entry and for every copy.
+
 Weighted split: shares of the same group are merged, rejected shares (group None) become one
 slot with group_id 0, zero weights are dropped (an empty interval can never be drawn, so it
 would only waste a slot). Thresholds are cumulative weights scaled to 2^31 with exact integer
@@ -136,18 +140,26 @@ def group_key_bytes(key: GroupKey) -> bytes:
     return E.U64.pack(group_id(key))
 
 
+def group_value(group: BackendGroup, gid: int | None = None) -> bytes:
+    """The groups-map value of a group (gid: its group_id when already computed). Frontend
+    slots carry a copy of it (struct fe_slot)."""
+    flags = L.GROUP_PASSIVE_HEALTH if group.passive_health else 0
+    if group.verdict != Verdict.FORWARD or not group.endpoints:
+        verdict = Verdict.REJECT if group.verdict == Verdict.FORWARD else group.verdict
+        return E.GROUP_VALUE.pack(0, 0, group.affinity_timeout, int(verdict), flags)
+    sid = set_id(group_id(group.key) if gid is None else gid, group.endpoints)
+    return E.GROUP_VALUE.pack(sid, len(group.endpoints), group.affinity_timeout, int(group.verdict), flags)
+
+
 def plan_group(group: BackendGroup) -> GroupPlan:
     text = str(group.key)
     gid = _hash64(b"group", text.encode())  # group_id(group.key), the text made once
     name = _name_value(text)
-    flags = L.GROUP_PASSIVE_HEALTH if group.passive_health else 0
+    value = group_value(group, gid)
     if group.verdict != Verdict.FORWARD or not group.endpoints:
-        verdict = Verdict.REJECT if group.verdict == Verdict.FORWARD else group.verdict
-        return GroupPlan(E.U64.pack(gid), E.GROUP_VALUE.pack(0, 0, group.affinity_timeout, int(verdict), flags),
-                         0, b"", b"", name)
-    sid = set_id(gid, group.endpoints)
+        return GroupPlan(E.U64.pack(gid), value, 0, b"", b"", name)
+    sid = E.group_value_fields(value)[0]
     blob = endpoint_values(group.endpoints)
-    value = E.GROUP_VALUE.pack(sid, len(group.endpoints), group.affinity_timeout, int(group.verdict), flags)
     # Members answer "is this endpoint in the current set": the affinity check asks it, and so
     # does an unconnected UDP socket's remembered choice when its group's set moved (A16).
     members = member_records(blob) if group.affinity_timeout or group.key.protocol == "UDP" else b""
@@ -158,18 +170,20 @@ def frontend_key_bytes(address: str, port: int, protocol: str, scope: str) -> by
     return E.FE_KEY.pack(addr16(address), socket.htons(port), L.PROTO_NUMBERS[protocol], scope_id(scope))
 
 
-def _frontend_value_used(verdict: int, flags: int, route: int, slots: list[tuple[int, int]]) -> bytes:
+def _frontend_value_used(verdict: int, flags: int, route: int, slots: list[tuple[int, int]],
+                         group_values: Mapping[int, bytes]) -> bytes:
     """A fe_value's head and used slots: the exact value without the unused slots' zeros."""
     return E.FE_VALUE_HEAD.pack(verdict, len(slots), flags, route) + b"".join(
-        [E.FE_SLOT.pack(threshold, gid) for threshold, gid in slots])
+        [E.fe_slot_bytes(threshold, gid, group_values.get(gid)) for threshold, gid in slots])
 
 
-def plan_frontend(key: FrontendKey, fe: FrontendState, has_scopes: bool,
+def plan_frontend(key: FrontendKey, fe: FrontendState, has_scopes: bool, group_values: Mapping[int, bytes],
                   group_ids: Mapping[GroupKey, int] | None = None) -> tuple[bytes, bytes, dict[bytes, bytes]]:
     """(key bytes, value bytes, name entries) of one frontend entry; value and names short.
 
     has_scopes: set FE_HAS_SCOPES on a default entry whose frontend has consumer-scope entries.
-    group_ids: see split_slots.
+    group_values: group_id -> groups-map value, for the copy each slot carries (a group not in
+    it is copied as VERDICT_NO_GROUP). group_ids: see split_slots.
     """
     slots = split_slots(fe.split, group_ids)
     if len(slots) > L.MAX_SLOTS:
@@ -184,7 +198,8 @@ def plan_frontend(key: FrontendKey, fe: FrontendState, has_scopes: bool,
     if key.scope != DEFAULT_SCOPE:
         names[E.U64.pack(scope_id(key.scope))] = _name_value(key.scope)
     value = _frontend_value_used(L.VERDICT_FORWARD if slots else L.VERDICT_REJECT,
-                                 L.FE_HAS_SCOPES if has_scopes and key.scope == DEFAULT_SCOPE else 0, rid, slots)
+                                 L.FE_HAS_SCOPES if has_scopes and key.scope == DEFAULT_SCOPE else 0, rid, slots,
+                                 group_values)
     return frontend_key_bytes(key.address, key.port, key.protocol, key.scope), short_value(value), names
 
 
@@ -207,11 +222,28 @@ def scoped_destinations(frontends: Iterable[FrontendKey]) -> dict[Destination, s
     return index
 
 
+def split_groups(fe: FrontendState) -> Iterable[GroupKey]:
+    """The backend groups a frontend's split names (not the rejected shares)."""
+    return [share.group for share in fe.split if share.group is not None]
+
+
+def add_group_values(state: DesiredState, frontends: Iterable[FrontendState], values: dict[int, bytes]) -> None:
+    """Put into `values` (group_id -> groups-map value) every group these frontends name that
+    is in the state and not in `values` yet."""
+    for fe in frontends:
+        for gk in split_groups(fe):
+            gid = group_id(gk)
+            if gid not in values and gk in state.groups:
+                values[gid] = group_value(state.groups[gk], gid)
+
+
 def plan_destination(state: DesiredState, dest: Destination, scopes: Iterable[str],
-                     group_ids: Mapping[GroupKey, int] | None = None
+                     group_values: dict[int, bytes] | None = None
                      ) -> tuple[dict[bytes, bytes], set[bytes], dict[bytes, bytes]]:
     """Entries of one frontend destination, looking at the candidate `scopes` (plus the default).
 
+    group_values: group_id -> groups-map value already computed; the groups these entries
+    name that it lacks are computed from the state and added to it.
     Returns (entries, owned keys, name entries), values short: owned keys are the frontends-map
     keys this destination covers, so a key owned but not planned is to be deleted.
     """
@@ -222,9 +254,11 @@ def plan_destination(state: DesiredState, dest: Destination, scopes: Iterable[st
     entries: dict[bytes, bytes] = {}
     names: dict[bytes, bytes] = {}
     owned = {frontend_key_bytes(address, port, protocol, s) for s in candidates}
+    values = {} if group_values is None else group_values
+    add_group_values(state, [state.frontends[FrontendKey(address, port, protocol, s)] for s in present], values)
     for scope in sorted(present):
         key = FrontendKey(address, port, protocol, scope)
-        kb, vb, nm = plan_frontend(key, state.frontends[key], has_scopes, group_ids)
+        kb, vb, nm = plan_frontend(key, state.frontends[key], has_scopes, values)
         entries[kb] = vb
         names.update(nm)
     return entries, owned, names
@@ -289,6 +323,7 @@ def _plan(state: DesiredState, pod_cgroups: Mapping[str, int]) -> Plan:
     check_scope_ids([k.scope for k in state.frontends if k.scope != DEFAULT_SCOPE]
                     + [pod.namespace for pod in state.clients.values()])
     group_ids: dict[GroupKey, int] = {}
+    group_values: dict[int, bytes] = {}
     owners: dict[int, GroupKey] = {}
     for gk, backend in sorted(state.groups.items(), key=_group_item_order):
         group = plan_group(backend)
@@ -296,6 +331,7 @@ def _plan(state: DesiredState, pod_cgroups: Mapping[str, int]) -> Plan:
         if gid in owners:
             raise PlanError(f"backend groups {owners[gid]} and {gk} hash to the same id {gid:#x}")
         owners[gid] = gk
+        group_values[gid] = group.value
         out.add_group(group)
     # Each entry on its own (plan_destination's result without its set algebra): a default
     # entry needs only to know whether its destination has scoped entries.
@@ -303,7 +339,7 @@ def _plan(state: DesiredState, pod_cgroups: Mapping[str, int]) -> Plan:
     frontends, names = out.frontends, out.names
     for key, fe in state.frontends.items():
         has_scopes = bool(scoped) and key.scope == DEFAULT_SCOPE and destination_of(key) in scoped
-        kb, vb, fe_names = plan_frontend(key, fe, has_scopes, group_ids)
+        kb, vb, fe_names = plan_frontend(key, fe, has_scopes, group_values, group_ids)
         frontends[kb] = vb
         if fe_names:
             names.update(fe_names)
@@ -339,10 +375,12 @@ def plan_clients(state: DesiredState, pod_cgroups: Mapping[str, int]) -> tuple[d
 class Planner:
     """Plans for the writer: `full` (the whole state) or `change` (what a StateDelta names).
 
-    Between calls it keeps two facts about the states it planned, which incremental planning
+    Between calls it keeps three facts about the states it planned, which incremental planning
     needs and a delta does not carry: which destinations have consumer-scope entries (a
-    destination's entries are replanned together, so a scope that left the state is deleted), and
-    which namespace each scope id stands for (a collision is refused in incremental plans too).
+    destination's entries are replanned together, so a scope that left the state is deleted),
+    which namespace each scope id stands for (a collision is refused in incremental plans too),
+    and which destinations name each group (their slots copy the group's value, so a changed
+    group replans them: one endpoint change rewrites its group and the few frontends using it).
     A full plan resets both from its state.
     """
 
@@ -352,19 +390,40 @@ class Planner:
         self._scoped: dict[Destination, set[str]] | None = None
         #: scope id -> namespace
         self._scope_names: dict[int, str] = {}
+        #: group -> the destinations whose entries copy its value (struct fe_slot): replanned
+        #: when the group changes. May name a destination that no longer uses the group (only
+        #: added to between full plans): replanning it then writes nothing new.
+        self._copies: dict[GroupKey, set[Destination]] | None = None
 
     def full(self, state: DesiredState, pod_cgroups: Mapping[str, int]) -> Plan:
         out = plan(state, pod_cgroups)
         self._scoped = scoped_destinations(state.frontends)
         self._scope_names = {scope_id(ns): ns for ns in _namespaces_in_use(state.frontends, state)}
+        self._copies = None
+        self._copies = self._copies_of(state.frontends.items())
         return out
+
+    def _copies_of(self, frontends: Iterable[tuple[FrontendKey, FrontendState]]
+                   ) -> dict[GroupKey, set[Destination]]:
+        """self._copies with these frontends' groups added (a new index when there is none)."""
+        copies = {} if self._copies is None else self._copies
+        for key, fe in frontends:
+            for gk in split_groups(fe):
+                users = copies.get(gk)
+                if users is None:
+                    copies[gk] = users = set()
+                users.add(destination_of(key))
+        return copies
 
     def change(self, state: DesiredState, delta: StateDelta, pod_cgroups: Mapping[str, int]) -> PlanChange:
         """Plan the groups and frontend destinations `delta` names, and every client."""
         if self._scoped is None:
             self._scoped = scoped_destinations(state.frontends)
+        if self._copies is None:
+            self._copies = self._copies_of(state.frontends.items())
         change = PlanChange(Plan())
         want = change.want
+        group_values: dict[int, bytes] = {}
         for gk in sorted(delta.groups):
             gkey = group_key_bytes(gk)
             change.touched_groups.append(gkey)
@@ -372,12 +431,20 @@ class Planner:
             if group is None:
                 change.removed_groups.append(gkey)
             else:
-                want.add_group(plan_group(group))
+                planned = plan_group(group)
+                want.add_group(planned)
+                group_values[E.U64.unpack(gkey)[0]] = planned.value
 
         self._check_scope_ids(_namespaces_in_use(delta.frontends, state))
+        self._copies_of((key, state.frontends[key]) for key in delta.frontends if key in state.frontends)
         destinations: dict[Destination, set[str]] = {}
         for key in delta.frontends:
             destinations.setdefault(destination_of(key), set()).add(key.scope)
+        # The entries that copy a changed group's value (a removed group's users change with it).
+        for gk in delta.groups:
+            if gk in state.groups:
+                for dest in self._copies.get(gk, ()):
+                    destinations.setdefault(dest, set())
         for dest in sorted(destinations):
             known = self._scoped.pop(dest, set())
             for scope in destinations[dest] - {DEFAULT_SCOPE}:
@@ -387,7 +454,7 @@ class Planner:
                     known.discard(scope)
             if known:
                 self._scoped[dest] = known
-            entries, owned, names = plan_destination(state, dest, known | destinations[dest])
+            entries, owned, names = plan_destination(state, dest, known | destinations[dest], group_values)
             want.frontends.update(entries)
             want.names.update(names)
             change.removed_frontends += [key for key in owned if key not in entries]

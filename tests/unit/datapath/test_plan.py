@@ -143,7 +143,7 @@ def test_rejected_shares_become_one_slot_with_group_id_0_and_all_zero_is_an_empt
     slots = P.split_slots([WeightedGroup(1, G[0]), WeightedGroup(2, None), WeightedGroup(1, None)])
     assert probabilities(slots) == {P.group_id(G[0]): Fraction(1, 4), 0: Fraction(3, 4)}
     assert P.split_slots([WeightedGroup(0, G[0]), WeightedGroup(0, None)]) == []
-    key, value, _ = P.plan_frontend(FrontendKey("10.0.0.1", 80, "TCP"), split(), has_scopes=False)
+    key, value, _ = P.plan_frontend(FrontendKey("10.0.0.1", 80, "TCP"), split(), has_scopes=False, group_values={})
     assert L.FeValue.from_buffer_copy(E.full_value("frontends", value)).verdict == L.VERDICT_REJECT
 
 
@@ -151,7 +151,7 @@ def test_a_split_wider_than_the_slots_is_refused_with_the_limit():
     many = tuple(WeightedGroup(1, GroupKey("ns", f"s{i}", "", "TCP", 4)) for i in range(L.MAX_SLOTS + 1))
     state = FrontendState("ns", "s", "", many)
     with pytest.raises(P.PlanError, match=f"at most {L.MAX_SLOTS}"):
-        P.plan_frontend(FrontendKey("10.0.0.1", 80, "TCP"), state, has_scopes=False)
+        P.plan_frontend(FrontendKey("10.0.0.1", 80, "TCP"), state, has_scopes=False, group_values={})
 
 
 # --- ids and addresses -------------------------------------------------------------------------

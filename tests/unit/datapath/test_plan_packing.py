@@ -62,19 +62,30 @@ def test_ipv6_endpoint_and_rejecting_group_match_the_ctypes_layout():
 def test_frontend_entries_match_the_ctypes_layout():
     route = RouteRef("HTTPRoute", "shop", "canary", 0)
     fe = FrontendState("shop", "web", "http", (WeightedGroup(90, GROUP), WeightedGroup(10, None)), route)
-    key, value, names = P.plan_frontend(FrontendKey("10.96.0.10", 80, "TCP", "consumer-ns"), fe, has_scopes=True)
+    group = P.plan_group(BackendGroup(GROUP, (Endpoint("10.244.0.5", 8080),), Verdict.FORWARD, affinity_timeout=30))
+    values = {P.group_id(GROUP): group.value}
+    key, value, names = P.plan_frontend(FrontendKey("10.96.0.10", 80, "TCP", "consumer-ns"), fe, has_scopes=True,
+                                        group_values=values)
     expected_key = L.FeKey(port=socket.htons(80), proto=6, scope=P.scope_id("consumer-ns"))
     expected_key.addr[:] = E.addr16("10.96.0.10")
     assert key == bytes(expected_key)
     expected = L.FeValue(verdict=L.VERDICT_FORWARD, nslots=2, flags=0, route_id=P.route_id(route))
+    copy = L.GroupValue.from_buffer_copy(group.value)
     for i, (threshold, gid) in enumerate(P.split_slots(fe.split)):
         expected.slots[i].threshold = threshold
         expected.slots[i].group_id = gid
+        if gid:  # the group's value copied into its slot; the rejected share copies nothing
+            for name in ("set_id", "count", "affinity_timeout_s", "verdict", "flags"):
+                setattr(expected.slots[i], name, getattr(copy, name))
+    assert expected.slots[0].set_id == group.set_id != 0 and expected.slots[0].affinity_timeout_s == 30
     assert E.full_value("frontends", value) == bytes(expected)
+    # A group with no value to copy is marked so (the connect counts a miss, never picks from set 0).
+    _key, value, _names = P.plan_frontend(FrontendKey("10.96.0.10", 80, "TCP"), fe, has_scopes=False, group_values={})
+    assert L.FeValue.from_buffer_copy(E.full_value("frontends", value)).slots[0].verdict == L.VERDICT_NO_GROUP
     assert E.full_value("names", names[bytes(L.U64(P.route_id(route)))]) == bytes(L.NameValue(str(route).encode()))
 
     empty = FrontendState("shop", "web", "http", ())
-    _key, value, _names = P.plan_frontend(FrontendKey("10.96.0.10", 80, "TCP"), empty, has_scopes=True)
+    _key, value, _names = P.plan_frontend(FrontendKey("10.96.0.10", 80, "TCP"), empty, has_scopes=True, group_values={})
     assert E.full_value("frontends", value) == bytes(L.FeValue(verdict=L.VERDICT_REJECT, flags=L.FE_HAS_SCOPES))
 
 

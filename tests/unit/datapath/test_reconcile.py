@@ -78,14 +78,18 @@ def reader_problems(data) -> list[str]:
             if graw is None:
                 problems.append(f"frontend names missing group {gid:#x}")
                 continue
-            g = L.GroupValue.from_buffer_copy(graw)
-            for index in range(g.count):
-                ep = data["endpoints"].get(bytes(L.EpKey(set_id=g.set_id, index=index)))
-                if ep is None:
-                    problems.append(f"group {gid:#x} names a set missing endpoint #{index}")
-                elif g.affinity_timeout_s and E.member_key_bytes(
-                        g.set_id, L.EpValue.from_buffer_copy(ep)) not in data["members"]:
-                    problems.append(f"group {gid:#x} with affinity misses a member")
+            # connect() picks from the slot's copy of the group value; still_usable() and sockops
+            # read the group entry: both must name whole sets.
+            for what, g in (("group", L.GroupValue.from_buffer_copy(graw)), ("slot copy of group", value.slots[i])):
+                if g.verdict == L.VERDICT_NO_GROUP:
+                    problems.append(f"frontend slot has no copy of group {gid:#x}")
+                for index in range(g.count):
+                    ep = data["endpoints"].get(bytes(L.EpKey(set_id=g.set_id, index=index)))
+                    if ep is None:
+                        problems.append(f"{what} {gid:#x} names a set missing endpoint #{index}")
+                    elif g.affinity_timeout_s and E.member_key_bytes(
+                            g.set_id, L.EpValue.from_buffer_copy(ep)) not in data["members"]:
+                        problems.append(f"{what} {gid:#x} with affinity misses a member")
     return problems
 
 
@@ -146,10 +150,38 @@ def test_an_endpoint_change_writes_the_new_set_flips_the_group_then_deletes_the_
     before, log[:] = contents(maps), []
     stats = rec.apply(s2, delta_between(s1, s2), {})
     kinds = [(op, name) for op, name, *_ in log if name != "names"]
-    assert kinds == [("update", "endpoints")] * 4 + [("update", "groups")] + [("delete", "endpoints")] * 3
-    assert stats.ops[("frontends", "update")] == 0  # the frontend value did not change
+    # The frontend's slot copies the group's value (struct fe_slot): rewritten after the group
+    # flipped and before the old set goes.
+    assert kinds == [("update", "endpoints")] * 4 + [("update", "groups"), ("update", "frontends")] \
+        + [("delete", "endpoints")] * 3
+    assert stats.ops[("frontends", "update")] == 1
     replay_and_check(before, log)
     assert contents(maps) == P.plan(s2, {}).expand()
+
+
+def test_a_group_change_rewrites_every_frontend_entry_that_copies_it_and_only_those():
+    log = []
+    maps = make_maps(log)
+    rec = PlanThenWrite(maps)
+    fes = [frontend("10.96.0.1", (1, A)), frontend("10.96.0.1", (1, A), (1, B), scope="team-a"),
+           frontend("10.96.0.2", (1, B), (2, A)), frontend("10.96.0.3", (1, B))]
+    s1 = state_of(fes, [A, B])
+    rec.full(s1, {})
+    # 10.96.0.2 stops using A: a later change of A must still leave every entry exact.
+    s2 = state_of(fes[:2] + [frontend("10.96.0.2", (1, B))] + fes[3:], [A, B])
+    rec.apply(s2, delta_between(s1, s2), {})
+    for generation, n in enumerate((4, 1, 0)):  # grow, shrink, empty (rejecting)
+        s_old = s2
+        A_next = group("a", n, base=10 + generation)
+        s2 = state_of(list(s_old.frontends.items()), [A_next, B])
+        before, log[:] = contents(maps), []
+        rec.apply(s2, delta_between(s_old, s2), {})
+        replay_and_check(before, log)
+        assert contents(maps) == P.plan(s2, {}).expand(), n  # incremental == full, copies included
+        rewritten = sorted((E.FE_KEY.unpack(key)[0][12:], E.frontend_key_scope_id(key))
+                           for op, name, key, *_ in log if op == "update" and name == "frontends")
+        # 10.96.0.1 and its team-a view; never .2 (no longer A's) or .3
+        assert rewritten == [(bytes([10, 96, 0, 1]), 0), (bytes([10, 96, 0, 1]), P.scope_id("team-a"))], n
 
 
 def test_the_opt_out_flag_is_on_before_an_opted_out_pod_appears_and_off_when_none_is_left():
