@@ -3,10 +3,10 @@
     python -m bench.trace_cost                  # 5 rounds x 2000 connects per state; ~1 minute
     python -m bench.trace_cost --rounds 1 --connects 200 --json out.json
 
-Four states. First "compiled out": the programs a kernel without ring buffers gets (no trace code
-at all, -DHAVE_RINGBUF left out), i.e. the connect cost before `meshlet trace` existed; then the
-programs with tracing, three states interleaved round by round so a drift of the machine hits all
-three alike:
+Four states. First "compiled out": the programs a kernel without any trace channel gets (no trace
+code at all, -DHAVE_RINGBUF and -DTRACE_PERF_BUFFER left out), i.e. the connect cost before
+`meshlet trace` existed; then the programs with tracing, three states interleaved round by round
+so a drift of the machine hits all three alike:
 - off: no trace running (the program pays one array lookup of the control map);
 - on, filtered out: a trace running whose in-kernel filter (another frontend) drops every
   decision (the lookup, the clock read and the comparisons);
@@ -138,6 +138,7 @@ def run(rounds: int = 5, connects: int = 2000, log=sys.stderr) -> dict:
 
             present = dict(probe())
             present["ringbuf"] = present["ringbuf"] and ringbuf
+            present["perf_output"] = present["perf_output"] and ringbuf  # off: no fallback either
             lab.on_close(f"meshlet pins in {bpffs}", lambda: uninstall(bpffs))
             dp = Datapath.open(bpffs, str(root), MapSizes(affinity=1024, clients=64), kernel_features=present)
             dp.reconcile(state, {})

@@ -65,13 +65,18 @@ BPF_TABLE_PINNED("percpu_array", __u32, __u64, counters, OUT_COUNT, PIN_DIR "/co
 BPF_TABLE_PINNED("array", __u32, struct config_value, config, 1, PIN_DIR "/config");
 BPF_TABLE_PINNED("hash", __u64, struct name_value, names, NAMES_MAX,
                  PIN_DIR "/names", BPF_F_NO_PREALLOC);
-#ifdef HAVE_RINGBUF
-/* `meshlet trace`: its switch and filters, and the ring buffer of decisions (struct decision).
- * The control map is mmapable: the trace renews its lease by writing expires_ns in place, and
- * the kernel's atomic `dropped` is never overwritten by a whole-value update. The ring buffer is
- * declared the way bcc's BPF_RINGBUF_OUTPUT does, pinned like the others. */
+#if defined(HAVE_RINGBUF) || defined(TRACE_PERF_BUFFER)
+#define HAVE_TRACE 1
+/* `meshlet trace`: its switch and filters, and the channel of decisions (struct decision): the
+ * ring buffer where the kernel has one, else a perf event array (the loader says which:
+ * features.Support.trace_channel). The control map is mmapable: the trace renews its lease by
+ * writing expires_ns in place, and the kernel's atomic `dropped` is never overwritten by a
+ * whole-value update. Both channels are declared the way bcc's BPF_RINGBUF_OUTPUT and
+ * BPF_PERF_OUTPUT do, pinned like the others. */
 BPF_TABLE_PINNED("array", __u32, struct trace_control, trace_control, 1, PIN_DIR "/trace_control",
                  BPF_F_MMAPABLE);
+#endif
+#ifdef HAVE_RINGBUF
 struct trace_events_table_t {
     int key;
     __u32 leaf;
@@ -80,6 +85,18 @@ struct trace_events_table_t {
 };
 __attribute__((section("maps/ringbuf:" PIN_DIR "/trace_events")))
 struct trace_events_table_t trace_events = {.max_entries = TRACE_RING_BYTES};
+#elif defined(TRACE_PERF_BUFFER)
+/* One perf buffer per CPU, opened by `meshlet trace` (its fds are the array's values); bcc sizes
+ * the array to the possible CPUs. */
+struct trace_perf_table_t {
+    int key;
+    __u32 leaf;
+    int (*perf_submit)(void *, void *, __u32);
+    int (*perf_submit_skb)(void *, __u32, void *, __u32);
+    __u32 max_entries;
+};
+__attribute__((section("maps/perf_output:" PIN_DIR "/trace_perf")))
+struct trace_perf_table_t trace_perf = {.max_entries = 0};
 #endif
 
 /* Socket-local storage, pinned too: a restarted or upgraded agent's programs keep reading
@@ -433,7 +450,7 @@ static __always_inline __u32 pick_endpoint(struct bpf_sock_addr *ctx, const stru
  * one array lookup (and nothing for a datagram reusing its socket's choice: not a decision). */
 static __always_inline void trace(struct bpf_sock_addr *ctx, struct decision *d)
 {
-#ifdef HAVE_RINGBUF
+#ifdef HAVE_TRACE
     if (d->kind == DECISION_REMEMBERED)
         return;
     __u32 zero = 0;
@@ -459,9 +476,16 @@ static __always_inline void trace(struct bpf_sock_addr *ctx, struct decision *d)
     d->time_ns = now;
     d->cgroup_id = bpf_get_current_cgroup_id();
     d->netns_cookie = bpf_get_netns_cookie(ctx);
+#ifdef HAVE_RINGBUF
     /* No wakeup: waking the reader costs the connect() that sends the event several us (the
      * reader then preempts it); `meshlet trace` looks at the ring every TRACE_POLL_S instead. */
     if (trace_events.ringbuf_output(d, sizeof(*d), BPF_RB_NO_WAKEUP) < 0)
+#else
+    /* Into this CPU's perf buffer (its wakeups are the reader's choice: a watermark, trace.py).
+     * Fails when the buffer is full (the perf core also reports those as PERF_RECORD_LOST) or
+     * when no reader owns this CPU's slot. */
+    if (trace_perf.perf_submit(ctx, d, sizeof(*d)) < 0)
+#endif
         __sync_fetch_and_add(&tc->dropped, 1);
 #endif
 }

@@ -90,6 +90,7 @@ class Datapath:
         if not self.adopted:
             self.carried = loader.carry_over(self.bpffs, self.maps)
         loader.attach(self.bpffs, self.cgroup_root, self.programs)
+        loader.remove_unused_trace_pins(self.bpffs, self.support)
         loader.remove_old_layouts(self.bpffs)
 
     def reconcile(self, state: DesiredState, pod_cgroups: Mapping[str, int],

@@ -158,5 +158,5 @@ def trace(source, target, verdicts, count, output, bpffs):
             click.echo(table.row(T.table_cells(event)))
 
     summary = T.trace(bpffs, source, flt, count, emit, ready=lambda text: click.echo(f"meshlet: {text}", err=True))
-    lost = f"; {summary.dropped} lost to a full ring buffer (narrow the filters)" if summary.dropped else ""
+    lost = f"; {summary.dropped} lost to a full ring or perf buffer (narrow the filters)" if summary.dropped else ""
     click.echo(f"meshlet: {summary.events} events{lost}; tracing is off", err=True)

@@ -29,6 +29,7 @@ from typing import Mapping
 
 from agent.datapath import bpfsys
 from agent.datapath import uapi as U
+from agent.datapath.layout import TRACE_PERF, TRACE_RINGBUF
 from agent.datapath.uapi import HOOKS
 from agent.errors import UserError
 
@@ -87,9 +88,22 @@ FEATURES: tuple[Feature, ...] = (
                     "usable endpoint with EPERM instead of EHOSTUNREACH",
             define="HAVE_SET_RETVAL"),
     Feature("ringbuf", "BPF ring buffers (BPF_MAP_TYPE_RINGBUF), which `meshlet trace` reads", "5.8",
-            without="`meshlet trace` is unavailable (no perf-buffer fallback)",
+            without="`meshlet trace` reads per-CPU perf buffers instead (the perf_output fallback)",
             define="HAVE_RINGBUF"),
+    # The trace's fallback channel (Support.trace_channel). Older than every kernel meshlet runs
+    # on (sock_addr programs had it before Linux 5.7), but probed like the rest, not assumed.
+    Feature("perf_output", "bpf_perf_event_output into a perf event array, `meshlet trace`'s fallback", "5.7",
+            without="`meshlet trace` has no perf-buffer fallback where ring buffers are missing"),
 )
+
+#: Test and debug knob, not a setting: "1" makes the probe answer that the kernel has no BPF ring
+#: buffer, so the programs send `meshlet trace` its events through the perf-buffer fallback on a
+#: kernel that has both (the kernel tests exercise the fallback this way). The start-up report
+#: lists ringbuf as disabled, like on a kernel older than 5.8.
+PRETEND_NO_RINGBUF_ENV = "MESHLET_PRETEND_NO_RINGBUF"
+
+#: -D flag telling bpf/sock.c to send trace events to the perf event array (trace_perf).
+TRACE_PERF_DEFINE = "TRACE_PERF_BUFFER"
 
 NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)
 _BY_NAME = {f.name: f for f in FEATURES}
@@ -126,14 +140,24 @@ class Support:
         return tuple(hook for hook in HOOKS if self.present[hook])
 
     @property
+    def trace_channel(self) -> str | None:
+        """Where the programs send `meshlet trace` its events: the ring buffer where the kernel
+        has one, else the perf-buffer fallback, else nowhere (trace unavailable)."""
+        if self.present["ringbuf"]:
+            return TRACE_RINGBUF
+        return TRACE_PERF if self.present["perf_output"] else None
+
+    @property
     def defines(self) -> tuple[str, ...]:
         """The -D names telling bpf/sock.c which optional features it may use."""
-        return tuple(f.define for f in FEATURES if f.define and self.present[f.name])
+        names = tuple(f.define for f in FEATURES if f.define and self.present[f.name])
+        return names + ((TRACE_PERF_DEFINE,) if self.trace_channel == TRACE_PERF else ())
 
     def log_fields(self) -> dict[str, str]:
         """The start-up report, as the fields of one log line."""
         fields = {"kernel": self.kernel or "-", "enabled": ",".join(self.enabled) or "-",
-                  "disabled": ",".join(f.name for f in self.disabled) or "-"}
+                  "disabled": ",".join(f.name for f in self.disabled) or "-",
+                  "trace_channel": self.trace_channel or "-"}
         if self.disabled:
             fields["effects"] = "; ".join(f"{f.name}: {f.without}" for f in self.disabled)
             fields["hint"] = f"Linux >= {FULL_KERNEL} has every feature"
@@ -330,6 +354,29 @@ def ringbuf_available() -> bool:
     return True
 
 
+_ST_DW, _ADD64_IMM = 0x7A, 0x07
+
+
+def perf_output_available() -> bool:
+    """bpf_perf_event_output(ctx, map, flags, data, 8) in a connect4 program, into a perf event
+    array of our own: the verifier checks the helper and its argument types at load."""
+    try:
+        map_fd = bpfsys.map_create(U.MAP_TYPE_PERF_EVENT_ARRAY, 4, 4, 1)
+    except bpfsys.BpfError as err:
+        return _answer(err)
+    try:
+        return _loads(HOOKS["connect4"], _call_and_accept(
+            U.HELPER_PERF_EVENT_OUTPUT,  # r1 is the context already
+            _insn(_ST_DW, dst=10, off=-8, imm=0),  # 8 zero bytes on the stack: the data
+            _insn(_LD_IMM64, dst=2, src=_PSEUDO_MAP_FD, imm=map_fd), _insn(0),  # r2 = map
+            _insn(_MOV64_IMM, dst=3, imm=0),  # flags
+            _insn(_MOV64_REG, dst=4, src=10), _insn(_ADD64_IMM, dst=4, imm=-8),  # r4 = the data
+            _insn(_MOV64_IMM, dst=5, imm=8),  # its size
+        ))
+    finally:
+        os.close(map_fd)
+
+
 def sock_destroy_available() -> bool:
     """Netlink SOCK_DESTROY, tried on a UDP socket of our own (agent/datapath/sockdiag.py)."""
     from agent.datapath import sockdiag
@@ -378,7 +425,8 @@ def probe() -> dict[str, bool]:
     found["map_batch"] = map_batch_available()
     found["set_retval"] = helper(U.HELPER_SET_RETVAL)
     found["sockops"] = sockops_available()
-    found["ringbuf"] = ringbuf_available()
+    found["ringbuf"] = ringbuf_available() and os.environ.get(PRETEND_NO_RINGBUF_ENV) != "1"
+    found["perf_output"] = perf_output_available()
     found["sock_destroy"] = sock_destroy_available()
     assert set(found) == set(NAMES), "probe and FEATURES disagree"
     return found

@@ -409,15 +409,21 @@ class MapSpec:
     value: type
     flags: int
     size_field: str | None  #: the MapSizes field giving max_entries, None for fixed sizes
-    fixed_max: int = 0
+    fixed_max: int = 0  #: PER_POSSIBLE_CPU: one entry per possible CPU of this machine
 
-    def max_entries(self, sizes: MapSizes) -> int:
-        return getattr(sizes, self.size_field) if self.size_field else self.fixed_max
+    def max_entries(self, sizes: MapSizes, possible_cpus: int = 0) -> int:
+        if self.size_field:
+            return getattr(sizes, self.size_field)
+        return possible_cpus if self.fixed_max == PER_POSSIBLE_CPU else self.fixed_max
+
+
+#: MapSpec.fixed_max of a perf event array: bcc sizes it to the possible CPUs, whatever we ask.
+PER_POSSIBLE_CPU = -1
 
 
 _HASH, _ARRAY, _PERCPU_ARRAY = U.MAP_TYPE_HASH, U.MAP_TYPE_ARRAY, U.MAP_TYPE_PERCPU_ARRAY
 _LRU_HASH, _SK_STORAGE, _NO_PREALLOC = U.MAP_TYPE_LRU_HASH, U.MAP_TYPE_SK_STORAGE, U.BPF_F_NO_PREALLOC
-_RINGBUF, _MMAPABLE = U.MAP_TYPE_RINGBUF, U.BPF_F_MMAPABLE
+_RINGBUF, _MMAPABLE, _PERF = U.MAP_TYPE_RINGBUF, U.BPF_F_MMAPABLE, U.MAP_TYPE_PERF_EVENT_ARRAY
 
 #: Every map of bpf/sock.c, in the order the reconciler writes them.
 MAP_SPECS: dict[str, MapSpec] = {
@@ -435,6 +441,7 @@ MAP_SPECS: dict[str, MapSpec] = {
         MapSpec("sockets", _SK_STORAGE, ct.c_int32, SockState, _NO_PREALLOC, None, 0),
         MapSpec("trace_control", _ARRAY, U32, TraceControl, _MMAPABLE, None, 1),
         MapSpec("trace_events", _RINGBUF, NOTHING, NOTHING, 0, None, TRACE_RING_BYTES),
+        MapSpec("trace_perf", _PERF, ct.c_int32, U32, 0, None, PER_POSSIBLE_CPU),
         MapSpec("health", _LRU_HASH, HealthKey, HealthValue, 0, "health"),
         MapSpec("ejections", _LRU_HASH, U64, SetEjections, 0, "ejections"),
         MapSpec("health_stats", _PERCPU_ARRAY, U32, ct.c_uint64, 0, None, HSTAT_COUNT),
@@ -442,9 +449,13 @@ MAP_SPECS: dict[str, MapSpec] = {
     )
 }
 
-#: Maps of `meshlet trace` only (agent/datapath/trace.py): absent on a kernel without ring buffers
-#: (features.py), never opened by the agent.
-TRACE_MAPS = ("trace_control", "trace_events")
+#: Maps of `meshlet trace` only (agent/datapath/trace.py), never opened by the agent: the control
+#: map and the event channel of the kernel (features.Support.trace_channel: the ring buffer
+#: `trace_events`, else the perf event array `trace_perf`, else neither and no control map).
+TRACE_MAPS = ("trace_control", "trace_events", "trace_perf")
+#: features.Support.trace_channel values, and the map of each channel.
+TRACE_RINGBUF, TRACE_PERF = "ringbuf", "perf"
+TRACE_CHANNEL_MAPS = {TRACE_RINGBUF: "trace_events", TRACE_PERF: "trace_perf"}
 
 #: Maps whose content the agent owns (plans, writes, sweeps). The others belong to the programs.
 PLANNED_MAPS = ("endpoints", "members", "groups", "clients", "config", "names", "frontends")

@@ -143,7 +143,8 @@ class Expected:
 
 def expected(spec: L.MapSpec, sizes: L.MapSizes) -> Expected:
     value_size = ct.sizeof(spec.value)
-    return Expected(spec.type, ct.sizeof(spec.key), value_size, spec.max_entries(sizes), spec.flags)
+    return Expected(spec.type, ct.sizeof(spec.key), value_size, spec.max_entries(sizes, bpfsys.possible_cpus()),
+                    spec.flags)
 
 
 def describe_mismatch(name: str, info: bpfsys.MapInfo, want: Expected) -> list[str]:
@@ -376,6 +377,19 @@ def carry_over(bpffs: str, maps: Mapping[str, bpfsys.Map]) -> dict[str, int]:
             target.update_batch(entries)
         copied[name] = len(entries)
     return copied
+
+
+def remove_unused_trace_pins(bpffs: str, support: Support) -> list[str]:
+    """Remove the pin of an event channel our programs do not send to (layout.TRACE_CHANNEL_MAPS):
+    `meshlet trace` picks the channel by its pin, and an agent that ran on this layout with other
+    kernel features (or MESHLET_PRETEND_NO_RINGBUF) may have left the other one."""
+    removed = []
+    for channel, name in L.TRACE_CHANNEL_MAPS.items():
+        path = map_pin(bpffs, name)
+        if channel != support.trace_channel and os.path.exists(path):
+            os.unlink(path)
+            removed.append(path)
+    return removed
 
 
 def remove_old_layouts(bpffs: str) -> list[str]:

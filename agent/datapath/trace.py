@@ -1,20 +1,34 @@
-"""`meshlet trace`: the datapath's decisions as they happen, read from the pinned ring buffer.
+"""`meshlet trace`: the datapath's decisions as they happen, read from the pinned event channel.
 
 Role: switch tracing on through the pinned control map (`trace_control`, struct trace_control in
-bpf/meshlet.h), read the decisions bpf/sock.c sends (struct decision) from the pinned ring buffer
-(`trace_events`), name them from the names map (backend groups, routes, scopes, and client pods:
+bpf/meshlet.h), read the decisions bpf/sock.c sends (struct decision) from the pinned channel,
+name them from the names map (backend groups, routes, scopes, and client pods:
 plan.pod_name_key) and switch tracing off on exit. Only the pins are needed: no bcc, no agent, so
 it works while the agent is down.
 
+Two channels (features.Support.trace_channel; the one pinned is the one the programs use:
+loader.remove_unused_trace_pins): the BPF ring buffer `trace_events` (Linux >= 5.8), else the
+perf event array `trace_perf`, whose per-CPU perf buffers this process opens itself.
+
 Pure: `Filter` (what --from/--to/--verdict ask) -> the control fields, `parse_to`, `decode`
-(record bytes -> Event, names from a names image). I/O: `Ring` (the ring buffer through mmap),
-`Control` (the control map through mmap), `ClientNamer` (cgroup id -> pod, through cgroupfs and
-the names map), `trace` (the loop).
+(record bytes -> Event, names from a names image), `perf_records` (a perf buffer's bytes ->
+samples and lost counts). I/O: `Ring` (the ring buffer through mmap), `PerfBuffers` (perf
+buffers through perf_event_open and mmap), `Control` (the control map through mmap),
+`ClientNamer` (cgroup id -> pod, through cgroupfs and the names map), `trace` (the loop).
 
 The ring buffer, as the kernel lays it out for mmap (kernel/bpf/ringbuf.c): page 0 holds the
 consumer position (ours to write), page 1 the producer position, then the data pages mapped twice
 in a row, so a record that wraps around the end reads as one slice. Each record starts with an
 8-byte header (length with a BUSY and a DISCARD bit, page offset) and is padded to 8 bytes.
+
+The perf fallback: one PERF_COUNT_SW_BPF_OUTPUT event per online CPU (perf_event_open(2)), its
+buffer mapped, its fd stored in `trace_perf` at that CPU's index: bpf_perf_event_output writes to
+the buffer of the CPU it runs on. A buffer is a header page (data_head written by the kernel,
+data_tail ours) and a power-of-two data area of records (struct perf_event_header; a record may
+wrap around the end). PERF_RECORD_SAMPLE carries one decision, PERF_RECORD_LOST how many did
+not fit. The kernel drops the array's entries when the fd that stored them is closed, so a
+killed trace leaves no dead buffers behind; the array has one slot per CPU, so it has one owner:
+the lease below refuses a second trace before it touches the array.
 
 Lease: the kernel traces only while its clock is below expires_ns. `trace` renews it to now +
 TRACE_LEASE_S every RENEW_S seconds and writes 0 on exit (also on Ctrl-C or SIGTERM); one that was
@@ -28,10 +42,11 @@ TRACE_POLL_S, so the ring absorbs bursts up to ~27k decisions a second.
 
 from __future__ import annotations
 
-import ctypes
+import ctypes as ct
 import ipaddress
 import mmap
 import os
+import platform
 import select
 import signal
 import struct
@@ -165,7 +180,7 @@ class Event:
 def decode(raw: bytes, names: Mapping[int, str], client: Callable[[int], str], clock_offset_ns: int) -> Event:
     """An event from one ring-buffer record. `names`: names-map id -> name; `client`: cgroup id ->
     client name; clock_offset_ns: Unix time minus the monotonic clock."""
-    d = L.Decision.from_buffer_copy(raw[: ctypes.sizeof(L.Decision)])
+    d = L.Decision.from_buffer_copy(raw[: ct.sizeof(L.Decision)])
     return Event(
         time=(d.time_ns + clock_offset_ns) / 1e9,
         kind=L.DECISION_KINDS.get(d.kind, str(d.kind)),
@@ -196,9 +211,10 @@ def _open_pin(bpffs: str, name: str) -> bpfsys.Map:
     path = _pin(bpffs, name)
     if not os.path.exists(path):
         if os.path.exists(_pin(bpffs, "frontends")):
-            raise UserError(f"no trace ring buffer is pinned at {path}: the agent's kernel lacks BPF ring "
-                            "buffers (Linux >= 5.8) or the agent predates `meshlet trace`; hint: the agent's "
-                            "start-up log lists the kernel features, and a restart of a newer agent adds it")
+            raise UserError(f"no trace event channel is pinned under {os.path.dirname(path)}: the agent's "
+                            "kernel has neither BPF ring buffers (Linux >= 5.8) nor perf_event_output for "
+                            "socket programs, or the agent predates `meshlet trace`; hint: the agent's start-up "
+                            "log lists the kernel features (trace_channel), and a restart of a newer agent adds it")
         raise UserError(f"no meshlet maps pinned under {os.path.dirname(path)}; hint: is the agent running "
                         "here (or was it)? pass the --bpffs it uses")
     try:
@@ -250,8 +266,10 @@ class Control:
 class Ring:
     """The consumer side of a pinned BPF ring buffer, through mmap (no bcc, no libbpf)."""
 
+    lost = 0  #: a ring buffer reports no losses of its own: the kernel's `dropped` counts them
+
     def __init__(self, bpffs: str):
-        self._map = _open_pin(bpffs, "trace_events")
+        self._map = _open_pin(bpffs, L.TRACE_CHANNEL_MAPS[L.TRACE_RINGBUF])
         size = self._map.info.max_entries
         self._mask = size - 1
         self._consumer = mmap.mmap(self._map.fd, _PAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -293,6 +311,173 @@ class Ring:
         self._consumer.close()
         self._data.close()
         self._map.close()
+
+
+# perf_event_open(2) and the perf buffer layout (include/uapi/linux/perf_event.h).
+#: __NR_perf_event_open per machine (arch/*/entry/syscalls).
+_NR_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241, "arm64": 241, "ppc64le": 319, "s390x": 331, "riscv64": 241}
+_PERF_TYPE_SOFTWARE, _PERF_COUNT_SW_BPF_OUTPUT, _PERF_SAMPLE_RAW = 1, 10, 1 << 10
+_PERF_ATTR_WATERMARK = 1 << 14  #: perf_event_attr.watermark: wake at wakeup_watermark bytes
+_PERF_FLAG_FD_CLOEXEC = 8
+PERF_RECORD_LOST, PERF_RECORD_SAMPLE = 2, 9
+_PERF_HEADER = struct.Struct("=IHH")  #: struct perf_event_header: type, misc, size
+#: struct perf_event_mmap_page: data_head, data_tail, data_offset, data_size (Linux >= 4.1).
+_MMAP_PAGE_DATA = 1024
+#: Data pages per CPU (a power of two): 256 KiB, the ring buffer's size, on each CPU.
+PERF_BUFFER_PAGES = L.TRACE_RING_BYTES // _PAGE
+
+
+class _PerfEventAttr(ct.Structure):
+    """struct perf_event_attr up to PERF_ATTR_SIZE_VER6 (the kernel takes a shorter one)."""
+
+    _fields_ = [("type", ct.c_uint32), ("size", ct.c_uint32), ("config", ct.c_uint64),
+                ("sample_period", ct.c_uint64), ("sample_type", ct.c_uint64), ("read_format", ct.c_uint64),
+                ("flags", ct.c_uint64), ("wakeup_watermark", ct.c_uint32), ("bp_type", ct.c_uint32),
+                ("config1", ct.c_uint64), ("config2", ct.c_uint64), ("branch_sample_type", ct.c_uint64),
+                ("sample_regs_user", ct.c_uint64), ("sample_stack_user", ct.c_uint32), ("clockid", ct.c_int32),
+                ("sample_regs_intr", ct.c_uint64), ("aux_watermark", ct.c_uint32),
+                ("sample_max_stack", ct.c_uint16), ("reserved", ct.c_uint16)]
+
+
+_libc = ct.CDLL(None, use_errno=True)
+_libc.syscall.restype = ct.c_long
+
+
+def perf_event_open_bpf_output(cpu: int, wakeup_bytes: int) -> int:
+    """A PERF_COUNT_SW_BPF_OUTPUT event on `cpu` (any process), enabled, waking its reader once
+    `wakeup_bytes` are unread; its fd."""
+    nr = _NR_PERF_EVENT_OPEN.get(platform.machine())
+    if nr is None:
+        raise UserError(f"`meshlet trace` does not know perf_event_open on {platform.machine()}; "
+                        "hint: run it on x86_64 or arm64")
+    attr = _PerfEventAttr(type=_PERF_TYPE_SOFTWARE, size=ct.sizeof(_PerfEventAttr), config=_PERF_COUNT_SW_BPF_OUTPUT,
+                          sample_period=1, sample_type=_PERF_SAMPLE_RAW, flags=_PERF_ATTR_WATERMARK,
+                          wakeup_watermark=wakeup_bytes)
+    fd = _libc.syscall(nr, ct.byref(attr), -1, cpu, -1, _PERF_FLAG_FD_CLOEXEC)
+    if fd < 0:
+        err = ct.get_errno()
+        raise UserError(f"cannot open a perf buffer on CPU {cpu} for the trace: {os.strerror(err)}; hint: run "
+                        "as root (or raise /proc/sys/kernel/perf_event_mlock_kb)")
+    return fd
+
+
+def _wrapped(data, start: int, length: int) -> bytes:
+    """`length` bytes of a circular area from offset `start` (any value: taken modulo its size)."""
+    size = len(data)
+    start %= size
+    end = start + length
+    if end <= size:
+        return bytes(data[start:end])
+    return bytes(data[start:]) + bytes(data[: end - size])
+
+
+def perf_records(data, tail: int, head: int) -> tuple[list[bytes], int, int]:
+    """The records of a perf buffer's data area between our tail and the kernel's head:
+    (the raw data of each PERF_RECORD_SAMPLE, events reported lost, the new tail). Records of
+    other types are stepped over."""
+    samples, lost = [], 0
+    while tail < head:
+        kind, _misc, size = _PERF_HEADER.unpack(_wrapped(data, tail, _PERF_HEADER.size))
+        if size < _PERF_HEADER.size:
+            break  # a header the kernel would never write: stop rather than spin
+        record = _wrapped(data, tail, size)
+        if kind == PERF_RECORD_SAMPLE:
+            (raw_size,) = _U32.unpack_from(record, _PERF_HEADER.size)
+            start = _PERF_HEADER.size + _U32.size
+            samples.append(record[start:start + raw_size])
+        elif kind == PERF_RECORD_LOST:
+            lost += _U64.unpack_from(record, _PERF_HEADER.size + 8)[0]  # after the event id
+        tail += size
+    return samples, lost, tail
+
+
+def decision_time(raw: bytes) -> int:
+    """time_ns of a struct decision record."""
+    return _U64.unpack_from(raw, L.Decision.time_ns.offset)[0]
+
+
+def online_cpus(text: str) -> list[int]:
+    """The CPUs of a kernel CPU list ("0-3,6")."""
+    cpus = []
+    for part in text.strip().split(","):
+        if part:
+            lo, _, hi = part.partition("-")
+            cpus += range(int(lo), int(hi or lo) + 1)
+    return cpus
+
+
+class PerfBuffers:
+    """The reader of the pinned perf event array (the fallback channel): one perf buffer per
+    online CPU, stored in the array while this object lives (module docstring)."""
+
+    def __init__(self, bpffs: str, pages: int = PERF_BUFFER_PAGES):
+        self._map = _open_pin(bpffs, L.TRACE_CHANNEL_MAPS[L.TRACE_PERF])
+        self.lost = 0  #: events the kernel reported lost (PERF_RECORD_LOST)
+        self._buffers: dict[int, tuple[int, mmap.mmap]] = {}  # cpu -> (fd, header + data mapping)
+        self._poll = select.poll()
+        try:
+            with open("/sys/devices/system/cpu/online") as f:
+                cpus = online_cpus(f.read())
+            for cpu in cpus:
+                fd = perf_event_open_bpf_output(cpu, pages * _PAGE // 2)
+                try:
+                    mapping = mmap.mmap(fd, (1 + pages) * _PAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+                except OSError:
+                    os.close(fd)
+                    raise
+                self._buffers[cpu] = (fd, mapping)
+                self._poll.register(fd, select.POLLIN)
+                self._map.update(_U32.pack(cpu), _U32.pack(fd))
+        except BaseException:
+            self.close()
+            raise
+
+    def skip_pending(self) -> None:
+        """Nothing to skip: our buffers are new."""
+
+    def wait(self, timeout_s: float) -> None:
+        """Until a buffer is half full or timeout_s passed (see TRACE_POLL_S)."""
+        self._poll.poll(max(0, int(timeout_s * 1000)))
+
+    def records(self) -> Iterator[bytes]:
+        """The samples written so far on every CPU, each buffer consumed as it is read, in the
+        order they were decided: each CPU's buffer is in order, and what is read in one pass is
+        merged by the decisions' time (a decision made after a buffer was passed is read on the
+        next pass, and so is every later one on the CPUs after it)."""
+        batch: list[bytes] = []
+        for _fd, mapping in self._buffers.values():
+            head, tail, offset, size = struct.unpack_from("=QQQQ", mapping, _MMAP_PAGE_DATA)
+            offset, size = offset or _PAGE, size or len(mapping) - _PAGE
+            if head == tail:
+                continue
+            data = memoryview(mapping)[offset:offset + size]
+            try:
+                samples, lost, tail = perf_records(data, tail, head)
+            finally:
+                data.release()
+            self.lost += lost
+            _U64.pack_into(mapping, _MMAP_PAGE_DATA + 8, tail)  # data_tail: the space is the kernel's again
+            batch += samples
+        yield from sorted(batch, key=decision_time)
+
+    def close(self) -> None:
+        for cpu, (fd, mapping) in self._buffers.items():
+            try:
+                self._map.delete(_U32.pack(cpu))  # the kernel would on close(); say it first
+            except bpfsys.BpfError:
+                pass
+            self._poll.unregister(fd)
+            mapping.close()
+            os.close(fd)
+        self._buffers = {}
+        self._map.close()
+
+
+def open_channel(bpffs: str) -> "Ring | PerfBuffers":
+    """The reader of the event channel the programs send to (the one pinned)."""
+    if os.path.exists(_pin(bpffs, L.TRACE_CHANNEL_MAPS[L.TRACE_PERF])):
+        return PerfBuffers(bpffs)
+    return Ring(bpffs)  # or the error that says no channel is pinned
 
 
 def read_names(bpffs: str) -> dict[int, str]:
@@ -395,7 +580,7 @@ def find_pod(names: Mapping[int, str], text: str, namer: ClientNamer) -> tuple[i
 @dataclass
 class Summary:
     events: int = 0
-    dropped: int = 0  #: decisions lost to a full ring buffer while we traced
+    dropped: int = 0  #: decisions lost to a full ring or perf buffer while we traced
 
 
 def trace(bpffs: str, flt_from: str | None, flt: Filter, count: int, emit: Callable[[Event], None],
@@ -427,7 +612,7 @@ def trace(bpffs: str, flt_from: str | None, flt: Filter, count: int, emit: Calla
         if busy:
             raise UserError(f"another `meshlet trace` is running on this node (its lease ends in "
                             f"{(busy - monotonic_ns()) / 1e9:.0f} s); hint: one trace at a time, stop the other")
-        ring = Ring(bpffs)
+        ring = open_channel(bpffs)
     except BaseException:
         control.close()
         raise
@@ -462,7 +647,9 @@ def trace(bpffs: str, flt_from: str | None, flt: Filter, count: int, emit: Calla
             pass
     finally:
         control.off()
-        summary.dropped = control.dropped - dropped_before
+        # Every decision the perf core reports lost also failed bpf_perf_event_output, which the
+        # programs count in `dropped`; the larger count is the one that misses nothing.
+        summary.dropped = max(control.dropped - dropped_before, ring.lost)
         signal.signal(signal.SIGTERM, previous_term)
         ring.close()
         control.close()

@@ -31,6 +31,7 @@ LINK_DETACH = 34
 # enum bpf_map_type (the ones meshlet creates or checks)
 MAP_TYPE_HASH = 1
 MAP_TYPE_ARRAY = 2
+MAP_TYPE_PERF_EVENT_ARRAY = 4
 MAP_TYPE_PERCPU_ARRAY = 6
 MAP_TYPE_LRU_HASH = 9
 MAP_TYPE_SK_STORAGE = 24
@@ -40,6 +41,7 @@ MAP_TYPE_RINGBUF = 27
 MAP_TYPE_NAMES = {
     MAP_TYPE_HASH: "hash",
     MAP_TYPE_ARRAY: "array",
+    MAP_TYPE_PERF_EVENT_ARRAY: "perf_event_array",
     MAP_TYPE_PERCPU_ARRAY: "percpu_array",
     MAP_TYPE_LRU_HASH: "lru_hash",
     MAP_TYPE_SK_STORAGE: "sk_storage",
@@ -80,6 +82,7 @@ def prog_type(hook: str) -> int:
     return HOOK_PROG_TYPES.get(hook, PROG_TYPE_CGROUP_SOCK_ADDR)
 
 # enum bpf_func_id (the helpers the feature probe calls)
+HELPER_PERF_EVENT_OUTPUT = 25
 HELPER_SK_STORAGE_GET = 107
 HELPER_GET_NETNS_COOKIE = 122
 HELPER_GET_CURRENT_ANCESTOR_CGROUP_ID = 123

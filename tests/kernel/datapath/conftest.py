@@ -14,6 +14,7 @@ previous test left), so tests do not depend on each other's order. Frontends liv
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from dataclasses import dataclass
@@ -80,11 +81,12 @@ class Shares:
         return FrontendKey(address, port, protocol, scope)
 
 
-@pytest.fixture(scope="session")
-def lab():
+@contextlib.contextmanager
+def lab_of_pods(prefix: str):
+    """A lab with the pods every test here knows (clients, and echo servers web-1..3)."""
     from agent.lab.pods import Lab, unique_lab_name
 
-    with Lab(unique_lab_name("dp")) as lab:
+    with Lab(unique_lab_name(prefix)) as lab:
         lab.add_pod("default", "client", echo_ports=())
         lab.add_pod("team-a", "consumer", echo_ports=())
         lab.add_pod("quiet", "skipper", echo_ports=())
@@ -93,8 +95,9 @@ def lab():
         yield lab
 
 
-@pytest.fixture(scope="session")
-def bpffs():
+@contextlib.contextmanager
+def pins():
+    """A fresh bpffs directory for the datapath's pins, uninstalled (links and pins) afterwards."""
     path = f"/sys/fs/bpf/meshlet-test-{uuid.uuid4().hex[:8]}"
     try:
         yield path
@@ -105,8 +108,8 @@ def bpffs():
         assert not os.path.exists(path), f"pins left under {path}"
 
 
-@pytest.fixture(scope="session")
-def datapath(lab, bpffs):
+@contextlib.contextmanager
+def attached_datapath(lab, bpffs):
     from agent.datapath import Datapath, MapSizes
 
     # Small maps: a test suite needs few entries, and the overflow tests can fill them.
@@ -118,6 +121,31 @@ def datapath(lab, bpffs):
         yield dp
     finally:
         dp.close()
+
+
+@pytest.fixture(scope="session")
+def lab():
+    with lab_of_pods("dp") as lab:
+        yield lab
+
+
+@pytest.fixture(scope="session")
+def bpffs():
+    with pins() as path:
+        yield path
+
+
+@pytest.fixture(scope="session")
+def datapath(lab, bpffs):
+    with attached_datapath(lab, bpffs) as dp:
+        yield dp
+
+
+@pytest.fixture(scope="session")
+def make_world():
+    """For a module that needs a datapath of its own (other kernel features): (lab, bpffs,
+    datapath) context managers, the same the session fixtures use."""
+    return lab_of_pods, pins, attached_datapath
 
 
 @pytest.fixture

@@ -26,7 +26,8 @@ def test_a_kernel_with_everything_loads_every_hook_with_set_retval():
     assert support.hooks == tuple(uapi.HOOKS)
     assert support.defines == ("HAVE_SET_RETVAL", "HAVE_RINGBUF")
     assert support.disabled == ()
-    assert support.log_fields() == {"kernel": "6.18.0", "enabled": ",".join(features.NAMES), "disabled": "-"}
+    assert support.log_fields() == {"kernel": "6.18.0", "enabled": ",".join(features.NAMES), "disabled": "-",
+                                    "trace_channel": "ringbuf"}
     assert "-DHAVE_SET_RETVAL=1" in loader.cflags("/sys/fs/bpf/x", 0, MapSizes(), support)
 
 
@@ -50,11 +51,23 @@ def test_without_getpeername_those_two_hooks_are_neither_loaded_nor_attached():
     assert "getpeername() on a translated socket shows the endpoint" in fields["effects"]
 
 
-def test_without_ring_buffers_trace_is_off_and_the_report_says_so():
+def test_without_ring_buffers_trace_falls_back_to_perf_buffers_and_the_report_says_so():
     support = features.decide(without("ringbuf"), "5.7.0")
-    assert "HAVE_RINGBUF" not in support.defines
-    assert "ringbuf: `meshlet trace` is unavailable" in support.log_fields()["effects"]
-    assert "HAVE_RINGBUF" in features.decide(EVERYTHING).defines
+    assert support.trace_channel == "perf"
+    assert "HAVE_RINGBUF" not in support.defines and "TRACE_PERF_BUFFER" in support.defines
+    fields = support.log_fields()
+    assert fields["trace_channel"] == "perf" and "ringbuf: `meshlet trace` reads per-CPU perf buffers" in fields["effects"]
+    everything = features.decide(EVERYTHING)
+    assert everything.trace_channel == "ringbuf", "the ring buffer stays the default"
+    assert "HAVE_RINGBUF" in everything.defines and "TRACE_PERF_BUFFER" not in everything.defines
+
+
+def test_without_either_channel_trace_is_unavailable_and_the_report_says_so():
+    support = features.decide(without("ringbuf", "perf_output"), "5.7.0")
+    assert support.trace_channel is None
+    assert not {"HAVE_RINGBUF", "TRACE_PERF_BUFFER"} & set(support.defines)
+    fields = support.log_fields()
+    assert fields["trace_channel"] == "-" and "`meshlet trace` has no perf-buffer fallback" in fields["effects"]
 
 
 def test_without_sock_destroy_the_agent_starts_and_says_what_is_lost():
@@ -66,7 +79,7 @@ def test_without_sock_destroy_the_agent_starts_and_says_what_is_lost():
 
 @pytest.mark.parametrize("missing", [name for name in features.NAMES
                                      if name not in ("getpeername4", "getpeername6", "set_retval", "ringbuf",
-                                                     "sockops", "sock_destroy")])
+                                                     "perf_output", "sockops", "sock_destroy")])
 def test_every_other_feature_is_required(missing):
     with pytest.raises(UserError, match=f"Linux >= {features.MINIMUM_KERNEL}"):
         features.decide(without(missing))

@@ -93,7 +93,7 @@ def test_a_client_is_named_by_the_nearest_known_pod_above_its_cgroup(tmp_path):
     assert namer(node_task.stat().st_ino) == "/system.slice"
 
 
-def test_without_a_ring_buffer_pinned_the_trace_says_why_in_one_sentence(tmp_path):
+def test_without_an_event_channel_pinned_the_trace_says_why_in_one_sentence(tmp_path):
     from agent.datapath import loader
 
     with pytest.raises(UserError, match="no meshlet maps pinned"):
@@ -102,5 +102,45 @@ def test_without_a_ring_buffer_pinned_the_trace_says_why_in_one_sentence(tmp_pat
     maps.mkdir(parents=True)
     (maps / "frontends").write_text("")  # the agent's maps are there, the trace maps are not
     assert loader.map_pin(str(tmp_path), "frontends") == str(maps / "frontends")
-    with pytest.raises(UserError, match=r"lacks BPF ring buffers \(Linux >= 5.8\).*hint:"):
-        T.Ring(str(tmp_path))
+    with pytest.raises(UserError, match=r"neither BPF ring buffers \(Linux >= 5.8\) nor perf_event_output.*hint:"):
+        T.open_channel(str(tmp_path))
+
+
+def sample(raw: bytes) -> bytes:
+    """A PERF_RECORD_SAMPLE as the kernel writes it: header, u32 size, the raw data padded to 8."""
+    body = len(raw).to_bytes(4, "little") + raw
+    body += b"\0" * (-(8 + len(body)) % 8)
+    return T._PERF_HEADER.pack(T.PERF_RECORD_SAMPLE, 0, 8 + len(body)) + body
+
+
+def lost(count: int) -> bytes:
+    return T._PERF_HEADER.pack(T.PERF_RECORD_LOST, 0, 24) + (7).to_bytes(8, "little") + count.to_bytes(8, "little")
+
+
+def test_perf_records_gives_samples_and_lost_counts_and_steps_over_other_records():
+    other = T._PERF_HEADER.pack(14, 0, 16) + b"x" * 8  # a type we do not read
+    data = bytearray(4096)
+    stream = sample(b"first") + lost(5) + other + sample(b"second!")
+    data[: len(stream)] = stream
+    samples, lost_count, tail = T.perf_records(data, 0, len(stream))
+    assert samples == [b"first", b"second!"] and lost_count == 5 and tail == len(stream)
+    assert T.perf_records(data, tail, tail) == ([], 0, tail), "nothing new: nothing read"
+
+
+def test_a_perf_record_that_wraps_around_the_end_of_the_buffer_reads_as_one():
+    data = bytearray(64)
+    record = sample(bytes(range(30)))  # 48 bytes
+    start = 200 * 64 + 40  # positions only grow; the buffer is read modulo its size
+    for i, byte in enumerate(record):
+        data[(start + i) % 64] = byte
+    assert T.perf_records(data, start, start + len(record)) == ([bytes(range(30))], 0, start + len(record))
+
+
+def test_online_cpus_reads_the_kernel_s_cpu_list():
+    assert T.online_cpus("0-3,6,8-9\n") == [0, 1, 2, 3, 6, 8, 9]
+    assert T.online_cpus("0") == [0]
+
+
+def test_a_decision_s_time_is_read_where_the_kernel_writes_it():
+    d = L.Decision(time_ns=123456789, cgroup_id=7)
+    assert T.decision_time(bytes(d)) == 123456789
