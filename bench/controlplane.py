@@ -297,7 +297,7 @@ def agent_run(n: int, k: int = 10, timeout: float = 300.0, source: str = "kubern
                                   f"{prefix}peak_rss_mib": status.get("VmHWM"),
                                   f"{prefix}rss_mib": status.get("VmRSS")}
                         if through_full and source == "kubernetes":
-                            time.sleep(Settings.full_resync_interval + 5.0)
+                            time.sleep(Settings.map_check_period + 5.0)
                             status = _proc_status(proc.pid)
                             record.update({f"{prefix}peak_rss_after_full_mib": status.get("VmHWM"),
                                            f"{prefix}rss_after_full_mib": status.get("VmRSS")})

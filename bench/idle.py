@@ -82,7 +82,7 @@ def run(seconds: float | None = None, pods: int = PODS, containers: int = CONTAI
     from agent.runtime.settings import Settings
     from bench import controlplane as cp
 
-    seconds = Settings.full_resync_interval if seconds is None else seconds
+    seconds = Settings.map_check_period if seconds is None else seconds
     record = {"pods": pods, "containers": containers, "system_services": system_services,
               "services": services, "endpoints_per_service": k, "seconds": seconds, "status": "ok"}
     with Lab() as lab, tempfile.TemporaryDirectory() as scratch:

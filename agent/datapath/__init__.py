@@ -5,7 +5,8 @@ Role: what the runtime, the lab and the benchmark use. `Datapath.open` checks th
 off what is optional; `support` says which), checks the pinned maps' layout, creates or adopts
 them, compiles and loads the programs (not attached); `reconcile` plans a DesiredState
 (agent/datapath/plan.py, pure) and hands the plan to the writer (agent/datapath/reconcile.py,
-the only one, which never plans); `attach` points our pinned cgroup links at the programs
+the only one, which never plans); `check` compares a bounded part of the maps with what the
+writer wrote (agent/datapath/check.py); `attach` points our pinned cgroup links at the programs
 (created, or updated in place); `close` drops our fds and never detaches (SEMANTICS D1).
 `uninstall` is the only thing that detaches (D5).
 
@@ -15,8 +16,9 @@ the new programs serve the state the previous agent left.
 
 Modules: uapi (kernel numbers), features (kernel probe and what follows from it), layout
 (structs, map specs, sizes), entries (packed entry forms, Plan), plan (pure: state -> entries),
-reconcile (map writes), loader (preflight, compile, pins, links), bpfsys (raw bpf(2)), dump
-(read-only decoding for the CLI and `explain`), cli (`meshlet maps`, `meshlet uninstall`).
+reconcile (map writes), check (the periodic check of the maps), loader (preflight, compile,
+pins, links), bpfsys (raw bpf(2)), dump (read-only decoding for the CLI and `explain`), cli
+(`meshlet maps`, `meshlet uninstall`).
 """
 
 from __future__ import annotations
@@ -29,11 +31,12 @@ from typing import Mapping
 from agent.datapath import bpfsys, features, loader
 from agent.datapath import layout as L
 from agent.datapath import plan as P
+from agent.datapath.check import CheckStep, MapCheck
 from agent.datapath.layout import MapSizes
 from agent.datapath.reconcile import MapFullError, Reconciler, ReconcileStats
 from agent.model import DesiredState, StateDelta
 
-__all__ = ["Datapath", "MapFullError", "MapSizes", "ReconcileStats", "uninstall"]
+__all__ = ["CheckStep", "Datapath", "MapFullError", "MapSizes", "ReconcileStats", "uninstall"]
 
 
 class Datapath:
@@ -55,6 +58,7 @@ class Datapath:
         self.carried: dict[str, int] = {}
         self.planner = P.Planner()
         self.reconciler = Reconciler({name: maps[name] for name in L.PLANNED_MAPS})
+        self.checker = MapCheck(self.reconciler)
 
     @classmethod
     def open(cls, bpffs: str, cgroup_root: str, sizes: MapSizes | None = None,
@@ -99,8 +103,16 @@ class Datapath:
 
         Plan first (pure), then hand the plan to the writer: the writer never plans."""
         if delta is None:
-            return self.reconciler.full(self.planner.full(state, pod_cgroups))
+            try:
+                return self.reconciler.full(self.planner.full(state, pod_cgroups))
+            finally:
+                self.checker.restart()  # it read and compared every map: a new cycle begins
         return self.reconciler.apply(self.planner.change(state, delta, pod_cgroups))
+
+    def check(self) -> CheckStep:
+        """One bounded step of the periodic check of the maps against what was written
+        (agent/datapath/check.py); a difference it reports is repaired by a full reconcile."""
+        return self.checker.step()
 
     def counters(self) -> dict[str, int]:
         """Outcome -> connections since the maps were created, summed over CPUs; and "repicked":

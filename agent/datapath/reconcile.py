@@ -85,9 +85,13 @@ class MapIO(Protocol):
 
     def items(self) -> dict[bytes, bytes]: ...
 
-    def chunks(self) -> Iterator[list[tuple[bytes, bytes]]]:
-        """Every entry, a part at a time (the entries of a set-keyed map are never all held)."""
+    def chunks(self, chunk: int = ...) -> Iterator[list[tuple[bytes, bytes]]]:
+        """Every entry, about `chunk` at a time (the entries of a set-keyed map are never all
+        held). Between two parts the map may change, as the kernel's batch read allows: an entry
+        deleted meanwhile is not returned, one added meanwhile may or may not be."""
         ...
+
+    def lookup(self, key: bytes) -> bytes | None: ...
 
     def update_batch(self, entries: list[tuple[bytes, bytes]]) -> None: ...
 
@@ -111,10 +115,17 @@ class DictMap:
         return dict(self.data)
 
     def chunks(self, chunk: int = 3) -> Iterator[list[tuple[bytes, bytes]]]:
-        # Small parts, so that the tests exercise a set whose entries arrive in several.
-        entries = list(self.data.items())
-        for start in range(0, len(entries), chunk):
-            yield entries[start:start + chunk]
+        # Small parts, so that the tests exercise a set whose entries arrive in several. In key
+        # order, from the entries still there when each part is made (the kernel reads a hash
+        # map bucket by bucket, the same way); keys added after the start are not returned.
+        keys = sorted(self.data)
+        for start in range(0, len(keys), chunk):
+            part = [(key, self.data[key]) for key in keys[start:start + chunk] if key in self.data]
+            if part:
+                yield part
+
+    def lookup(self, key: bytes) -> bytes | None:
+        return self.data.get(key)
 
     def update_batch(self, entries: list[tuple[bytes, bytes]]) -> None:
         for key, value in entries:
@@ -174,6 +185,11 @@ class _SetMirror:
         self.complete: dict[int, int | bytes] = {}
         self.ragged: dict[int, list[bytes]] = {}
         self.entries = 0
+        #: set id -> records_digest of its records, for the complete sets of a layout whose
+        #: `kept` form does not hold the records (endpoints: a count): what the periodic check
+        #: (agent/datapath/check.py) compares the map's entries with
+        self.digests: dict[int, int] = {}
+        self._digested = not isinstance(layout.kept(b""), bytes)
 
     def load(self, chunks: Iterable[list[tuple[bytes, bytes]]], max_entries: int,
              expected: Mapping[int, bytes] | None = None) -> None:
@@ -206,16 +222,19 @@ class _SetMirror:
             else:
                 records[index] = record
         complete: dict[int, int | bytes] = {}
+        digests: dict[int, int] = {}
         for sid, records in found.items():
             if sid not in ragged and None not in records:
                 blob = b"".join(records)
                 want = expected.get(sid) if expected is not None else None
                 if want is None or want == blob:
                     complete[sid] = layout.kept(blob)
+                    if self._digested:
+                        digests[sid] = records_digest(records)
                     continue
             ragged.setdefault(sid, []).extend(
                 layout.key(sid, i, record) for i, record in enumerate(records) if record is not None)
-        self.complete, self.ragged, self.entries = complete, ragged, total
+        self.complete, self.ragged, self.entries, self.digests = complete, ragged, total, digests
 
     def holds(self, sid: int, blob: bytes) -> bool:
         """True when the map holds set `sid` as `blob`, complete."""
@@ -244,6 +263,9 @@ class _SetMirror:
         """Note that the map now holds set `sid` as `blob`. Returns the keys of its earlier
         (drifted) form the new one does not cover: still in the map, to be deleted."""
         kept = self.layout.kept(blob)
+        if self._digested:
+            size = self.layout.record_size
+            self.digests[sid] = records_digest([blob[offset:offset + size] for offset in range(0, len(blob), size)])
         if not self._known(sid):
             self.complete[sid] = kept
             self.entries += self.layout.kept_count(kept)
@@ -259,7 +281,24 @@ class _SetMirror:
         for sid in sids:
             self.complete.pop(sid, None)
             self.ragged.pop(sid, None)
+            self.digests.pop(sid, None)
         self.entries -= keys
+
+
+#: records_digest's mask: each record's hash as an unsigned 64-bit number.
+_HASH_MASK = (1 << 64) - 1
+
+
+def record_digest(index: int, record: bytes) -> int:
+    """One record's part of records_digest (the periodic check adds them up as it reads)."""
+    return (hash(record) & _HASH_MASK) * (2 * index + 1)
+
+
+def records_digest(records: Iterable[bytes]) -> int:
+    """A digest of a set's records that does not depend on the order they are read in, yet
+    changes when a record moves to another index: the sum of record_digest. Python's hash of
+    bytes is keyed per process: a digest is only compared within the process that made it."""
+    return sum([(hash(record) & _HASH_MASK) * (2 * index + 1) for index, record in enumerate(records)])
 
 
 def _group_set(value: bytes) -> int:

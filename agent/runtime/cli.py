@@ -216,7 +216,7 @@ class Agent:
             resolver = Resolver(s.node_name, passive_health=s.passive_health)
             self._start_sources()
             loop = SyncLoop(self.store, resolver, datapath, self.health, self.metrics,
-                            min_sync_interval=s.min_sync_interval, full_resync_interval=s.full_resync_interval,
+                            min_sync_interval=s.min_sync_interval, map_check_period=s.map_check_period,
                             retry_initial=s.retry_initial, retry_max=s.retry_max,
                             stats_interval=s.stats_interval, on_statuses=self._on_statuses,
                             on_pods=self.pods.publish, stale_sockets=self._open_stale_sockets(datapath))
@@ -373,8 +373,13 @@ def map_size_help() -> str:
 @click.option("--terminate-tcp", type=click.BOOL, default=False, show_default=True, metavar="BOOL",
               help="Also end translated TCP connections whose endpoint left its Service (connected UDP "
                    "sockets are ended either way; SEMANTICS A16).")
+@click.option("--map-check-period", type=click.FloatRange(min=1.0), default=Settings.map_check_period,
+              show_default=True, metavar="SECONDS",
+              help="Compare every map entry with what the agent wrote within this period (a few ms at a "
+                   "time, between syncs); an entry changed behind the agent's back is repaired within "
+                   "about one period, two at most.")
 def run(manifests, kubeconfig, node_name, cgroup_root, bpffs, listen, log_format, map_sizes,
-        passive_health, terminate_tcp):
+        passive_health, terminate_tcp, map_check_period):
     """Run the agent: program every Service frontend into the kernel and keep it right.
 
     \b
@@ -388,7 +393,8 @@ def run(manifests, kubeconfig, node_name, cgroup_root, bpffs, listen, log_format
     logs.configure(log_format)
     settings = build_settings(manifests, kubeconfig, node_name, cgroup_root, bpffs, listen, log_format, map_sizes,
                               terminate_tcp)
-    settings = dataclasses.replace(settings, passive_health=passive_health == "on")
+    settings = dataclasses.replace(settings, passive_health=passive_health == "on",
+                                   map_check_period=map_check_period)
     code = Agent(settings).run()
     if code:
         raise SystemExit(code)

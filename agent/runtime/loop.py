@@ -11,7 +11,13 @@ the new desired state. Rules (SEMANTICS A15, D1, D2; DESIGN.md "One sync loop"):
   source is done.
 - The first write is a full reconcile (the datapath adopts what is pinned, writes the difference
   and sweeps what is stale); later writes are incremental, handing over the resolver's delta
-  (plus the pods whose cgroup changed). A periodic full reconcile repairs drift.
+  (plus the pods whose cgroup changed).
+- Drift (a map changed behind our back) is found by the periodic check (agent/datapath/check.py):
+  when no change is pending, the loop runs one bounded step of it (a part of one map compared
+  with what the writer wrote, a few ms at 50k Services), paced so that every entry is compared
+  once per `map_check_period`; a pending change always goes first. A difference found is
+  logged, counted and repaired by a full reconcile on the next turn. (Before, a full reconcile
+  ran every period on this thread: seconds at 50k Services, during which no change was written.)
 - Programs: attached at start when the maps were adopted (new programs replace ours in place and
   serve the old state at once), else right after the first full write, so new programs never run
   against empty maps.
@@ -72,6 +78,11 @@ class Datapath(Protocol):
 
     def reconcile(self, state: DesiredState, pod_cgroups: Mapping[str, int], delta: StateDelta | None = None): ...
 
+    def check(self):
+        """One bounded step of the periodic check: a agent.datapath.CheckStep (work, cycle_work,
+        cycle_done, drift)."""
+        ...
+
     def counters(self) -> Mapping[str, int]: ...
 
     def fill(self) -> Mapping[str, tuple[int, int]]: ...
@@ -83,7 +94,7 @@ IDLE_WAIT = 1.0
 
 class SyncLoop:
     def __init__(self, store: Store, resolver: Resolver, datapath: Datapath, health: Health,
-                 metrics: Metrics, *, min_sync_interval: float = 0.08, full_resync_interval: float = 60.0,
+                 metrics: Metrics, *, min_sync_interval: float = 0.08, map_check_period: float = 60.0,
                  retry_initial: float = 0.2, retry_max: float = 10.0, stats_interval: float = 2.0,
                  on_statuses: Callable[[Mapping[RouteId, RouteStatus]], None] | None = None,
                  on_pods: Callable[[list[dict]], None] | None = None,
@@ -97,7 +108,7 @@ class SyncLoop:
         self.health = health
         self.metrics = metrics
         self.min_sync_interval = min_sync_interval
-        self.full_resync_interval = full_resync_interval
+        self.map_check_period = map_check_period
         self.retry_initial = retry_initial
         self.retry_max = retry_max
         self.stats_interval = stats_interval
@@ -113,7 +124,10 @@ class SyncLoop:
         self.failures = 0  #: consecutive failed syncs
         self._need_full = True
         self._last_sync_start: float | None = None
-        self._last_full: float | None = None
+        #: when the next check step is due (None until the first write); paced from the start
+        #: of its cycle, so that a loop kept busy by changes catches up when they stop
+        self._check_at: float | None = None
+        self._check_cycle_start = 0.0
         self._retry_at: float | None = None
         self._attach_at: float | None = None
         self._stats_at = 0.0
@@ -178,8 +192,13 @@ class SyncLoop:
             self._attach()
             return 0.0, True
         if not self._due(now):
-            next_full = (self._last_full if self._last_full is not None else now) + self.full_resync_interval
-            return max(0.0, min(IDLE_WAIT, next_full - now, self._stats_at - now)), True
+            if self._check_at is not None and now >= self._check_at:
+                self._check(now)
+                return 0.0, True
+            wake = min(IDLE_WAIT, self._stats_at - now)
+            if self._check_at is not None:
+                wake = min(wake, self._check_at - now)
+            return max(0.0, wake), True
         if self._last_sync_start is not None and now < self._last_sync_start + self.min_sync_interval:
             return self._last_sync_start + self.min_sync_interval - now, False
         self.sync(now)
@@ -188,8 +207,6 @@ class SyncLoop:
     def _due(self, now: float) -> bool:
         if self._need_full or not self.first_sync_written or self._retry_at is not None:
             return True
-        if self._last_full is not None and now >= self._last_full + self.full_resync_interval:
-            return True
         return self.store.has_pending()
 
     # --- one sync ---------------------------------------------------------------------------
@@ -197,8 +214,7 @@ class SyncLoop:
     def sync(self, now: float) -> bool:
         """Take, resolve, write. True when the write succeeded."""
         self._last_sync_start = now
-        full = self._need_full or not self.first_sync_written or (
-            self._last_full is not None and now >= self._last_full + self.full_resync_interval)
+        full = self._need_full or not self.first_sync_written
         mode = "full" if full else "incremental"
         batch = self.store.take()
         if self.first_sync_written:
@@ -236,7 +252,7 @@ class SyncLoop:
         self._retry_at = None
         self._need_full = False
         if full:
-            self._last_full = now
+            self._begin_check_cycle(done)  # the full reconcile compared every map
         if not self.attached:
             self._attach()
         if first:
@@ -246,6 +262,38 @@ class SyncLoop:
         if full:
             release_free_heap()  # the plan and the maps' read-back are gone: see agent.gcpause
         return True
+
+    # --- the periodic check ------------------------------------------------------------------
+
+    def _begin_check_cycle(self, now: float) -> None:
+        self._check_cycle_start = self._check_at = now
+
+    def _check(self, now: float) -> None:
+        """One step of the periodic check; drift found makes the next turn a full reconcile."""
+        try:
+            step = self.datapath.check()
+        except Exception as err:  # a failed read: the full reconcile reads (and repairs) all
+            log.error("check.failed", error=str(err) or type(err).__name__, error_type=type(err).__name__)
+            self._need_full = True
+            return
+        self.metrics.map_check_step.observe(max(0.0, self.clock() - now))
+        if step.drift:
+            log.warning("check.drift", repair="full reconcile",
+                        **{f"{name}_entries": n for name, n in sorted(step.drift.items())})
+            for name, n in step.drift.items():
+                self.metrics.map_drift.labels(map=name).inc(n)
+            self._need_full = True
+            return
+        # Each step moves the next one on by its share of the cycle's work: a cycle takes about
+        # a period, however big the maps (and starts no earlier than a period after the last).
+        self._check_at += self.map_check_period * step.work / max(step.cycle_work, 1)
+        if step.cycle_done:
+            self.metrics.map_check_cycles.inc()
+            self._check_cycle_start = self._check_at = max(self._check_at,
+                                                           self._check_cycle_start + self.map_check_period)
+            # The sweep of sockets left on removed endpoints runs after each write that removed
+            # some; once per cycle it also runs with nothing written, in case one failed.
+            self._terminate_stale_sockets()
 
     def _terminate_stale_sockets(self) -> None:
         # Right after the write: from now on new connections get the new state, so every socket

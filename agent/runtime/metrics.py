@@ -31,6 +31,8 @@ PREFIX = "meshlet"
 #: 10 ms at p99, hence the millisecond buckets).
 SYNC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30, 60)
+#: A check step is meant to take a few ms at 50k Services (agent/datapath/check.py).
+CHECK_STEP_BUCKETS = (0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
 
 
 class DatapathOutcomes:
@@ -167,6 +169,18 @@ class Metrics:
                                   "for the route-kind discovery) and reason (agent.sources.kube."
                                   "API_ERROR_REASONS); the datapath keeps its state meanwhile.",
                                   ["kind", "reason"], registry=r)
+        self.map_check_step = Histogram(f"{PREFIX}_map_check_step_seconds",
+                                        "Time of one step of the periodic map check (one bounded part of "
+                                        "one map compared with what the agent wrote; it runs between "
+                                        "syncs and holds a waiting change back at most this long).",
+                                        buckets=CHECK_STEP_BUCKETS, registry=r)
+        self.map_check_cycles = Counter(f"{PREFIX}_map_check_cycles",
+                                        "Periodic map checks completed: every planned map compared once "
+                                        "with what the agent wrote.", registry=r)
+        self.map_drift = Counter(f"{PREFIX}_map_drift",
+                                 "Map entries the periodic check found other than the agent wrote them "
+                                 "(changed, deleted or added behind its back), by map; each is repaired by "
+                                 "a full reconcile.", ["map"], registry=r)
         self.datapath_outcomes = DatapathOutcomes()
         r.register(self.datapath_outcomes)
         self.passive_health = PassiveHealth()

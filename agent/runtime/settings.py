@@ -58,8 +58,12 @@ class Settings:
     10 ms under steady churn (the bench's churn row), far under SEMANTICS B15's 1 s; 80 ms, the
     former value, alone put ~40 ms on an average change."""
 
-    full_resync_interval: float = 60.0
-    """Seconds between full reconciles when nothing fails: repairs maps changed behind our back."""
+    map_check_period: float = 60.0
+    """Seconds within which the periodic check compares every planned map entry with what the
+    agent wrote (`--map-check-period`), a bounded part at a time between syncs; a difference (a
+    map changed behind the agent's back) is repaired by a full reconcile at once. A map entry
+    changed behind the agent's back is thus repaired within about one period (two at most,
+    when the change lands in a part the running check has just read)."""
 
     retry_initial: float = 0.2
     """First wait after a failed write; doubles on each further failure."""

@@ -87,16 +87,69 @@ def test_rate_limit_holds_a_second_change_until_the_interval_passed(rig):
     assert {k.address for k in writes[2][4].frontends} == {"10.96.0.2", "10.96.0.3"}
 
 
-def test_idle_loop_writes_nothing_until_the_periodic_full_resync(rig):
+def run_for(rig, seconds):
+    """Drive the loop as run() does, the clock jumping over each wait it asks for."""
+    end = rig.clock.now + seconds
+    while rig.clock.now < end:
+        delay, _ = rig.loop.tick()
+        rig.clock.advance(min(delay, end - rig.clock.now))
+
+
+def test_idle_loop_writes_nothing_and_checks_the_maps_a_step_at_a_time_over_the_period(rig):
     rig.sync_all()
     rig.loop.tick()
-    for _ in range(59):
-        rig.clock.advance(1)
+    start = rig.clock.now
+    run_for(rig, 150)
+    assert [w[1] for w in rig.datapath.writes()] == ["full"], "no periodic full reconcile any more"
+    # The stand-in check's cycle is 10 steps of a tenth of its work each: one step every 6 s,
+    # a cycle per 60 s period.
+    times = [round(t - start, 6) for t in rig.datapath.check_times]
+    assert times[:21] == [6.0 * i for i in range(21)]
+    assert rig.metric("meshlet_map_check_cycles_total") == 2
+    assert rig.metric("meshlet_map_check_step_seconds_count") == len(times)
+
+
+def test_a_pending_change_goes_before_a_due_check_step(rig):
+    rig.sync_all()
+    rig.loop.tick()
+    rig.loop.tick()  # the first step is due at once
+    assert len(rig.datapath.check_times) == 1
+    rig.clock.advance(6)
+    rig.store.upsert(service("a", "10.96.0.1"))
+    rig.loop.tick()
+    assert rig.datapath.writes()[-1][1] == "delta" and len(rig.datapath.check_times) == 1
+    rig.loop.tick()
+    assert len(rig.datapath.check_times) == 2, "then the step that was due"
+
+
+def test_a_loop_kept_busy_catches_up_on_the_check_when_changes_stop(rig):
+    rig.sync_all()
+    rig.loop.tick()
+    for i in range(30):  # a change every second for 30 s: nothing else runs while one is pending
+        rig.store.upsert(service(f"s{i}", f"10.96.1.{i + 1}"))
         rig.loop.tick()
-    assert len(rig.datapath.writes()) == 1
+        rig.clock.advance(1)
+    assert rig.datapath.check_times == [], "no step while a change was pending"
+    run_for(rig, 0.5)
+    # 30 s behind at one step per 6 s: the 5 steps due and the one due now, back to back.
+    assert len(rig.datapath.check_times) == 6 and len(set(rig.datapath.check_times)) == 1
+
+
+def test_drift_the_check_finds_is_logged_counted_and_repaired_by_a_full_reconcile(rig):
+    rig.sync_all()
+    rig.loop.tick()
+    rig.datapath.drift_next = {"frontends": 2, "endpoints": 1}
+    rig.loop.tick()  # the check step that finds it
+    assert rig.metric("meshlet_map_drift_total", map="frontends") == 2
+    assert rig.metric("meshlet_map_drift_total", map="endpoints") == 1
     rig.clock.advance(1)
     rig.loop.tick()
     assert [w[1] for w in rig.datapath.writes()] == ["full", "full"]
+    rig.datapath.fail_check = 1  # a check that cannot read the maps: the same repair
+    rig.loop.tick()
+    rig.clock.advance(1)
+    rig.loop.tick()
+    assert [w[1] for w in rig.datapath.writes()] == ["full", "full", "full"]
 
 
 def test_failed_write_is_retried_with_capped_backoff_as_a_full_reconcile(rig):
