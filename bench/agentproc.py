@@ -88,6 +88,21 @@ def full_syncs(metrics_text: str) -> tuple[float, float]:
     return sample(metrics_text, f"{name}_count", mode="full"), sample(metrics_text, f"{name}_sum", mode="full")
 
 
+def check_window(before: str, after: str) -> dict:
+    """The agent's periodic map check between two /metrics answers: steps, their seconds, the
+    bucket bound of the longest step (meshlet_map_check_step_seconds) and cycles completed."""
+    name = "meshlet_map_check_step_seconds"
+    b, a = histogram_buckets(before, name), histogram_buckets(after, name)
+    delta = {le: a.get(le, 0) - b.get(le, 0) for le in sorted(a)}
+    steps = delta.get(float("inf"), 0)
+    longest = next((le for le, cumulative in delta.items() if cumulative >= steps), None) if steps else None
+    return {"check_steps": int(steps),
+            "check_step_s": round(sample(after, f"{name}_sum") - sample(before, f"{name}_sum"), 3),
+            "check_step_max_le_ms": None if longest in (None, float("inf")) else longest * 1000,
+            "check_cycles": int(sample(after, "meshlet_map_check_cycles_total")
+                                - sample(before, "meshlet_map_check_cycles_total"))}
+
+
 _BUCKET = re.compile(r'^(?P<name>\w+)_bucket\{le="(?P<le>[^"]+)"\} (?P<count>\S+)$')
 
 

@@ -13,8 +13,10 @@ Figures:
 - agent CPU: utime + stime from /proc over the window until the last change was written, in %
   of one core;
 - the rate really sent (the bench process shares the machine);
-- the periodic full reconciles inside the window and their seconds (meshlet_sync_duration_seconds,
-  mode="full"): changes arriving while one runs wait for its end.
+- the full reconciles inside the window and their seconds (meshlet_sync_duration_seconds,
+  mode="full"): changes arriving while one runs wait for its end (none unless drift was found);
+- the periodic map check's steps inside the window, their seconds and the longest one's bucket
+  (a change arriving during a step waits for its end).
 
 May touch: what bench.agentproc does; a cgroup subtree of the lab's (empty: no pods).
 """
@@ -26,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.agentproc import full_syncs, histogram_buckets, start_agent
+from bench.agentproc import check_window, full_syncs, histogram_buckets, start_agent
 from bench.synth import make_services, with_endpoint_replaced
 from bench.topology import Lab
 
@@ -49,7 +51,7 @@ def run(services: int = SERVICES, rate: float = RATE, seconds: float = SECONDS, 
         if isinstance(agent, str):
             return record | {"status": "failed", "note": agent}
         time.sleep(settle)  # start-up work (first full sync, collector) is not churn cost
-        text = agent.metrics_text()
+        before_text = text = agent.metrics_text()
         before = histogram_buckets(text, HISTOGRAM)
         full_before = full_syncs(text)
         cpu_before, start = agent.cpu_seconds(), time.monotonic()
@@ -85,7 +87,7 @@ def run(services: int = SERVICES, rate: float = RATE, seconds: float = SECONDS, 
         cpu = agent.cpu_seconds() - cpu_before
         full_after = full_syncs(text)
         record.update(full_syncs=int(full_after[0] - full_before[0]),
-                      full_sync_s=round(full_after[1] - full_before[1], 3))
+                      full_sync_s=round(full_after[1] - full_before[1], 3), **check_window(before_text, text))
         record.update(changes=sent, sent_rate=round(sent / sent_s, 1), cpu_percent=round(100 * cpu / elapsed, 2),
                       loadavg=os.getloadavg(), **event_to_map(before, buckets))
     return record

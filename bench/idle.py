@@ -6,11 +6,12 @@ cgroups each, and `system_services` services under system.slice. It starts the r
 (`meshlet run`, Kubernetes mode against the tests' stand-in API server, as bench.controlplane
 does) with `--cgroup-root` that subtree and `services` Services, waits for /readyz and a settling
 pause, then reads the agent's utime + stime from /proc/<pid>/stat over `seconds` of nothing
-changing: its CPU in % of one core. The window is as long as the agent's periodic full reconcile
-interval by default, so one of those is inside it, as on a real node.
+changing: its CPU in % of one core. The window is as long as the agent's map check period by
+default, so one whole cycle of its periodic check is inside it, as on a real node.
 
-The record also holds the periodic full reconciles inside the window and their seconds: at many
-Services they are most of an idle agent's CPU. For the analysis it also times one full walk of the same tree (`scan_pod_cgroups`, what the
+The record also holds the full reconciles inside the window and their seconds (before the check
+ran in steps, one a period: at many Services most of an idle agent's CPU; now none unless the check
+found drift), and the check's steps, their seconds and the longest one's bucket. For the analysis it also times one full walk of the same tree (`scan_pod_cgroups`, what the
 agent did 4 times a second before it followed change notifications).
 
 May touch: a cgroup subtree and a bpffs directory made by topology.Lab (removed at the end, also
@@ -25,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.agentproc import full_syncs, start_agent
+from bench.agentproc import check_window, full_syncs, start_agent
 from bench.synth import make_services
 from bench.topology import Lab
 
@@ -94,11 +95,14 @@ def run(seconds: float | None = None, pods: int = PODS, containers: int = CONTAI
         if isinstance(agent, str):
             return record | {"status": "failed", "note": agent}
         time.sleep(settle)  # start-up work (first full sync, collector) is not idle cost
-        full_before = full_syncs(agent.metrics_text())
+        text_before = agent.metrics_text()
+        full_before = full_syncs(text_before)
         cpu_before, start = agent.cpu_seconds(), time.monotonic()
         time.sleep(seconds)
         cpu_after, elapsed = agent.cpu_seconds(), time.monotonic() - start
-        full_after = full_syncs(agent.metrics_text())
+        text_after = agent.metrics_text()
+        full_after = full_syncs(text_after)
+        record.update(check_window(text_before, text_after))
         record["full_syncs"] = int(full_after[0] - full_before[0])
         record["full_sync_s"] = round(full_after[1] - full_before[1], 3)
         record["cpu_percent"] = round(100 * (cpu_after - cpu_before) / elapsed, 3)

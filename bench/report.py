@@ -298,23 +298,25 @@ def render_markdown(results: dict, plot_paths: list[Path], json_path: Path | Non
             "",
             "The real agent (`meshlet run`, Kubernetes mode against the stand-in API server) on a cgroup "
             "tree like a busy kubelet node's (systemd driver), nothing changing: CPU = its utime + stime "
-            "from /proc over the window, in % of one core (the window holds one periodic full reconcile). "
+            "from /proc over the window, in % of one core (the window holds one cycle of the periodic map check). "
             "Walk = one full walk of the same tree for pod cgroups in the bench process; polling the tree "
             "every 0.25 s (what the agent did before it followed change notifications) would cost "
-            "4 walks a second. Full: the agent's periodic full reconciles inside the window and their seconds.",
+            "4 walks a second. Full: the agent's full reconciles inside the window and their seconds (none "
+            "unless the check found drift). Check: the periodic map check's steps in the window, their "
+            "seconds, and the bucket bound of the longest step.",
             "",
-            "| tree | Services | window | agent CPU | full | pods found | walk | 4 walks/s would cost | load avg |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| tree | Services | window | agent CPU | full | check steps (s, longest) | pods found | walk | 4 walks/s would cost | load avg |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in idle:
             if r.get("cpu_percent") is None:
-                lines.append(f"| {r.get('pods')} pods | {r.get('services')} | | | | | | | {_cell(r.get('note', ''))} |")
+                lines.append(f"| {r.get('pods')} pods | {r.get('services')} | | | | | | | | {_cell(r.get('note', ''))} |")
                 continue
             lines.append(
                 f"| {r['pods']} pods x {r['containers']} + {r['system_services']} services "
                 f"({r['cgroups']} cgroups) | {r['services']} x {r['endpoints_per_service']} | {r['seconds']:g} s | "
                 f"{r['cpu_percent']:.2f} % | {r.get('full_syncs', '-')} ({_fmt(r.get('full_sync_s'), 2)} s) | "
-                f"{r.get('pods_found')} | {r['walk_ms']:.1f} ms | "
+                f"{_check_cell(r)} | {r.get('pods_found')} | {r['walk_ms']:.1f} ms | "
                 f"{r['walk_ms'] * 4 / 10:.1f} % | {', '.join(f'{x:.1f}' for x in r['loadavg'])} |")
     churn = results.get("churn", [])
     if churn:
@@ -328,27 +330,37 @@ def render_markdown(results: dict, plot_paths: list[Path], json_path: Path | Non
             "(meshlet_event_to_map_seconds, from a change reaching the agent to the end of the sync that "
             "wrote it) over the window; percentiles are bucket upper bounds. CPU: the agent's utime + "
             "stime over the window until the last change was written, in % of one core. Full: the agent's "
-            "periodic full reconciles inside the window (changes arriving meanwhile wait for their end).",
+            "full reconciles inside the window (changes arriving meanwhile wait for their end; none unless "
+            "the check found drift). Check: the periodic map check's steps in the window (run only when no "
+            "change waits), their seconds, and the bucket bound of the longest step.",
             "",
-            "| N | rate | window | sent rate | changes observed | event-to-map p50 | p90 | p99 | within 10 ms | agent CPU | full | load avg | note |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| N | rate | window | sent rate | changes observed | event-to-map p50 | p90 | p99 | within 10 ms | agent CPU | full | check steps (s, longest) | load avg | note |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in sorted(churn, key=lambda r: (r["services"], r["rate"])):
             if not r.get("observed"):
-                lines.append(f"| {r['services']} | {r['rate']:g}/s | {r['seconds']:g} s | | | | | | | | | | "
+                lines.append(f"| {r['services']} | {r['rate']:g}/s | {r['seconds']:g} s | | | | | | | | | | | "
                              f"{_cell(r.get('note', 'nothing observed'))} |")
                 continue
             lines.append(
                 f"| {r['services']} | {r['rate']:g}/s | {r['seconds']:g} s | {r['sent_rate']:g}/s | {r['observed']} | "
                 + " | ".join(f"<= {_fmt(r.get(f'event_to_map_{q}_le_ms'), 1)} ms" for q in ("p50", "p90", "p99"))
                 + f" | {100 * r['within_10ms']:.1f} % | {r['cpu_percent']:.1f} % | "
-                f"{r.get('full_syncs', '-')} ({_fmt(r.get('full_sync_s'), 2)} s) | "
+                f"{r.get('full_syncs', '-')} ({_fmt(r.get('full_sync_s'), 2)} s) | {_check_cell(r)} | "
                 f"{', '.join(f'{x:.1f}' for x in r['loadavg'])} | |")
     if plot_paths:
         lines += ["", "## Plots", ""]
         lines += [f"![{p.stem}]({_relative(p, md_path.parent)})" for p in plot_paths]
         lines += ["", "(PNG files are written to bench/out/, which is not committed; rerun to get them.)"]
     return "\n".join(lines) + "\n"
+
+
+def _check_cell(r: dict) -> str:
+    """The periodic map check inside a window: steps (seconds, longest step's bucket bound)."""
+    if r.get("check_steps") is None:
+        return "-"
+    return (f"{r['check_steps']} ({_fmt(r.get('check_step_s'), 2)} s, "
+            f"<= {_fmt(r.get('check_step_max_le_ms'), 2)} ms)")
 
 
 def write_markdown(text: str, path: Path = RESULTS_MD) -> None:

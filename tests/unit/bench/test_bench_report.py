@@ -68,11 +68,12 @@ def test_the_idle_row_and_its_target():
     data["idle"] = [{"pods": 110, "containers": 3, "system_services": 150, "services": 1000,
                      "endpoints_per_service": 10, "seconds": 60, "cgroups": 594, "walk_ms": 4.8,
                      "pods_found": 110, "loadavg": (0.2, 0.3, 0.4), "cpu_percent": 0.21, "status": "ok",
-                     "full_syncs": 1, "full_sync_s": 0.08}]
+                     "full_syncs": 0, "full_sync_s": 0.0, "check_steps": 31, "check_step_s": 0.021,
+                     "check_step_max_le_ms": 1.0, "check_cycles": 1}]
     text = report.render_markdown(data, [], None)
     assert "| idle agent CPU on a busy node <= 0.5 % of one core | **met** | 0.21 % over 60 s" in text
-    assert ("| 110 pods x 3 + 150 services (594 cgroups) | 1000 x 10 | 60 s | 0.21 % | 1 (0.08 s) | 110 | 4.8 ms | "
-            "1.9 % |" in text)
+    assert ("| 110 pods x 3 + 150 services (594 cgroups) | 1000 x 10 | 60 s | 0.21 % | 0 (0.00 s) | "
+            "31 (0.02 s, <= 1.00 ms) | 110 | 4.8 ms | 1.9 % |" in text)
 
 
 def test_the_churn_row():
@@ -83,5 +84,20 @@ def test_the_churn_row():
                       "event_to_map_p99_le_ms": 50.0, "within_10ms": 0.9284, "full_syncs": 1, "full_sync_s": 0.41}]
     text = report.render_markdown(data, [], None)
     assert ("| 10000 | 500/s | 20 s | 498/s | 10000 | <= 2.5 ms | <= 10.0 ms | <= 50.0 ms | 92.8 % | 14.0 % | "
-            "1 (0.41 s) |" in text)
+            "1 (0.41 s) | - |" in text), "a record made before the check ran in steps: no check cell"
     assert "| 500 endpoint changes/s at N=50000: event-to-map p99 <= 10 ms | **not measured** |" in text
+
+
+def test_the_check_window_is_the_difference_of_two_scrapes():
+    from bench.agentproc import check_window
+
+    def scrape(counts, total, cycles):
+        bounds = ("0.001", "0.002", "0.005", "+Inf")
+        return "\n".join([f'meshlet_map_check_step_seconds_bucket{{le="{le}"}} {c}' for le, c in zip(bounds, counts)]
+                         + [f"meshlet_map_check_step_seconds_sum {total}",
+                            f"meshlet_map_check_cycles_total {cycles}"])
+
+    before = scrape((10, 10, 10, 10), 0.004, 1)
+    after = scrape((40, 45, 45, 45), 0.030, 3)  # 35 steps more, the longest <= 2 ms
+    assert check_window(before, after) == {"check_steps": 35, "check_step_s": 0.026, "check_step_max_le_ms": 2.0,
+                                           "check_cycles": 2}
