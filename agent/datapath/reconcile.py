@@ -286,19 +286,16 @@ class _SetMirror:
 
 
 #: records_digest's mask: each record's hash as an unsigned 64-bit number.
-_HASH_MASK = (1 << 64) - 1
-
-
-def record_digest(index: int, record: bytes) -> int:
-    """One record's part of records_digest (the periodic check adds them up as it reads)."""
-    return (hash(record) & _HASH_MASK) * (2 * index + 1)
+DIGEST_MASK = (1 << 64) - 1
 
 
 def records_digest(records: Iterable[bytes]) -> int:
     """A digest of a set's records that does not depend on the order they are read in, yet
-    changes when a record moves to another index: the sum of record_digest. Python's hash of
-    bytes is keyed per process: a digest is only compared within the process that made it."""
-    return sum([(hash(record) & _HASH_MASK) * (2 * index + 1) for index, record in enumerate(records)])
+    changes when a record moves to another index: the sum over the records of
+    (hash(record) & DIGEST_MASK) * (2 * index + 1) (the periodic check adds the same terms up as
+    it reads the entries, agent/datapath/check.py). Python's hash of bytes is keyed per process:
+    a digest is only compared within the process that made it."""
+    return sum([(hash(record) & DIGEST_MASK) * (2 * index + 1) for index, record in enumerate(records)])
 
 
 def _group_set(value: bytes) -> int:
