@@ -251,9 +251,10 @@ def agent_run(n: int, k: int = 10, timeout: float = 300.0, source: str = "kubern
     source "kubernetes": `--kubeconfig` to the stand-in API server (module docstring), figures
     as agent_ready_s, agent_peak_rss_mib, agent_rss_mib; "manifests": `--manifests DIR`, the
     same figures prefixed agent_manifests_. through_full (Kubernetes only): keep the agent
-    running through its first periodic full reconcile (it reads every map back and plans the
-    whole state again) and read VmHWM / VmRSS again after it: agent_peak_rss_after_full_mib,
-    agent_rss_after_full_mib, the peak a long-running agent really reaches."""
+    running through one map check period (one whole cycle of the periodic check; before it ran
+    in steps, a full reconcile that read every map back and planned the whole state again) and
+    read VmHWM / VmRSS again after it: agent_peak_rss_after_full_mib, agent_rss_after_full_mib,
+    the peak a long-running agent really reaches (the names are kept for older results files)."""
     prefix = AGENT_SOURCES[source]
     if not Path(__file__).resolve().parent.parent.joinpath("agent", "runtime", "cli.py").exists():
         return {f"{prefix}note": "agent.runtime is not there"}

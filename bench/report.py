@@ -168,10 +168,10 @@ def _apply(r: dict) -> str:
 
 
 def _agent_rss(r: dict) -> str:
-    """The agent's peak RSS after ready, and after its first periodic full reconcile if measured."""
+    """The agent's peak RSS after ready, and a map check period later if measured."""
     text = f"{_fmt(r.get('agent_peak_rss_mib'), 0)} MiB"
     if r.get("agent_peak_rss_after_full_mib"):
-        text += f" ({_fmt(r['agent_peak_rss_after_full_mib'], 0)} MiB after a periodic full sync)"
+        text += f" ({_fmt(r['agent_peak_rss_after_full_mib'], 0)} MiB a check period later)"
     return text
 
 
@@ -268,8 +268,10 @@ def render_markdown(results: dict, plot_paths: list[Path], json_path: Path | Non
             "= the real agent in Kubernetes mode, listing and watching the same objects from the "
             "tests' stand-in API server (not Kubernetes: it speaks the list/watch protocol, with "
             "paged lists, from the bench process): seconds to /readyz 200 and its own VmHWM a second "
-            "later, and again after its first periodic full reconcile (60 s later: it reads every "
-            "map back and plans the whole state again; the target judges this later peak). The "
+            "later, and again a check period later (60 s: one whole cycle of the periodic map check, "
+            "which compares every map with what the agent wrote; until 2026-12-04 a full reconcile "
+            "ran then instead, reading every map back and planning the whole state again; the target "
+            "judges this later peak). The "
             "results file also holds the same agent on a manifests directory (agent_manifests_*).",
             "",
             "| N | resolve | plan | reconcile | cold sync | change p50 | change p99 | child RSS | meshlet run ready (stand-in API server) | agent peak RSS (stand-in API server) | note |",
