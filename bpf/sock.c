@@ -9,8 +9,9 @@
  *
  * Cost model: traffic to an address that is not a frontend pays one hash lookup and nothing
  * else. Only after that lookup hits do we look for the client's pod (cgroup walk, and only when
- * a consumer scope or an opt-out could change the answer) and the socket's storage. The pick
- * itself needs the frontend value (whose slots carry a copy of each group's value: no groups
+ * a consumer scope or an opt-out could change the answer), and the socket's storage is created
+ * only once an endpoint is chosen (its allocation is the largest single cost of a translated
+ * connect: bench/RESULTS.md, issue 16). The pick itself needs the frontend value (whose slots carry a copy of each group's value: no groups
  * lookup) and one endpoints lookup: at 10k Services every lookup in a big map is a random
  * memory access costing hundreds of ns, so lookups are what we count. A pick in
  * a group with passive health adds one lookup (its set's ejections, a miss while none is
@@ -543,7 +544,10 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, int v6, int is_s
         scope = client->scope;
     }
 
-    struct sock_state *st = sockets.sk_storage_get(ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+    /* Creating a socket's storage is the dearest step of a translation (an allocation charged
+     * to the socket, ~0.7 us here): made only once an endpoint is chosen, below. A datagram only
+     * looks for the choices its socket already has. */
+    struct sock_state *st = is_sendmsg ? sockets.sk_storage_get(ctx->sk, 0, 0) : NULL;
     struct addr16 ep;
     __u16 ep_port = 0;
     __u8 family = 0;
@@ -592,6 +596,8 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, int v6, int is_s
     __builtin_memcpy(d.endpoint, &ep, 16);
     d.endpoint_port = ep_port;
     outcome = write_user_addr(ctx, v6, &ep, ep_port);
+    if (outcome == OUT_TRANSLATED && !st)
+        st = sockets.sk_storage_get(ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
     if (outcome == OUT_TRANSLATED && st) {
         struct sock_xlat *x = remember(st, &dst, key.port, &ep, ep_port, &d, set_id);
         if (proto == IPPROTO_TCP)
