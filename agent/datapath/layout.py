@@ -461,9 +461,13 @@ TRACE_CHANNEL_MAPS = {TRACE_RINGBUF: "trace_events", TRACE_PERF: "trace_perf"}
 PLANNED_MAPS = ("endpoints", "members", "groups", "clients", "config", "names", "frontends")
 
 #: State the programs keep that a layout change carries over to the new maps when the map's type,
-#: key and value are unchanged (loader.carry_over): session affinity survives an upgrade. Socket
+#: key and value are unchanged (loader.carry_over): session affinity and passive health's
+#: ejections survive an upgrade, as they survive a restart (SEMANTICS A17). Health records are
+#: keyed by the endpoint's address; a set's ejection slots name endpoints by their index in a set
+#: whose id hashes the ordered endpoint list, so a carried slot can only ever meet the set (and
+#: the index -> endpoint order) it was made for, or no set at all (then it ages out, LRU). Socket
 #: storage cannot be copied (it lives on each socket), so it is not listed.
-CARRIED_MAPS = ("affinity",)
+CARRIED_MAPS = ("affinity", "health", "ejections")
 
 #: The one key of the config map (an array of one entry).
 CONFIG_KEY = 0

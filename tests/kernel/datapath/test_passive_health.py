@@ -9,12 +9,16 @@ the ejections of an earlier one.
 
 from __future__ import annotations
 
+import ctypes as ct
+import os
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 
+from agent.datapath import bpfsys, loader
 from agent.datapath import layout as L
 from agent.datapath import plan as P
 from agent.model import BackendGroup, Endpoint, GroupKey, RouteRef, Verdict
@@ -253,6 +257,45 @@ def test_an_agent_restart_keeps_the_ejection(datapath, shares, client, servers, 
     finally:
         second.close()
         datapath.attach()  # the session's programs behind the links again, for the tests after
+
+
+def test_a_layout_upgrade_carries_the_ejection_to_the_new_maps(datapath, shares, client, servers, bpffs):
+    """What an agent of a newer layout does at start (loader.carry_over): copy the older layout's
+    health records and set ejections into its new maps. The older layout here is the session's
+    real maps, holding an ejection made by real handshakes, pinned under a layout version below
+    the current one in a bpffs directory of this test's own."""
+    for name in ("web-1", "web-2", "web-3"):
+        servers.start(name)
+    web = group(shares, "web", ["web-1", "web-2", "web-3"])
+    write(datapath, shares, [web])
+    rec = eject_web3(datapath, shares, client, servers, web)
+    sid = bytes(L.U64(P.set_id(P.group_id(web.key), web.endpoints)))
+    ejected = datapath.maps["ejections"].lookup(sid)
+    assert ejected is not None
+
+    upgraded = f"/sys/fs/bpf/meshlet-test-{uuid.uuid4().hex[:8]}"
+    older = os.path.join(upgraded, f"v{L.LAYOUT_VERSION - 1}", "maps")
+    os.makedirs(older)
+    new_maps = {}
+    try:
+        for name in L.CARRIED_MAPS:
+            bpfsys.obj_pin(datapath.maps[name].fd, os.path.join(older, name))
+            spec = L.MAP_SPECS[name]
+            fd = bpfsys.map_create(spec.type, ct.sizeof(spec.key), ct.sizeof(spec.value), spec.max_entries(datapath.sizes))
+            new_maps[name] = bpfsys.Map(fd, bpfsys.map_info(fd))
+        carried = loader.carry_over(upgraded, new_maps)
+        assert carried["health"] >= 1 and carried["ejections"] >= 1, carried
+        key = L.HealthKey(port=P.socket.htons(HEALTH_PORT))
+        key.addr[:] = P.addr16(shares.address("web-3", 4))
+        after = new_maps["health"].lookup(bytes(key))
+        assert after is not None and L.HealthValue.from_buffer_copy(after).until_ns == rec.until_ns
+        assert new_maps["ejections"].lookup(sid) == ejected, "the set still skips web-3 in the new maps"
+    finally:
+        for m in new_maps.values():
+            m.close()
+        for name in os.listdir(older):
+            os.unlink(os.path.join(older, name))
+        os.removedirs(older)  # up to and including the test's bpffs directory, now empty
 
 
 @pytest.mark.parametrize("timeout, syn_retries", [("2", None), ("10", "1")], ids=["client-gives-up", "kernel-gives-up"])
