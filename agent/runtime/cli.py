@@ -210,18 +210,23 @@ class Agent:
             listener = Listener(s.listen, self.health, self.metrics, self.board, self.pods)
             listener.start()
             self._stoppers.append(listener.stop)
-            datapath = self._open_datapath()
             from agent.resolve import Resolver
 
             resolver = Resolver(s.node_name, passive_health=s.passive_health)
-            self._start_sources()
-            loop = SyncLoop(self.store, resolver, datapath, self.health, self.metrics,
+            # The loop and the sources start before the datapath opens: compiling the programs
+            # takes seconds, during which the start-up lists are read and fed to the resolver
+            # (the loop writes nothing before it has the datapath: SyncLoop.datapath_opened).
+            loop = SyncLoop(self.store, resolver, None, self.health, self.metrics,
                             min_sync_interval=s.min_sync_interval, map_check_period=s.map_check_period,
                             retry_initial=s.retry_initial, retry_max=s.retry_max,
                             stats_interval=s.stats_interval, on_statuses=self._on_statuses,
-                            on_pods=self.pods.publish, stale_sockets=self._open_stale_sockets(datapath))
+                            on_pods=self.pods.publish)
             thread = threading.Thread(target=self._run_loop, args=(loop,), name="sync-loop", daemon=True)
             thread.start()
+            self._stoppers.append(self._stop_loop)
+            self._start_sources()
+            datapath = self._open_datapath()
+            loop.datapath_opened(datapath, self._open_stale_sockets(datapath))
             received = self._wait_for_stop(thread)
             self.stop_event.set()
             self.store.poke()
@@ -235,6 +240,12 @@ class Agent:
                     stop()
                 except Exception as err:
                     log.warning("agent.stop_failed", what=getattr(stop, "__qualname__", "?"), error=repr(err))
+
+    def _stop_loop(self) -> None:
+        # Only matters when run() fails before its normal stop (the datapath did not open):
+        # the loop thread must not outlive the sources it was fed by.
+        self.stop_event.set()
+        self.store.poke()
 
     def _wait_for_stop(self, loop_thread: threading.Thread) -> str | None:
         while loop_thread.is_alive():

@@ -21,6 +21,10 @@ the new desired state. Rules (SEMANTICS A15, D1, D2; DESIGN.md "One sync loop"):
 - Programs: attached at start when the maps were adopted (new programs replace ours in place and
   serve the old state at once), else right after the first full write, so new programs never run
   against empty maps.
+- The datapath may arrive after the loop started (`datapath_opened`): compiling the programs
+  takes seconds, and the runtime starts the loop and the sources first so that the start-up lists
+  are read and fed to the resolver meanwhile. Until it arrives the loop only feeds the resolver,
+  as while a source is still listing ("datapath" is then one of the things it waits for).
 - Two syncs start at least `min_sync_interval` apart; changes arriving meanwhile wait and
   coalesce into the next one (the store keeps only the last state of each object).
 - A failed sync is logged, counted, shown in health and retried after a capped exponential
@@ -93,7 +97,7 @@ IDLE_WAIT = 1.0
 
 
 class SyncLoop:
-    def __init__(self, store: Store, resolver: Resolver, datapath: Datapath, health: Health,
+    def __init__(self, store: Store, resolver: Resolver, datapath: Datapath | None, health: Health,
                  metrics: Metrics, *, min_sync_interval: float = 0.08, map_check_period: float = 60.0,
                  retry_initial: float = 0.2, retry_max: float = 10.0, stats_interval: float = 2.0,
                  on_statuses: Callable[[Mapping[RouteId, RouteStatus]], None] | None = None,
@@ -101,7 +105,8 @@ class SyncLoop:
                  stale_sockets: Callable[[DesiredState], Mapping[tuple[str, str], int]] | None = None,
                  clock: Callable[[], float] = time.monotonic):
         """stale_sockets: terminates the live sockets whose endpoint went away (SEMANTICS A16,
-        agent/runtime/stale.py); called after each write that changed frontends or groups."""
+        agent/runtime/stale.py); called after each write that changed frontends or groups.
+        datapath None: not open yet, handed over later by `datapath_opened`."""
         self.store = store
         self.resolver = resolver
         self.datapath = datapath
@@ -137,8 +142,28 @@ class SyncLoop:
         #: arrival times of the changes taken but not yet applied by a successful sync
         self._unapplied_arrivals: list[float] = []
         self._collector_was_enabled: bool | None = None  #: set while begin()'s pause holds
+        #: (datapath, stale_sockets) handed over by another thread, taken by the next tick
+        self._opened: tuple[Datapath, Callable | None] | None = None
 
     # --- driving ---------------------------------------------------------------------------
+
+    def datapath_opened(self, datapath: Datapath,
+                        stale_sockets: Callable[[DesiredState], Mapping[tuple[str, str], int]] | None = None
+                        ) -> None:
+        """Hand over the datapath of a loop built without one (from any thread); the loop takes
+        it at its next tick (woken now), and attaches at once if the maps were adopted."""
+        self._opened = (datapath, stale_sockets)
+        self.store.poke()
+
+    def _take_datapath(self) -> bool:
+        """Take a handed-over datapath; True when the loop has one."""
+        if self.datapath is None and self._opened is not None:
+            self.datapath, stale_sockets = self._opened
+            self.stale_sockets = stale_sockets if stale_sockets is not None else self.stale_sockets
+            self._opened = None
+            if self.datapath.adopted:
+                self._attach()
+        return self.datapath is not None
 
     def run(self, stop: threading.Event) -> None:
         """Sync until `stop` is set (the caller also pokes the store to wake us)."""
@@ -162,17 +187,18 @@ class SyncLoop:
         at once (in place, never detach-then-attach: D1); new maps wait for the first write.
         The collector pauses until the first write (agent.gcpause: the start-up lists)."""
         self._collector_was_enabled = pause_collector()
-        if self.datapath.adopted:
+        if self.datapath is not None and self.datapath.adopted:
             self._attach()
 
     def tick(self) -> tuple[float, bool]:
         """Do what is due now. Returns (seconds to wait before the next tick, whether a new change
         should end that wait early: False while the rate limit or a backoff holds changes back)."""
         now = self.clock()
-        if now >= self._stats_at:
+        has_datapath = self._take_datapath()
+        if now >= self._stats_at and has_datapath:
             self._refresh_stats()
             self._stats_at = now + self.stats_interval
-        waiting = self.store.waiting_for()
+        waiting = self.store.waiting_for() + ([] if has_datapath else ["datapath"])
         if waiting != self._logged_waiting:
             for source, synced in self.store.sources().items():
                 self.metrics.sources_synced.labels(source=source).set(1 if synced else 0)

@@ -3,6 +3,8 @@
 import gc
 import threading
 
+import pytest
+
 from runtime_fakes import Rig, service
 
 from agent.model import FrontendKey
@@ -282,6 +284,32 @@ def test_objects_are_resolved_while_sources_list_but_nothing_is_written_before_a
     assert mode == "full"
     assert {k.address for k in state.frontends} == {"10.96.0.1", "10.96.0.2"}, \
         "the first write holds what the resolver took while the sources listed"
+    assert rig.health.readyz().ok
+
+
+@pytest.mark.parametrize("adopted", [False, True])
+def test_a_datapath_handed_over_later_gets_what_was_fed_while_it_opened(adopted):
+    """The runtime starts the loop and the sources before the programs are compiled: the lists
+    go to the resolver meanwhile, nothing is written (nor attached) before the datapath arrives,
+    and then the first write is full and holds everything listed."""
+    rig = Rig(adopted=adopted)
+    datapath, rig.loop.datapath = rig.loop.datapath, None
+    rig.loop.begin()
+    rig.store.list_begin("manifests")
+    rig.store.list_page("manifests", [service("a", "10.96.0.1")])
+    rig.store.list_end("manifests")
+    rig.sync_all()
+    rig.loop.tick()
+    assert not rig.store.has_pending(), "the list went to the resolver while the datapath opened"
+    assert rig.store.waiting_for() == [] and not rig.health.readyz().ok
+    assert datapath.calls == [] and rig.statuses == [], "nothing written, attached or published"
+    swept = []
+    rig.loop.datapath_opened(datapath, stale_sockets=lambda state: swept.append(state) or {})
+    rig.loop.tick()
+    assert [c[0] for c in datapath.calls] == (["attach", "reconcile"] if adopted else ["reconcile", "attach"])
+    (write,) = datapath.writes()
+    assert write[1] == "full" and {k.address for k in write[2].frontends} == {"10.96.0.1"}
+    assert swept, "the stale-socket sweeper handed over with the datapath runs after the write"
     assert rig.health.readyz().ok
 
 
