@@ -94,3 +94,24 @@ def test_group_fast_path_selects_like_the_candidate_path():
         if e._uniform_endpoints(slices, port_name, protocol, family) is not None:
             fast_taken += 1
     assert fast_taken > 300  # the generator does reach the fast path
+
+
+def test_whole_slice_fast_path_reads_like_the_checked_path():
+    """objects._plain_slice_endpoints (one loop over a whole IPv4 slice) against the checked
+    path endpoint by endpoint: the same addresses and traits, and taken only when the checked
+    path has nothing to say."""
+    rng = random.Random(61)
+    plain = {"addresses": ["10.0.0.1"], "conditions": {"ready": True}, "nodeName": "n1"}
+    taken = 0
+    for _ in range(3000):
+        raws = [dict(plain, addresses=[f"10.0.0.{i}"]) if rng.random() < 0.8 else random_endpoint(rng)
+                for i in range(rng.randrange(5))]
+        fast = o._plain_slice_endpoints(raws, 4)
+        if fast is None:
+            continue
+        taken += 1
+        notes = o._Notes("EndpointSlice ns/s")
+        checked = [o._slice_endpoint(raw, 4, notes, f"endpoints[{i}]") for i, raw in enumerate(raws)]
+        assert notes.lines == [] and None not in checked, raws
+        assert fast == ([a for a, _ in checked], [t for _, t in checked]), raws
+    assert taken > 500
