@@ -12,6 +12,10 @@ so a drift of the machine hits all three alike:
   decision (the lookup, the clock read and the comparisons);
 - on: a trace taking every decision, with a consumer emptying the ring buffer as `meshlet trace`
   does (the event is written to the ring; decisions lost to a full ring are counted and reported).
+Last, "on, perf buffer": the fallback a kernel without ring buffers gets (-DTRACE_PERF_BUFFER,
+compiled here from a probe answer without ring buffers, as MESHLET_PRETEND_NO_RINGBUF gives), a trace taking every
+decision with a consumer emptying the per-CPU perf buffers; measured in a phase of its own (one
+datapath is attached at a time), like "compiled out".
 
 The figure is the kernel's own per-program counter (kernel.bpf_stats_enabled, restored after):
 run_time_ns / run_cnt of connect4 over the round, nanoseconds per connect(), median over rounds.
@@ -32,14 +36,15 @@ from pathlib import Path
 
 from bench.progtime import enable_program_stats, program_stats
 
-STATES = ("compiled out", "off", "on, filtered out", "on")
-TRACED = STATES[1:]
+STATES = ("compiled out", "off", "on, filtered out", "on", "on, perf buffer")
+TRACED = ("off", "on, filtered out", "on")  #: interleaved on the ring-buffer programs
+PERF = "on, perf buffer"
 FRONTEND, OTHER, PORT = "10.96.0.10", "10.96.0.99", 80
 ENDPOINT = "10.244.0.1"  #: in the server netns' local pod range (bench.topology)
 
 
 class Drain(threading.Thread):
-    """Empties the ring buffer while a trace is on, as `meshlet trace` would."""
+    """Empties the ring buffer (or the perf buffers) while a trace is on, as `meshlet trace` would."""
 
     def __init__(self, ring):
         super().__init__(daemon=True)
@@ -62,7 +67,7 @@ def measure_plain(open_datapath, measure, bpffs: str, rounds: int, log) -> list[
     from agent.datapath import uninstall
 
     out = []
-    dp = open_datapath(bpffs, ringbuf=False)
+    dp = open_datapath(bpffs, channel=None)
     try:
         measure(dp, warm=True)
         for round_no in range(rounds):
@@ -72,6 +77,39 @@ def measure_plain(open_datapath, measure, bpffs: str, rounds: int, log) -> list[
         dp.close()
         uninstall(bpffs)  # detaches: the traced programs run alone afterwards
     return out
+
+
+def measure_perf(open_datapath, measure, bpffs: str, rounds: int, log) -> tuple[list[float], int, int]:
+    """ns per connect of the perf-buffer fallback with a trace taking every decision, one sample
+    per round; (samples, events read, events dropped)."""
+    from agent.datapath import trace as T
+    from agent.datapath import uninstall
+
+    out, events = [], 0
+    dp = open_datapath(bpffs, channel="perf")
+    try:
+        control, buffers = T.Control(bpffs), T.PerfBuffers(bpffs)
+        try:
+            dropped_before = control.dropped
+            measure(dp, warm=True)
+            for round_no in range(rounds):
+                control.start(T.Filter(), T.monotonic_ns() + 3600 * 10**9)
+                drain = Drain(buffers)
+                drain.start()
+                try:
+                    out.append(measure(dp))
+                finally:
+                    control.off()
+                    events += drain.stop()
+                print(f"trace cost: round {round_no + 1}/{rounds} {PERF}: {out[-1]:.0f} ns", file=log)
+            return out, events, control.dropped - dropped_before
+        finally:
+            control.off()
+            buffers.close()
+            control.close()
+    finally:
+        dp.close()
+        uninstall(bpffs)
 
 
 def measure_traced(dp, measure, bpffs: str, rounds: int, samples: dict, log) -> tuple[int, int]:
@@ -133,12 +171,13 @@ def run(rounds: int = 5, connects: int = 2000, log=sys.stderr) -> dict:
         if not enable_program_stats(lab):
             raise RuntimeError("cannot turn on kernel.bpf_stats_enabled: this row needs the kernel's program counters")
 
-        def open_datapath(bpffs: str, ringbuf: bool) -> Datapath:
+        def open_datapath(bpffs: str, channel: str | None) -> Datapath:
+            """channel: the trace channel to compile for ("ringbuf", "perf"), None: no trace code."""
             from agent.datapath import uninstall
 
             present = dict(probe())
-            present["ringbuf"] = present["ringbuf"] and ringbuf
-            present["perf_output"] = present["perf_output"] and ringbuf  # off: no fallback either
+            present["ringbuf"] = present["ringbuf"] and channel == "ringbuf"
+            present["perf_output"] = present["perf_output"] and channel is not None
             lab.on_close(f"meshlet pins in {bpffs}", lambda: uninstall(bpffs))
             dp = Datapath.open(bpffs, str(root), MapSizes(affinity=1024, clients=64), kernel_features=present)
             dp.reconcile(state, {})
@@ -159,12 +198,14 @@ def run(rounds: int = 5, connects: int = 2000, log=sys.stderr) -> dict:
 
         bpffs = f"/sys/fs/bpf/meshlet-bench-trace-{lab.run_id}"
         samples["compiled out"] = measure_plain(open_datapath, measure, bpffs + "-plain", rounds, log)
-        dp = open_datapath(bpffs, ringbuf=True)
+        samples[PERF], perf_events, perf_dropped = measure_perf(open_datapath, measure, bpffs + "-perf", rounds, log)
+        dp = open_datapath(bpffs, channel="ringbuf")
         try:
             events, dropped = measure_traced(dp, measure, bpffs, rounds, samples, log)
         finally:
             dp.close()
     return {"rounds": rounds, "connects": connects, "events": events, "dropped": dropped,
+            "perf_events": perf_events, "perf_dropped": perf_dropped,
             "ns_per_connect": {s: round(statistics.median(v), 1) for s, v in samples.items()},
             "samples": {s: [round(x, 1) for x in v] for s, v in samples.items()}}
 
@@ -176,7 +217,8 @@ def markdown(record: dict) -> str:
         lines.append(f"| {state} | {ns[state]:.0f} | {ns[state] - ns['compiled out']:+.0f} |")
     lines.append("")
     lines.append(f"{record['rounds']} rounds x {record['connects']} connects per state; {record['events']} events "
-                 f"read, {record['dropped']} dropped.")
+                 f"read, {record['dropped']} dropped (ring buffer); {record['perf_events']} read, "
+                 f"{record['perf_dropped']} dropped (perf buffers).")
     return "\n".join(lines)
 
 
