@@ -56,12 +56,17 @@ def trace_one_connection(bpffs: str, client) -> dict:
     return json.loads(line)
 
 
-def test_trace_names_the_pod_and_service_with_the_agent_running_and_after_it_stopped(world):
+@pytest.mark.parametrize("channel, env", [("ringbuf", {}), ("perf", {"MESHLET_PRETEND_NO_RINGBUF": "1"})],
+                         ids=["ring-buffer", "perf-buffer-fallback"])
+def test_trace_names_the_pod_and_service_with_the_agent_running_and_after_it_stopped(world, channel, env):
+    """perf-buffer-fallback: the agent started with the test knob that hides the ring buffer from
+    its probe, so its programs send to the perf event array, as on a kernel older than 5.8."""
     client = world.pods["default/client"]
     echo = world.pods["mesh/echo-a"]
     write_atomically(world.manifests_dir / "echo.yaml", manifests([echo.ipv4]) + client_pod_manifest(client))
-    agent = world.agent()
+    agent = world.agent(env=env)
     agent.wait_ready()
+    assert f"trace_channel={channel}" in agent.log_text(), agent.log_text()[-2000:]
     agent.wait_until(lambda: "default/client" in _names(agent_bpffs(agent)), "the client pod named in the maps")
 
     event = trace_one_connection(agent_bpffs(agent), client)
