@@ -27,6 +27,8 @@
 #define MAX_POD_DEPTH 8   /* cgroup levels below the root searched for a pod cgroup */
 #define TRACE_RING_BYTES 262144 /* ring buffer of trace events: ~2700 decisions in flight */
 #define EJECT_SLOTS 8     /* endpoints of one set that passive health may skip at once */
+#define FE_FILTER_BITS_LOG2 20 /* the frontend filter (fe_filter): 2^20 bits, 128 KiB */
+#define FE_FILTER_WORDS (1 << (FE_FILTER_BITS_LOG2 - 6)) /* its 64-bit words */
 
 _Static_assert((SOCK_XLATS & (SOCK_XLATS - 1)) == 0, "SOCK_XLATS is a power of two (slot mask)");
 _Static_assert(MAX_SLOTS <= 255, "fe_value.nslots is a __u8");
@@ -151,6 +153,18 @@ struct fe_slot {
     __u8 flags;           /* group_value.flags */
     __u8 pad[2];
 };
+
+/* fe_filter: array of FE_FILTER_WORDS __u64, the frontends map's keys in a one-hash Bloom
+ * filter: bit fe_filter_bit(address, port, protocol) (bpf/sock.c; its Python mirror is
+ * agent/datapath/entries.py fe_filter_bit) is set while an entry of the frontends map, of any
+ * scope, has that address, port and protocol. A connect to anything else (every non-Service
+ * connection on the node) then pays one bit test in these 128 KiB instead of a lookup in the
+ * frontends hash map (at 10k Services a random access into its MiB-sized bucket array:
+ * hundreds of ns). 2^20 bits: at 50k Services (~55k distinct frontends) ~5 % of other
+ * addresses share a bit with a frontend and pay the lookup as before; 1 % at 10k. Written only by the agent (agent/datapath/reconcile.py): a
+ * bit is set before its frontend entry is written and cleared after the last entry with it is
+ * deleted, so a frontend in the map never finds its bit clear; a bit set for an address that
+ * is no frontend only costs the lookup it saves. */
 
 /* Inline split: swapping a frontend's split is one atomic map update. */
 struct fe_value {

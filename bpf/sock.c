@@ -7,8 +7,9 @@
  * sockops (the cgroup sock_ops hook) learns how the handshake of each TCP connection translated
  * here ended and ejects endpoints that keep failing (passive health, SEMANTICS A17; at the end).
  *
- * Cost model: traffic to an address that is not a frontend pays one hash lookup and nothing
- * else. Only after that lookup hits do we look for the client's pod (cgroup walk, and only when
+ * Cost model: traffic to an address that is not a frontend pays one bit test in a small array
+ * (fe_filter in meshlet.h) and nothing else, or one hash lookup when its bit is shared with a
+ * frontend. Only after the frontends lookup hits do we look for the client's pod (cgroup walk, and only when
  * a consumer scope or an opt-out could change the answer), and the socket's storage is created
  * only once an endpoint is chosen (its allocation is the largest single cost of a translated
  * connect: bench/RESULTS.md, issue 16). The pick itself needs the frontend value (whose slots carry a copy of each group's value: no groups
@@ -52,6 +53,7 @@
 
 BPF_TABLE_PINNED("hash", struct fe_key, struct fe_value, frontends, FRONTENDS_MAX,
                  PIN_DIR "/frontends", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("array", __u32, __u64, fe_filter, FE_FILTER_WORDS, PIN_DIR "/fe_filter");
 BPF_TABLE_PINNED("hash", __u64, struct group_value, groups, GROUPS_MAX,
                  PIN_DIR "/groups", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("hash", struct ep_key, struct ep_value, endpoints, ENDPOINTS_MAX,
@@ -189,6 +191,24 @@ static __always_inline int same_addr(const __u8 *stored, const struct addr16 *a)
 {
     const __u32 *w = (const __u32 *)stored;
     return w[0] == a->w[0] && w[1] == a->w[1] && w[2] == a->w[2] && w[3] == a->w[3];
+}
+
+/* The frontend filter's bit of (address, port, protocol), ports and address words as the hook
+ * context holds them (see fe_filter in meshlet.h). Mirrored by entries.fe_filter_bit: change
+ * both together (a kernel test translates through it). */
+static __always_inline __u32 fe_filter_bit(const struct addr16 *a, __u16 port, __u8 proto)
+{
+    __u32 x = a->w[0] ^ a->w[1] ^ a->w[2] ^ a->w[3];
+    return ((x ^ ((__u32)port << 16) ^ proto) * 0x9E3779B1U) >> (32 - FE_FILTER_BITS_LOG2);
+}
+
+/* May (address, port, protocol) be a frontend? False means certainly not. */
+static __always_inline int maybe_frontend(const struct addr16 *a, __u16 port, __u8 proto)
+{
+    __u32 bit = fe_filter_bit(a, port, proto);
+    __u32 word = bit >> 6;
+    __u64 *bits = fe_filter.lookup(&word);
+    return bits && ((*bits >> (bit & 63)) & 1);
 }
 
 /* Does some pod on this node opt out of translation (config, written by the agent)? */
@@ -513,17 +533,19 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, int v6, int is_s
     if (proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_SCTP)
         return 0;
 
-    struct fe_key key;
-    __builtin_memset(&key, 0, sizeof(key));
     struct addr16 dst;
     read_user_addr(ctx, v6, &dst);
+    if (!maybe_frontend(&dst, (__u16)ctx->user_port, (__u8)proto))
+        return 0; /* not a frontend: the only cost non-service traffic pays */
+    struct fe_key key;
+    __builtin_memset(&key, 0, sizeof(key));
     __builtin_memcpy(key.addr, &dst, 16);
     key.port = (__u16)ctx->user_port;
     key.proto = (__u8)proto;
 
     struct fe_value *fe = frontends.lookup(&key);
     if (!fe)
-        return 0; /* not a frontend: the only cost non-service traffic pays */
+        return 0; /* a filter bit shared with another frontend */
 
     struct decision d;
     __builtin_memset(&d, 0, sizeof(d));

@@ -57,7 +57,7 @@ class Datapath:
         #: Entries of the programs' state copied from an older layout at attach, by map.
         self.carried: dict[str, int] = {}
         self.planner = P.Planner()
-        self.reconciler = Reconciler({name: maps[name] for name in L.PLANNED_MAPS})
+        self.reconciler = Reconciler({name: maps[name] for name in L.WRITTEN_MAPS})
         self.checker = MapCheck(self.reconciler)
 
     @classmethod

@@ -164,6 +164,26 @@ def frontend_value_refs(value: bytes) -> tuple[int, tuple[int, ...]]:
     return route, tuple(FE_SLOT.unpack_from(value, FE_VALUE_HEAD.size + i * slot)[2] for i in range(nslots))
 
 
+_ADDR_WORDS = struct.Struct("=4I")
+
+
+def fe_filter_bit(key: bytes) -> int:
+    """The frontend filter's bit of a frontends-map key (its address, port and protocol; every
+    scope alike): the mirror of fe_filter_bit() in bpf/sock.c, on the same native words."""
+    addr, port, proto, _scope = FE_KEY.unpack(key)
+    w0, w1, w2, w3 = _ADDR_WORDS.unpack(addr)
+    return (((w0 ^ w1 ^ w2 ^ w3 ^ (port << 16) ^ proto) * 0x9E3779B1) & 0xFFFFFFFF) >> (32 - L.FE_FILTER_BITS_LOG2)
+
+
+def fe_filter_words(frontend_keys: Iterable[bytes]) -> list[int]:
+    """The frontend filter's words for a frontends map holding these keys."""
+    words = [0] * L.FE_FILTER_WORDS
+    for key in frontend_keys:
+        bit = fe_filter_bit(key)
+        words[bit >> 6] |= 1 << (bit & 63)
+    return words
+
+
 def frontend_key_scope_id(key: bytes) -> int:
     """Client scope id of a frontends-map key (0 = the default view)."""
     return FE_KEY.unpack(key)[3]
@@ -345,7 +365,7 @@ class Plan:
     def expand(self) -> MapImage:
         """Every entry with its exact bytes, per planned map: for tests, golden dumps and
         `meshlet explain`; the reconciler never expands a whole plan."""
-        image: MapImage = {name: {} for name in L.PLANNED_MAPS}
+        image: MapImage = {name: {} for name in L.WRITTEN_MAPS}
         for key, group in self.groups.items():
             image["groups"][key] = group.value
             image["endpoints"].update(ENDPOINT_SETS.entries(group.set_id, group.endpoints))
@@ -354,6 +374,7 @@ class Plan:
         image["config"].update(self.config)
         for name in SHORT_VALUE_SIZES:
             image[name] = {key: full_value(name, value) for key, value in getattr(self, name).items()}
+        image["fe_filter"] = {U32.pack(i): U64.pack(word) for i, word in enumerate(fe_filter_words(self.frontends))}
         return image
 
 

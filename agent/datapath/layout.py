@@ -20,7 +20,8 @@ from agent.model import MAX_BACKEND_REFS, Verdict
 
 #: Version of the map layout; pins live under <bpffs>/v<LAYOUT_VERSION>/maps.
 LAYOUT_VERSION = 3  # 2: the config map; 3: passive health (group flags, sock_watch, health maps), sock_xlat
-                    # remembers scope, group and set (stale sockets), fe_slot holds a copy of its group
+                    # remembers scope, group and set (stale sockets), fe_slot holds a copy of its group,
+                    # the fe_filter map
 
 # --- constants of bpf/meshlet.h (checked against the header by a unit test) --------------------
 MAX_SLOTS = MAX_BACKEND_REFS  # one limit: resolve refuses a wider rule, the maps hold this many
@@ -29,6 +30,8 @@ NAME_LEN = 96
 MAX_POD_DEPTH = 8
 TRACE_RING_BYTES = 262144
 EJECT_SLOTS = 8
+FE_FILTER_BITS_LOG2 = 20
+FE_FILTER_WORDS = 1 << (FE_FILTER_BITS_LOG2 - 6)
 
 VERDICT_FORWARD = 0
 VERDICT_REJECT = 1
@@ -436,6 +439,7 @@ MAP_SPECS: dict[str, MapSpec] = {
         MapSpec("config", _ARRAY, U32, ConfigValue, 0, None, 1),
         MapSpec("names", _HASH, U64, NameValue, _NO_PREALLOC, "names"),
         MapSpec("frontends", _HASH, FeKey, FeValue, _NO_PREALLOC, "frontends"),
+        MapSpec("fe_filter", _ARRAY, U32, ct.c_uint64, 0, None, FE_FILTER_WORDS),
         MapSpec("affinity", _LRU_HASH, AffinityKey, AffinityValue, 0, "affinity"),
         MapSpec("counters", _PERCPU_ARRAY, U32, ct.c_uint64, 0, None, OUT_COUNT),
         MapSpec("sockets", _SK_STORAGE, ct.c_int32, SockState, _NO_PREALLOC, None, 0),
@@ -459,6 +463,9 @@ TRACE_CHANNEL_MAPS = {TRACE_RINGBUF: "trace_events", TRACE_PERF: "trace_perf"}
 
 #: Maps whose content the agent owns (plans, writes, sweeps). The others belong to the programs.
 PLANNED_MAPS = ("endpoints", "members", "groups", "clients", "config", "names", "frontends")
+#: Maps the reconciler writes: the planned ones, and the frontend filter it derives from the
+#: frontends map's keys (fe_filter in bpf/meshlet.h).
+WRITTEN_MAPS = PLANNED_MAPS + ("fe_filter",)
 
 #: State the programs keep that a layout change carries over to the new maps when the map's type,
 #: key and value are unchanged (loader.carry_over): session affinity and passive health's

@@ -30,6 +30,7 @@ Write order (the one rule of this module; each step uses batch operations):
     2. groups                                       one atomic flip per group to its new set
     3. config, clients, names                       the opt-out flag before the pods that
                                                     need it; scopes of new pods; display names
+       fe_filter bits of new frontends              a frontend never finds its bit clear
     4. frontends, consumer-scoped before default    one atomic update per frontend; a default
                                                     entry gains FE_HAS_SCOPES only after its
                                                     scoped entries exist
@@ -38,6 +39,10 @@ Write order (the one rule of this module; each step uses batch operations):
     7. delete stale sets' endpoints and members (only sets no group in the maps still names;
        members also of a set whose group has no affinity any more), and the keys a rewrite
        of a drifted set did not cover
+    8. fe_filter exact: the bits no frontends entry has any more cleared (a word per write)
+
+The frontend filter (fe_filter in bpf/meshlet.h) is not planned: it is derived here from the
+frontends mirror (a count of entries per bit), so it follows what the map really holds.
 
 A set is expanded into its entries only while it is written or deleted, WRITE_CHUNK entries at
 a time: never a Python entry per endpoint kept. Deleting last also keeps old sets readable for
@@ -58,6 +63,7 @@ it is then unknown, and is raised; the next full reconcile repairs.
 from __future__ import annotations
 
 import time
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Mapping, Protocol
@@ -138,6 +144,13 @@ class DictMap:
         for key in keys:
             self.data.pop(key, None)
             self.log.append(("delete", self.name, key))
+
+
+def dict_maps(max_entries: int, log: list | None = None, **sizes: int) -> dict[str, DictMap]:
+    """A DictMap for every map the reconciler writes: `max_entries` each unless `sizes` names
+    the map; the frontend filter (an array) at its fixed size."""
+    fixed = {"fe_filter": L.FE_FILTER_WORDS}
+    return {name: DictMap(name, sizes.get(name, fixed.get(name, max_entries)), log) for name in L.WRITTEN_MAPS}
 
 
 class MapFullError(TransientError):
@@ -333,7 +346,7 @@ def _is_scoped(key: bytes) -> bool:
 
 class Reconciler:
     def __init__(self, maps: Mapping[str, MapIO]):
-        missing = set(L.PLANNED_MAPS) - set(maps)
+        missing = set(L.WRITTEN_MAPS) - set(maps)
         if missing:
             raise ValueError(f"reconciler needs the maps {sorted(missing)}")
         self.maps = maps
@@ -347,6 +360,13 @@ class Reconciler:
         self._named: Counter[bytes] = Counter()
         #: names keys whose last user went away (deleted at the end of the write)
         self._orphaned: set[bytes] = set()
+        #: The frontend filter (fe_filter in bpf/meshlet.h), derived from the frontends mirror:
+        #: how many frontends entries have each bit, the words that follow, the words changed
+        #: since the last write, what the map holds.
+        self._filter_count = array("I", bytes(4 << L.FE_FILTER_BITS_LOG2))
+        self._filter_want: list[int] = [0] * L.FE_FILTER_WORDS
+        self._filter_dirty: set[int] = set()
+        self._filter_map: dict[int, int] = {}
         self.adopt()
 
     # --- mirror ----------------------------------------------------------------------------
@@ -357,6 +377,8 @@ class Reconciler:
         for name in L.PLANNED_MAPS:
             self._load(name, plan)
         self._rebuild_refs()
+        self._load_filter()
+        self._write_filter(None)  # every word (_rebuild_refs): pins of an agent without the filter get it now
 
     def _load(self, name: str, plan: Plan | None = None) -> None:
         """Read one map into the mirror (the map's old mirror is dropped first: at 50k Services,
@@ -376,8 +398,14 @@ class Reconciler:
         else:
             self.mirror[name] = items
 
+    def _load_filter(self) -> None:
+        self._filter_map = {E.U32.unpack(k)[0]: E.U64.unpack(v)[0] for k, v in self.maps["fe_filter"].items().items()}
+
     def _rebuild_refs(self) -> None:
         self._users, self._named, self._orphaned = Counter(), Counter(), set()
+        self._filter_count = array("I", bytes(4 << L.FE_FILTER_BITS_LOG2))
+        self._filter_want = [0] * L.FE_FILTER_WORDS
+        self._filter_dirty = set(range(L.FE_FILTER_WORDS))  # what the map holds is compared again
         for name in _REFERRING_MAPS:
             for key, value in self.mirror[name].items():
                 self._track(name, key, None, value)
@@ -386,7 +414,14 @@ class Reconciler:
     def _track(self, name: str, key: bytes, old: bytes | None, new: bytes | None,
                new_refs: tuple[tuple[bytes, ...], tuple[bytes, ...]] | None = None) -> None:
         """Keep the reference counts in step with one entry going from `old` to `new`
-        (new_refs: _references of `new`, if known)."""
+        (new_refs: _references of `new`, if known), and the frontend filter with a frontends key
+        coming or going."""
+        if name == "frontends" and (old is None) != (new is None):
+            bit = E.fe_filter_bit(key)
+            self._filter_count[bit] += 1 if old is None else -1
+            if self._filter_count[bit] == (1 if old is None else 0):  # the first entry came, the last went
+                self._filter_want[bit >> 6] ^= 1 << (bit & 63)
+                self._filter_dirty.add(bit >> 6)
         if old is not None:
             groups, names = _references(name, key, old)
             for g in groups:
@@ -450,8 +485,10 @@ class Reconciler:
         refused: dict[str, list[str]] = {}  # map -> what kept its old state for lack of room there
         uncovered, refused_groups = self._write_sets_and_groups(want, refused, stats)
         self._write_config_clients_names(want, refused, stats)
+        self._set_filter_bits(want, stats)
         self._write_frontends(want, refused_groups, refused, stats)
         self._delete_stale(want, drop, old_groups, uncovered, stats)
+        self._write_filter(stats)
         if refused:
             raise MapFullError(refused, {name: self.maps[name].max_entries for name in refused})
 
@@ -480,6 +517,39 @@ class Reconciler:
                 changed = [kv for kv in changed if kv[0] not in skip_keys]
                 refused.setdefault(name, []).append(f"{len(skipped)} {name} entries")
             self._update(name, changed, stats)
+
+    def _set_filter_bits(self, want: Plan, stats: ReconcileStats) -> None:
+        """Before step 4: the filter bits of the frontends about to appear, so a frontend in the
+        map never finds its bit clear. The exact words (a refused entry's bit, the bits of
+        deleted entries cleared) are written after step 5."""
+        current = self.mirror["frontends"]
+        words: dict[int, int] = {}
+        for key in want.frontends:
+            if key not in current:
+                bit = E.fe_filter_bit(key)
+                i = bit >> 6
+                words[i] = words.get(i, self._filter_map.get(i, 0)) | (1 << (bit & 63))
+        self._write_filter_words(words, stats)
+
+    def _write_filter(self, stats: ReconcileStats | None) -> None:
+        """Step 8: the words changed since the last write, exact."""
+        words = {i: self._filter_want[i] for i in self._filter_dirty}
+        self._write_filter_words(words, stats)
+        self._filter_dirty.clear()
+
+    def _write_filter_words(self, words: dict[int, int], stats: ReconcileStats | None) -> None:
+        """Write the filter words that differ from what the map holds."""
+        changed = [(i, word) for i, word in sorted(words.items()) if self._filter_map.get(i) != word]
+        if not changed:
+            return
+        try:
+            self.maps["fe_filter"].update_batch([(E.U32.pack(i), E.U64.pack(word)) for i, word in changed])
+        except OSError:
+            self._load_filter()
+            raise
+        self._filter_map.update(changed)
+        if stats is not None:
+            stats.ops[("fe_filter", "update")] += len(changed)
 
     def _write_frontends(self, want: Plan, refused_groups: set[bytes], refused: dict[str, list[str]],
                          stats: ReconcileStats) -> None:

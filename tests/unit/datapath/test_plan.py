@@ -18,7 +18,7 @@ from agent.datapath import dump as D
 from agent.datapath import entries as E
 from agent.datapath import layout as L
 from agent.datapath import plan as P
-from agent.datapath.reconcile import DictMap, Reconciler
+from agent.datapath.reconcile import DictMap, Reconciler, dict_maps
 from agent.model import (
     BackendGroup,
     ClientPod,
@@ -89,7 +89,7 @@ def scenario() -> list[tuple[str, DesiredState, dict[str, int]]]:
 
 
 def test_golden_map_dumps_step_by_step():
-    maps = {name: DictMap(name, 1000) for name in L.PLANNED_MAPS}
+    maps = dict_maps(1000)
     rec = Reconciler(maps)
     for step, state, cgroups in scenario():
         planned = P.plan(state, cgroups)

@@ -3,8 +3,9 @@ and adoption of maps that drifted (a set with an index missing, entries in a for
 
 Maps here are `DictMap`s (an in-memory stand-in for kernel hash maps, named as such) sharing one
 operation log. The central check replays that log one operation at a time and asserts what a
-concurrent connect() could observe after every single write: each frontend names only groups
-that exist, and each group names a complete endpoint set (and its members, with affinity).
+concurrent connect() could observe after every single write: each frontend has its filter bit
+set and names only groups that exist, and each group names a complete endpoint set (and its
+members, with affinity).
 """
 
 import random
@@ -15,7 +16,7 @@ from agent.datapath import entries as E
 from agent.datapath import layout as L
 from agent.datapath import plan as P
 from agent.datapath import reconcile as R
-from agent.datapath.reconcile import DictMap, MapFullError, Reconciler
+from agent.datapath.reconcile import DictMap, MapFullError, Reconciler, dict_maps
 from agent.model import (
     BackendGroup,
     ClientPod,
@@ -31,7 +32,7 @@ from agent.model import (
 
 
 def make_maps(log, **sizes):
-    return {name: DictMap(name, sizes.get(name, 10_000), log) for name in L.PLANNED_MAPS}
+    return dict_maps(10_000, log, **sizes)
 
 
 def contents(maps):
@@ -68,7 +69,12 @@ def delta_between(old: DesiredState, new: DesiredState) -> StateDelta:
 def reader_problems(data) -> list[str]:
     """What a connect() would trip over in these map contents (empty list = consistent)."""
     problems = []
+    words = data["fe_filter"]
     for fkey, fval in data["frontends"].items():
+        bit = E.fe_filter_bit(fkey)
+        word = words.get(E.U32.pack(bit >> 6))
+        if word is None or not (E.U64.unpack(word)[0] >> (bit & 63)) & 1:
+            problems.append("a frontend's filter bit is clear: its connects would go untranslated")
         value = L.FeValue.from_buffer_copy(fval)
         for i in range(value.nslots):
             gid = value.slots[i].group_id
@@ -184,6 +190,40 @@ def test_a_group_change_rewrites_every_frontend_entry_that_copies_it_and_only_th
         assert rewritten == [(bytes([10, 96, 0, 1]), 0), (bytes([10, 96, 0, 1]), P.scope_id("team-a"))], n
 
 
+def filter_has(maps, key) -> bool:
+    bit = E.fe_filter_bit(key)
+    word = maps["fe_filter"].data.get(E.U32.pack(bit >> 6), bytes(8))
+    return bool((E.U64.unpack(word)[0] >> (bit & 63)) & 1)
+
+
+def test_the_frontend_filter_bit_is_set_before_a_new_frontend_and_cleared_after_the_last_goes():
+    log = []
+    maps = make_maps(log)
+    rec = PlanThenWrite(maps)
+    s0 = state_of([], [A])
+    rec.full(s0, {})
+    default, scoped = frontend("10.96.0.1", (1, A)), frontend("10.96.0.1", (1, A), scope="team-a")
+    key = P.frontend_key_bytes("10.96.0.1", 80, "TCP", "")
+    assert not filter_has(maps, key)
+    s1 = state_of([default, scoped], [A])
+    before, log[:] = contents(maps), []
+    rec.apply(s1, delta_between(s0, s1), {})
+    replay_and_check(before, log)  # after every write: no frontend in the map with its bit clear
+    assert filter_has(maps, key)
+    # Both entries share the bit (same address, port, protocol): it stays while one is left...
+    s2 = state_of([default], [A])
+    rec.apply(s2, delta_between(s1, s2), {})
+    assert filter_has(maps, key)
+    # ...and is cleared after the last one is deleted.
+    s3 = state_of([], [A])
+    before, log[:] = contents(maps), []
+    rec.apply(s3, delta_between(s2, s3), {})
+    replay_and_check(before, log)
+    assert [(op, name) for op, name, *_ in log if name in ("frontends", "fe_filter")] == [
+        ("delete", "frontends"), ("update", "fe_filter")]
+    assert not filter_has(maps, key) and contents(maps) == P.plan(s3, {}).expand()
+
+
 def test_the_opt_out_flag_is_on_before_an_opted_out_pod_appears_and_off_when_none_is_left():
     log = []
     maps = make_maps(log)
@@ -255,7 +295,7 @@ def test_incremental_writes_equal_the_full_plan_and_readers_never_see_a_half_cha
             rec.apply(new, delta_between(state, new), cgroups)
         replay_and_check(before, log)
         assert contents(maps) == P.plan(new, cgroups).expand(), f"step {step}"
-        assert rec.counts() == {name: len(entries) for name, entries in contents(maps).items()}, "room accounting"
+        assert rec.counts() == {name: len(entries) for name, entries in contents(maps).items() if name in L.PLANNED_MAPS}, "room accounting"
         state = new
 
 
@@ -394,7 +434,7 @@ def test_a_pinned_set_with_an_index_missing_is_rewritten_whole_by_a_full_reconci
     assert writes == ({("update", "endpoints", k) for k in set_keys(A)} | {("update", "members", c_member)}
                       | {("delete", "endpoints", E.ep_key_bytes(sid, 7)), ("delete", "members", foreign)})
     assert stats.ops[("groups", "update")] == 0
-    assert rec.counts() == {name: len(entries) for name, entries in contents(maps).items()}
+    assert rec.counts() == {name: len(entries) for name, entries in contents(maps).items() if name in L.PLANNED_MAPS}
 
 
 def test_a_pinned_set_whose_content_changed_in_place_is_rewritten_by_a_full_reconcile():

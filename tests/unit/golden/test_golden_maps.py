@@ -28,7 +28,7 @@ from agent.datapath import dump as D
 from agent.datapath import layout as L
 from agent.datapath.cli import dump_json
 from agent.datapath.plan import Planner
-from agent.datapath.reconcile import DictMap, Reconciler
+from agent.datapath.reconcile import DictMap, Reconciler, dict_maps
 from agent.resolve import Resolver
 from agent.sources.manifests import order_routes, parse_manifest
 
@@ -59,7 +59,7 @@ def maps_dump(manifests: str, cgroups: str) -> str:
     resolver.upsert_many(order_routes(list(contents.objects)))
     resolver.commit()
     pod_cgroups = {uid: int(cgroup) for uid, cgroup in (line.split() for line in cgroups.splitlines() if line.strip())}
-    maps = {name: DictMap(name, 1000) for name in L.PLANNED_MAPS}
+    maps = dict_maps(1000)
     Reconciler(maps).full(Planner().full(resolver.state, pod_cgroups))
     view = D.decode({name: dict(m.data) for name, m in maps.items()})
     return dump_json(view) + "\n"

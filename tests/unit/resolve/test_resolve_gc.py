@@ -43,7 +43,7 @@ def test_the_bulk_steps_run_with_the_collector_paused_and_restore_it(gc_enabled,
     # switch), so removing a pause fails this test, and the switch is back on after each step.
     import agent.datapath.plan as plan_module
     import agent.resolve as resolve_module
-    from agent.datapath.reconcile import DictMap, Reconciler
+    from agent.datapath.reconcile import DictMap, Reconciler, dict_maps
     from agent.datapath import layout as L
 
     seen: dict[str, list[bool]] = {}
@@ -69,7 +69,7 @@ def test_the_bulk_steps_run_with_the_collector_paused_and_restore_it(gc_enabled,
     assert delta.frontends  # the Service was read: the pause did not skip any work
     planned = plan_module.plan(resolver.state, {})
     assert gc.isenabled()
-    writer = Reconciler({name: DictMap(name, 100) for name in L.PLANNED_MAPS})
+    writer = Reconciler(dict_maps(100))
     monkeypatch.setattr(writer, "_write", spy("reconcile full", writer._write))
     writer.full(planned)
     assert gc.isenabled()
