@@ -51,7 +51,7 @@ def test_manifest_change_reaches_new_connections_and_none_go_back(world):
     code, status = agent.get("/healthz")
     assert code == 200, status
     # The start-up report of the kernel probe: this host has every feature (issue 5).
-    assert re.search(r"event=kernel\.features kernel=\S+ enabled=\S+ disabled=-$", agent.log_text(), re.M), \
+    assert re.search(r"event=kernel\.features kernel=\S+ enabled=\S+ disabled=- trace_channel=ringbuf$", agent.log_text(), re.M), \
         agent.log_text()[:2000]
     code, metrics = agent.get("/metrics")
     assert 'meshlet_kernel_feature{feature="set_retval"} 1.0' in metrics
