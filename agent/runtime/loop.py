@@ -296,13 +296,14 @@ class SyncLoop:
 
     def _check(self, now: float) -> None:
         """One step of the periodic check; drift found makes the next turn a full reconcile."""
+        started = self.clock()  # (`now` is the turn's: a stats refresh may have run since)
         try:
             step = self.datapath.check()
         except Exception as err:  # a failed read: the full reconcile reads (and repairs) all
             log.error("check.failed", error=str(err) or type(err).__name__, error_type=type(err).__name__)
             self._need_full = True
             return
-        self.metrics.map_check_step.observe(max(0.0, self.clock() - now))
+        self.metrics.map_check_step.observe(max(0.0, self.clock() - started))
         if step.drift:
             log.warning("check.drift", repair="full reconcile",
                         **{f"{name}_entries": n for name, n in sorted(step.drift.items())})
