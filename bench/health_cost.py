@@ -7,10 +7,11 @@ and the sockops program's time per connection.
 Three states of one Service of three endpoints, interleaved round by round so a drift of the
 machine hits all of them alike (SEMANTICS A17; `--passive-health off` is the first):
 - off: the group's GROUP_PASSIVE_HEALTH flag clear: connect does nothing for passive health;
-- on: the flag set, nothing ejected (the usual case): one lookup of the set's ejections (a miss)
-  and the socket's watch written for sockops;
-- on, one ejected: an ejection of one endpoint in the set's entry: the lookup hits and the pick
-  steps over the ejected index (pick_healthy).
+- on: the flag set, nothing ejected (the usual case): one bit test in the ejected-sets filter
+  (no lookup of the set's ejections) and the socket's watch written for sockops;
+- on, one ejected: an ejection of one endpoint in the set's entry (and the set's bit in the
+  ejected-sets filter, as sockops sets it): the lookup hits and the pick steps over the ejected
+  index (pick_healthy).
 
 The figures are the kernel's own per-program counters (kernel.bpf_stats_enabled, restored after):
 run_time_ns of connect4 and of sockops over the round divided by the connect4 runs, nanoseconds
@@ -40,6 +41,7 @@ def run(rounds: int = 5, connects: int = 2000, log=sys.stderr) -> dict:
     import tempfile
 
     from agent.datapath import Datapath, MapSizes
+    from agent.datapath import entries as E
     from agent.datapath import layout as L
     from agent.datapath import plan as P
     from agent.model import BackendGroup, DesiredState, Endpoint, FrontendKey, FrontendState, GroupKey, Verdict, \
@@ -55,7 +57,8 @@ def run(rounds: int = 5, connects: int = 2000, log=sys.stderr) -> dict:
     def state(on: bool) -> DesiredState:
         return DesiredState(frontends=frontends, groups={key: dataclasses.replace(group, passive_health=on)})
 
-    set_key = bytes(L.U64(P.set_id(P.group_id(key), group.endpoints)))
+    set_sid = P.set_id(P.group_id(key), group.endpoints)
+    set_key = bytes(L.U64(set_sid))
     samples: dict[str, dict[str, list[float]]] = {s: {"connect4": [], "sockops": []} for s in STATES}
     reached: dict[str, set[str]] = {s: set() for s in STATES}  #: endpoints the connects arrived at
     with Lab() as lab, tempfile.TemporaryDirectory(prefix="meshlet-health-cost-") as tmp:
@@ -98,16 +101,21 @@ def run(rounds: int = 5, connects: int = 2000, log=sys.stderr) -> dict:
             for round_no in range(rounds):
                 for name in STATES:
                     dp.reconcile(state(name != "off"), {})
-                    ejections = dp.maps["ejections"]
+                    ejections, eject_filter = dp.maps["ejections"], dp.maps["eject_filter"]
+                    bit = E.eject_filter_bit(set_sid)
+                    word_key = bytes(L.U32(bit >> 6))
                     if name == "on, one ejected":
                         value = L.SetEjections()
                         value.slot[0].index = 2
                         value.slot[0].until_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC) + 3600 * 10**9
+                        # As sockops does: the set's filter bit first, then its ejections entry.
+                        eject_filter.update(word_key, bytes(L.U64(1 << (bit & 63))))
                         ejections.update(set_key, bytes(value))
                     try:
                         connect_ns, sockops_ns = measure(seen=reached[name])
                     finally:
                         ejections.delete(set_key)
+                        eject_filter.update(word_key, bytes(L.U64(0)))  # the other states: never ejected
                         dp.maps["health"].delete_batch(dp.maps["health"].keys())
                     samples[name]["connect4"].append(connect_ns)
                     samples[name]["sockops"].append(sockops_ns)

@@ -184,6 +184,12 @@ def fe_filter_words(frontend_keys: Iterable[bytes]) -> list[int]:
     return words
 
 
+def eject_filter_bit(set_id: int) -> int:
+    """The ejected-sets filter's bit of a set: the mirror of eject_filter_bit() in bpf/sock.c
+    (only the kernel sets these bits; the bench that fakes an ejection sets one too)."""
+    return ((((set_id ^ (set_id >> 32)) & 0xFFFFFFFF) * 0x9E3779B1) & 0xFFFFFFFF) >> 16
+
+
 def frontend_key_scope_id(key: bytes) -> int:
     """Client scope id of a frontends-map key (0 = the default view)."""
     return FE_KEY.unpack(key)[3]

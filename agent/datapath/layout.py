@@ -21,7 +21,7 @@ from agent.model import MAX_BACKEND_REFS, Verdict
 #: Version of the map layout; pins live under <bpffs>/v<LAYOUT_VERSION>/maps.
 LAYOUT_VERSION = 3  # 2: the config map; 3: passive health (group flags, sock_watch, health maps), sock_xlat
                     # remembers scope, group and set (stale sockets), fe_slot holds a copy of its group,
-                    # the fe_filter map
+                    # the fe_filter and eject_filter maps
 
 # --- constants of bpf/meshlet.h (checked against the header by a unit test) --------------------
 MAX_SLOTS = MAX_BACKEND_REFS  # one limit: resolve refuses a wider rule, the maps hold this many
@@ -32,6 +32,7 @@ TRACE_RING_BYTES = 262144
 EJECT_SLOTS = 8
 FE_FILTER_BITS_LOG2 = 20
 FE_FILTER_WORDS = 1 << (FE_FILTER_BITS_LOG2 - 6)
+EJECT_FILTER_WORDS = 1024
 
 VERDICT_FORWARD = 0
 VERDICT_REJECT = 1
@@ -448,6 +449,7 @@ MAP_SPECS: dict[str, MapSpec] = {
         MapSpec("trace_perf", _PERF, ct.c_int32, U32, 0, None, PER_POSSIBLE_CPU),
         MapSpec("health", _LRU_HASH, HealthKey, HealthValue, 0, "health"),
         MapSpec("ejections", _LRU_HASH, U64, SetEjections, 0, "ejections"),
+        MapSpec("eject_filter", _ARRAY, U32, ct.c_uint64, 0, None, EJECT_FILTER_WORDS),
         MapSpec("health_stats", _PERCPU_ARRAY, U32, ct.c_uint64, 0, None, HSTAT_COUNT),
         MapSpec("udp_flows", _LRU_HASH, U64, SockXlat, 0, "udp_flows"),
     )
