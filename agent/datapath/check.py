@@ -13,6 +13,8 @@ What is compared with what (the mirror is what the writer wrote; reconcile.Recon
   the mirror with the same value; an entry mirrored but not read in this pass is looked up by
   its key at the end of the pass (missing, or written after the read passed it: only the lookup
   says which);
+- a word of the frontend filter (fe_filter, an array the writer derives from the frontends) is
+  looked up by its index and must equal what the writer wrote there;
 - an entry of a set-keyed map (endpoints, members) must be in our form and belong to a complete
   set of the mirror at an index the set has; a members entry must hold the record of the set's
   blob. The entries read of each set are counted (and for endpoints, whose mirror keeps only a
@@ -38,6 +40,11 @@ from agent.datapath.reconcile import DIGEST_MASK, SET_MAPS, Reconciler, records_
 
 #: Entries read from the kernel, or mirror keys checked, in one step: about 1-2 ms of Python.
 CHECK_CHUNK = 1024
+
+#: The maps a cycle compares, in order: every map the writer writes (the planned ones, then the
+#: frontend filter it derives from the frontends).
+CHECKED_MAPS = L.WRITTEN_MAPS
+FILTER = "fe_filter"
 
 #: Where a set's count lives in the number summed per set: above any records_digest.
 _ONE = 1 << 192
@@ -79,9 +86,11 @@ class MapCheck:
         """Begin a new cycle at the first map (after a full reconcile: it compared everything)."""
         self._next_map = 0
         self._pass: _Pass | None = None
-        self._cycle_work = sum(self._map_work(name) for name in L.PLANNED_MAPS)
+        self._cycle_work = sum(self._map_work(name) for name in CHECKED_MAPS)
 
     def _map_work(self, name: str) -> int:
+        if name == FILTER:
+            return L.FE_FILTER_WORDS
         if name in SET_MAPS:
             table = self.rec.sets[name]
             return table.entries + len(table.complete)
@@ -92,9 +101,12 @@ class MapCheck:
         what its pass has not read checked."""
         p = self._pass
         if p is None:
-            name = L.PLANNED_MAPS[self._next_map]
-            expected = list(self.rec.sets[name].complete) if name in SET_MAPS else list(self.rec.mirror[name])
-            p = self._pass = _Pass(name, iter(self.rec.maps[name].chunks(self.chunk)), expected)
+            name = CHECKED_MAPS[self._next_map]
+            if name == FILTER:  # an array of words: looked up by index, in parts
+                p = self._pass = _Pass(name, None, list(range(L.FE_FILTER_WORDS)))
+            else:
+                expected = list(self.rec.sets[name].complete) if name in SET_MAPS else list(self.rec.mirror[name])
+                p = self._pass = _Pass(name, iter(self.rec.maps[name].chunks(self.chunk)), expected)
         is_set = p.name in SET_MAPS
         if p.reader is not None:
             part = next(p.reader, None)
@@ -104,17 +116,30 @@ class MapCheck:
             p.reader = None  # read to the end: check what was not read, from the next part on
         todo = p.expected[p.position:p.position + self.chunk]
         p.position += len(todo)
-        wrong = self._finish_sets(p, todo) if is_set else self._finish_entries(p, todo)
+        if p.name == FILTER:
+            wrong = self._check_filter(todo)
+        else:
+            wrong = self._finish_sets(p, todo) if is_set else self._finish_entries(p, todo)
         drift = {p.name: wrong} if wrong else {}
         if p.position < len(p.expected):
             return CheckStep(len(todo), self._cycle_work, False, drift)
         self._pass = None
         self._next_map += 1
-        if self._next_map < len(L.PLANNED_MAPS):
+        if self._next_map < len(CHECKED_MAPS):
             return CheckStep(len(todo), self._cycle_work, False, drift)
         cycle_work = self._cycle_work
         self.restart()
         return CheckStep(len(todo), cycle_work, True, drift)
+
+    # --- the frontend filter ------------------------------------------------------------------
+
+    def _check_filter(self, words: list[int]) -> int:
+        m, wrong = self.rec.maps[FILTER], 0
+        for index in words:
+            raw = m.lookup(E.U32.pack(index))
+            if (E.U64.unpack(raw)[0] if raw else 0) != self.rec.filter_word(index):
+                wrong += 1
+        return wrong
 
     # --- maps mirrored entry by entry --------------------------------------------------------
 

@@ -439,6 +439,10 @@ class Reconciler:
     def _name_used(self, key: bytes) -> bool:
         return key in self.mirror["groups"] or self._named[key] > 0
 
+    def filter_word(self, index: int) -> int:
+        """What this writer last wrote to (or read from) word `index` of the frontend filter."""
+        return self._filter_map.get(index, 0)
+
     def counts(self) -> dict[str, int]:
         """Entries per planned map."""
         return {name: self._count(name) for name in L.PLANNED_MAPS}

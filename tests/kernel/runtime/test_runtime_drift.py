@@ -4,8 +4,8 @@ Root only (marked `kernel`). Safety: see runtime_agent_helpers.py (own lab subtr
 directory, the agent stopped by its pid and uninstalled, also on failure). The test writes only
 to the pinned maps of its own agent's bpffs directory.
 
-What a user would check: an endpoint entry rewritten in place and a frontend entry deleted
-(as another tool could do) come back to what the agent wrote, on their own, within the check
+What a user would check: an endpoint entry rewritten in place, a frontend entry deleted and the
+frontend's bit of the frontend filter cleared (as another tool could do) come back to what the agent wrote, on their own, within the check
 period (`--map-check-period`, 2 s here: how soon is not bounded, only that it happens); new
 connections then reach the Service's endpoint again; `meshlet_map_drift` counts it, by map.
 """
@@ -68,8 +68,19 @@ def test_entries_changed_or_deleted_behind_the_agents_back_are_repaired_by_the_p
         after = [line for line in loop.lines() if line["t"] > repaired_at]
         assert after and {line.get("peer") for line in after} == {"echo-a"}, after[:5]
 
+        # 3. The frontend's bit of the frontend filter cleared: connects would skip the lookup.
+        with bpfsys.Map.open_pinned(loader.map_pin(world.bpffs_dir, "fe_filter")) as fe_filter:
+            word_key = E.U32.pack(E.fe_filter_bit(fe_key) >> 6)
+            word = fe_filter.lookup(word_key)
+            fe_filter.update(word_key, bytes(8))
+            repaired_at = wait_for_value(fe_filter, word_key, word, agent)
+        loop.wait_for(len(loop.lines()) + 20, timeout=30)
+        after = [line for line in loop.lines() if line["t"] > repaired_at]
+        assert after and {line.get("peer") for line in after} == {"echo-a"}, after[:5]
+
     code, metrics = agent.get("/metrics")
-    assert 'meshlet_map_drift_total{map="endpoints"}' in metrics and 'meshlet_map_drift_total{map="frontends"}' in metrics
+    for name in ("endpoints", "frontends", "fe_filter"):
+        assert f'meshlet_map_drift_total{{map="{name}"}}' in metrics, name
     assert "event=check.drift" in agent.log_text()
     code, health = agent.get("/healthz")
     assert code == 200, health

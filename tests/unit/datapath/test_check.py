@@ -166,7 +166,15 @@ def delete_member(maps):
     del maps["members"].data[_first_key(maps, "members")]
 
 
+def clear_a_frontends_filter_bit(maps):
+    bit = E.fe_filter_bit(_first_key(maps, "frontends"))
+    key = E.U32.pack(bit >> 6)
+    word = int.from_bytes(maps["fe_filter"].data[key], "little")
+    maps["fe_filter"].data[key] = (word & ~(1 << (bit & 63))).to_bytes(8, "little")
+
+
 DRIFTS = {
+    "fe_filter": [clear_a_frontends_filter_bit],
     "frontends": [tamper_frontend_value, delete_frontend, add_foreign_frontend],
     "groups": [delete_group],
     "names": [delete_name],
