@@ -178,14 +178,17 @@ def _frontend_value_used(verdict: int, flags: int, route: int, slots: list[tuple
 
 
 def plan_frontend(key: FrontendKey, fe: FrontendState, has_scopes: bool, group_values: Mapping[int, bytes],
-                  group_ids: Mapping[GroupKey, int] | None = None) -> tuple[bytes, bytes, dict[bytes, bytes]]:
+                  group_ids: Mapping[GroupKey, int] | None = None, slots: list[tuple[int, int]] | None = None
+                  ) -> tuple[bytes, bytes, dict[bytes, bytes]]:
     """(key bytes, value bytes, name entries) of one frontend entry; value and names short.
 
     has_scopes: set FE_HAS_SCOPES on a default entry whose frontend has consumer-scope entries.
     group_values: group_id -> groups-map value, for the copy each slot carries (a group not in
-    it is copied as VERDICT_NO_GROUP). group_ids: see split_slots.
+    it is copied as VERDICT_NO_GROUP). group_ids: see split_slots. slots: split_slots(fe.split)
+    when the caller has it already.
     """
-    slots = split_slots(fe.split, group_ids)
+    if slots is None:
+        slots = split_slots(fe.split, group_ids)
     if len(slots) > L.MAX_SLOTS:
         raise PlanError(
             f"frontend {key} splits over {len(slots)} backend groups; the datapath holds at most "
@@ -308,17 +311,34 @@ def _group_item_order(item: tuple[GroupKey, BackendGroup]) -> tuple:
     return _group_order(item[0])
 
 
-def plan(state: DesiredState, pod_cgroups: Mapping[str, int]) -> Plan:
+#: group_id -> the frontend keys whose entries copy that group's value (struct fe_slot): one
+#: key, or a tuple of several (no container for the usual single user).
+Copies = dict[int, "FrontendKey | tuple[FrontendKey, ...]"]
+
+
+def add_copy(copies: Copies, gid: int, key: FrontendKey) -> None:
+    users = copies.get(gid)
+    if users is None:
+        copies[gid] = key
+    elif type(users) is tuple:
+        if key not in users:
+            copies[gid] = users + (key,)
+    elif users != key:
+        copies[gid] = (users, key)
+
+
+def plan(state: DesiredState, pod_cgroups: Mapping[str, int], copies: Copies | None = None) -> Plan:
     """The full plan of the planned maps for a state and the pod cgroup ids (uid -> id).
 
     Groups are planned in GroupKey order (the order the reconciler admits them in when a map is
-    full), frontends and clients in the state's order.
+    full), frontends and clients in the state's order. copies: filled with which frontends copy
+    which group (Planner keeps it), while the splits are at hand.
     """
     with gc_paused():  # builds a few objects per Service at once: see agent.gcpause
-        return _plan(state, pod_cgroups)
+        return _plan(state, pod_cgroups, {} if copies is None else copies)
 
 
-def _plan(state: DesiredState, pod_cgroups: Mapping[str, int]) -> Plan:
+def _plan(state: DesiredState, pod_cgroups: Mapping[str, int], copies: Copies) -> Plan:
     out = Plan()
     check_scope_ids([k.scope for k in state.frontends if k.scope != DEFAULT_SCOPE]
                     + [pod.namespace for pod in state.clients.values()])
@@ -339,7 +359,11 @@ def _plan(state: DesiredState, pod_cgroups: Mapping[str, int]) -> Plan:
     frontends, names = out.frontends, out.names
     for key, fe in state.frontends.items():
         has_scopes = bool(scoped) and key.scope == DEFAULT_SCOPE and destination_of(key) in scoped
-        kb, vb, fe_names = plan_frontend(key, fe, has_scopes, group_values, group_ids)
+        slots = split_slots(fe.split, group_ids)
+        kb, vb, fe_names = plan_frontend(key, fe, has_scopes, group_values, slots=slots)
+        for _threshold, gid in slots:
+            if gid:
+                add_copy(copies, gid, key)
         frontends[kb] = vb
         if fe_names:
             names.update(fe_names)
@@ -390,37 +414,35 @@ class Planner:
         self._scoped: dict[Destination, set[str]] | None = None
         #: scope id -> namespace
         self._scope_names: dict[int, str] = {}
-        #: group -> the destinations whose entries copy its value (struct fe_slot): replanned
-        #: when the group changes. May name a destination that no longer uses the group (only
-        #: added to between full plans): replanning it then writes nothing new.
-        self._copies: dict[GroupKey, set[Destination]] | None = None
+        #: Copies: the frontends whose destinations are replanned when a group changes. May
+        #: name a key that no longer uses the group (only added to between full plans):
+        #: replanning it then writes nothing new.
+        self._copies: Copies | None = None
 
     def full(self, state: DesiredState, pod_cgroups: Mapping[str, int]) -> Plan:
-        out = plan(state, pod_cgroups)
+        copies: Copies = {}
+        out = plan(state, pod_cgroups, copies)
         self._scoped = scoped_destinations(state.frontends)
         self._scope_names = {scope_id(ns): ns for ns in _namespaces_in_use(state.frontends, state)}
-        self._copies = None
-        self._copies = self._copies_of(state.frontends.items())
+        self._copies = copies
         return out
 
-    def _copies_of(self, frontends: Iterable[tuple[FrontendKey, FrontendState]]
-                   ) -> dict[GroupKey, set[Destination]]:
-        """self._copies with these frontends' groups added (a new index when there is none)."""
-        copies = {} if self._copies is None else self._copies
+    def _add_copies(self, frontends: Iterable[tuple[FrontendKey, FrontendState]]) -> None:
         for key, fe in frontends:
             for gk in split_groups(fe):
-                users = copies.get(gk)
-                if users is None:
-                    copies[gk] = users = set()
-                users.add(destination_of(key))
-        return copies
+                add_copy(self._copies, group_id(gk), key)
+
+    def _users_of(self, gid: int) -> tuple[FrontendKey, ...]:
+        users = self._copies.get(gid)
+        return () if users is None else users if type(users) is tuple else (users,)
 
     def change(self, state: DesiredState, delta: StateDelta, pod_cgroups: Mapping[str, int]) -> PlanChange:
         """Plan the groups and frontend destinations `delta` names, and every client."""
         if self._scoped is None:
             self._scoped = scoped_destinations(state.frontends)
         if self._copies is None:
-            self._copies = self._copies_of(state.frontends.items())
+            self._copies = {}
+            self._add_copies(state.frontends.items())
         change = PlanChange(Plan())
         want = change.want
         group_values: dict[int, bytes] = {}
@@ -436,15 +458,15 @@ class Planner:
                 group_values[E.U64.unpack(gkey)[0]] = planned.value
 
         self._check_scope_ids(_namespaces_in_use(delta.frontends, state))
-        self._copies_of((key, state.frontends[key]) for key in delta.frontends if key in state.frontends)
+        self._add_copies((key, state.frontends[key]) for key in delta.frontends if key in state.frontends)
         destinations: dict[Destination, set[str]] = {}
         for key in delta.frontends:
             destinations.setdefault(destination_of(key), set()).add(key.scope)
         # The entries that copy a changed group's value (a removed group's users change with it).
         for gk in delta.groups:
             if gk in state.groups:
-                for dest in self._copies.get(gk, ()):
-                    destinations.setdefault(dest, set())
+                for key in self._users_of(group_id(gk)):
+                    destinations.setdefault(destination_of(key), set())
         for dest in sorted(destinations):
             known = self._scoped.pop(dest, set())
             for scope in destinations[dest] - {DEFAULT_SCOPE}:
