@@ -7,6 +7,7 @@ Pure: no I/O. `identify` never raises, whatever the input.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,11 +85,13 @@ def identify(obj: Any) -> tuple[ObjectKey | None, str]:
         return None, f"ignored {label}: {api_version} {kind} is not a kind meshlet reads"
     if not isinstance(name, str) or not name:
         return None, f"ignored a {kind} without metadata.name"
+    # Kind and namespace interned: a parsed JSON object brings its own copy of each, and the
+    # records of every object in a namespace (and the store's keys) would each keep one.
     if kind in CLUSTER_SCOPED_KINDS:
-        return ObjectKey(kind, "", name), ""
+        return ObjectKey(sys.intern(str(kind)), "", name), ""
     namespace = meta.get("namespace")
     if namespace is None or namespace == "":
         namespace = DEFAULT_NAMESPACE
     if not isinstance(namespace, str):
         return None, f"ignored {kind} {name}: metadata.namespace is not a string"
-    return ObjectKey(kind, namespace, name), ""
+    return ObjectKey(sys.intern(str(kind)), sys.intern(str(namespace)), name), ""

@@ -41,11 +41,13 @@ def object_key(obj: dict) -> ObjectKey:
     # Any JSON may arrive here (resolve reports what is unusable): never assume a field's type.
     api_version = obj.get("apiVersion")
     api_version = api_version if isinstance(api_version, str) else ""
-    # Interned: the store keeps one key per object of the cluster, and a group is one of a few.
+    # Interned: the store keeps one key per object of the cluster, and a group, a kind or a
+    # namespace is one of a few (each parsed object brings its own copy of them).
     group = sys.intern(api_version.rpartition("/")[0])
     meta = obj.get("metadata")
     meta = meta if isinstance(meta, dict) else {}
-    return (group, str(obj.get("kind") or ""), str(meta.get("namespace") or ""), str(meta.get("name") or ""))
+    return (group, sys.intern(str(obj.get("kind") or "")), sys.intern(str(meta.get("namespace") or "")),
+            str(meta.get("name") or ""))
 
 
 def identity_stub(key: ObjectKey, api_version: str | None = None) -> dict:
