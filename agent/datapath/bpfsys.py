@@ -377,13 +377,16 @@ class Map:
     def chunks(self, chunk: int = 4096) -> Iterator[list[tuple[bytes, bytes]]]:
         """Every entry of a (non per-CPU) map, `chunk` or so at a time: a caller that consumes
         each chunk never holds the whole map as Python objects (500k entries at 50k Services).
-        Batch lookup for hashes (the kernel has it: features.py), one by one for the others."""
-        if self.info.type not in (U.MAP_TYPE_HASH, U.MAP_TYPE_LRU_HASH):
+        Batch lookup for hashes (the kernel has it: features.py) and plain arrays (since 5.6, like
+        the hashes': the fe_filter's 16k words in a few ms instead of 16k lookups), one by one for
+        the others."""
+        if self.info.type not in (U.MAP_TYPE_HASH, U.MAP_TYPE_LRU_HASH, U.MAP_TYPE_ARRAY):
             pairs = [(k, self.lookup(k)) for k in self.keys()]
             yield [(k, v) for k, v in pairs if v is not None]
             return
         ks, vs = self.info.key_size, self.info.value_size
-        # A hash map's batch token is a bucket index (u32); the kernel needs room for it.
+        # A hash map's batch token is a bucket index (u32), an array's a key (u32); the kernel
+        # needs room for it.
         in_tok = ct.create_string_buffer(8)
         out_tok = ct.create_string_buffer(8)
         first = True

@@ -13,8 +13,8 @@ What is compared with what (the mirror is what the writer wrote; reconcile.Recon
   the mirror with the same value; an entry mirrored but not read in this pass is looked up by
   its key at the end of the pass (missing, or written after the read passed it: only the lookup
   says which);
-- a word of the frontend filter (fe_filter, an array the writer derives from the frontends) is
-  looked up by its index and must equal what the writer wrote there;
+- a word of the frontend filter (fe_filter, an array the writer derives from the frontends) must
+  equal what the writer wrote there;
 - an entry of a set-keyed map (endpoints, members) must be in our form and belong to a complete
   set of the mirror at an index the set has; a members entry must hold the record of the set's
   blob. The entries read of each set are counted (and for endpoints, whose mirror keeps only a
@@ -102,23 +102,27 @@ class MapCheck:
         p = self._pass
         if p is None:
             name = CHECKED_MAPS[self._next_map]
-            if name == FILTER:  # an array of words: looked up by index, in parts
-                p = self._pass = _Pass(name, None, list(range(L.FE_FILTER_WORDS)))
+            if name == FILTER:  # an array: every word is read, nothing is left to look up
+                expected = []
+            elif name in SET_MAPS:
+                expected = list(self.rec.sets[name].complete)
             else:
-                expected = list(self.rec.sets[name].complete) if name in SET_MAPS else list(self.rec.mirror[name])
-                p = self._pass = _Pass(name, iter(self.rec.maps[name].chunks(self.chunk)), expected)
+                expected = list(self.rec.mirror[name])
+            p = self._pass = _Pass(name, iter(self.rec.maps[name].chunks(self.chunk)), expected)
         is_set = p.name in SET_MAPS
         if p.reader is not None:
             part = next(p.reader, None)
             if part is not None:
-                wrong = self._read_sets(p, part) if is_set else self._read_entries(p, part)
+                if p.name == FILTER:
+                    wrong = self._read_filter(part)
+                else:
+                    wrong = self._read_sets(p, part) if is_set else self._read_entries(p, part)
                 return CheckStep(len(part), self._cycle_work, False, {p.name: wrong} if wrong else {})
             p.reader = None  # read to the end: check what was not read, from the next part on
         todo = p.expected[p.position:p.position + self.chunk]
         p.position += len(todo)
-        if p.name == FILTER:
-            wrong = self._check_filter(todo)
-        else:
+        wrong = 0
+        if todo:
             wrong = self._finish_sets(p, todo) if is_set else self._finish_entries(p, todo)
         drift = {p.name: wrong} if wrong else {}
         if p.position < len(p.expected):
@@ -133,11 +137,10 @@ class MapCheck:
 
     # --- the frontend filter ------------------------------------------------------------------
 
-    def _check_filter(self, words: list[int]) -> int:
-        m, wrong = self.rec.maps[FILTER], 0
-        for index in words:
-            raw = m.lookup(E.U32.pack(index))
-            if (E.U64.unpack(raw)[0] if raw else 0) != self.rec.filter_word(index):
+    def _read_filter(self, part: list[tuple[bytes, bytes]]) -> int:
+        word_of, wrong = self.rec.filter_word, 0
+        for key, value in part:
+            if E.U64.unpack(value)[0] != word_of(E.U32.unpack(key)[0]):
                 wrong += 1
         return wrong
 
