@@ -7,9 +7,9 @@ and the sockops program's time per connection.
 Three states of one Service of three endpoints, interleaved round by round so a drift of the
 machine hits all of them alike (SEMANTICS A17; `--passive-health off` is the first):
 - off: the group's GROUP_PASSIVE_HEALTH flag clear: connect does nothing for passive health;
-- on: the flag set, nothing ejected (the usual case): one bit test in the ejected-sets filter
+- on: the flag set, nothing ejected (the usual case): one read of the ejected-sets filter
   (no lookup of the set's ejections) and the socket's watch written for sockops;
-- on, one ejected: an ejection of one endpoint in the set's entry (and the set's bit in the
+- on, one ejected: an ejection of one endpoint in the set's entry (and the set's flag in the
   ejected-sets filter, as sockops sets it): the lookup hits and the pick steps over the ejected
   index (pick_healthy).
 
@@ -102,20 +102,19 @@ def run(rounds: int = 5, connects: int = 2000, log=sys.stderr) -> dict:
                 for name in STATES:
                     dp.reconcile(state(name != "off"), {})
                     ejections, eject_filter = dp.maps["ejections"], dp.maps["eject_filter"]
-                    bit = E.eject_filter_bit(set_sid)
-                    word_key = bytes(L.U32(bit >> 6))
+                    flag_key = bytes(L.U32(E.eject_filter_slot(set_sid)))
                     if name == "on, one ejected":
                         value = L.SetEjections()
                         value.slot[0].index = 2
                         value.slot[0].until_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC) + 3600 * 10**9
-                        # As sockops does: the set's filter bit first, then its ejections entry.
-                        eject_filter.update(word_key, bytes(L.U64(1 << (bit & 63))))
+                        # As sockops does: the set's filter flag first, then its ejections entry.
+                        eject_filter.update(flag_key, bytes(L.U64(1)))
                         ejections.update(set_key, bytes(value))
                     try:
                         connect_ns, sockops_ns = measure(seen=reached[name])
                     finally:
                         ejections.delete(set_key)
-                        eject_filter.update(word_key, bytes(L.U64(0)))  # the other states: never ejected
+                        eject_filter.update(flag_key, bytes(L.U64(0)))  # the other states: never ejected
                         dp.maps["health"].delete_batch(dp.maps["health"].keys())
                     samples[name]["connect4"].append(connect_ns)
                     samples[name]["sockops"].append(sockops_ns)

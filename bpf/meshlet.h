@@ -29,7 +29,7 @@
 #define EJECT_SLOTS 8     /* endpoints of one set that passive health may skip at once */
 #define FE_FILTER_BITS_LOG2 20 /* the frontend filter (fe_filter): 2^20 bits, 128 KiB */
 #define FE_FILTER_WORDS (1 << (FE_FILTER_BITS_LOG2 - 6)) /* its 64-bit words */
-#define EJECT_FILTER_WORDS 1024 /* 64-bit words of the ejected-sets filter (eject_filter): 65536 bits */
+#define EJECT_FILTER_SLOTS_LOG2 13 /* the ejected-sets filter (eject_filter): 8192 flags, 64 KiB */
 
 _Static_assert((SOCK_XLATS & (SOCK_XLATS - 1)) == 0, "SOCK_XLATS is a power of two (slot mask)");
 _Static_assert(MAX_SLOTS <= 255, "fe_value.nslots is a __u8");
@@ -319,12 +319,14 @@ struct set_ejections {
     struct eject_slot slot[EJECT_SLOTS];
 };
 
-/* eject_filter: array of EJECT_FILTER_WORDS __u64, bit eject_filter_bit(set_id) (bpf/sock.c)
- * set by sockops before it writes an ejection of that set, never cleared. A connect into a
- * group with passive health looks up its set's ejections only when the bit is set: while no
- * endpoint of the set was ever ejected (the usual case) it pays one bit test instead of a
- * random access into the ejections LRU hash. Bits of sets that recovered, or that an endpoint
- * change replaced (a new set id), only cost that lookup again. Set with an atomic OR, never
- * written by the agent. */
+/* eject_filter: array of 2^EJECT_FILTER_SLOTS_LOG2 __u64 flags, entry eject_filter_slot(set_id)
+ * (bpf/sock.c) set to 1 by sockops before it writes an ejection of that set, never cleared. A
+ * connect into a group with passive health looks up its set's ejections only when the flag is
+ * set: while no endpoint of the set was ever ejected (the usual case) it pays one read of this
+ * small array instead of a random access into the ejections LRU hash. Flags of sets that
+ * recovered, that an endpoint change replaced (a new set id) or that share a slot only cost
+ * that lookup again. One flag per entry, not bits in a word: a plain store of 1 cannot lose a
+ * concurrent one (an atomic OR would need Linux 5.12; sockops runs from 5.10). Never written
+ * by the agent. */
 
 #endif /* MESHLET_H */

@@ -15,8 +15,8 @@
  * connect: bench/RESULTS.md, issue 16). The pick itself needs the frontend value (whose slots carry a copy of each group's value: no groups
  * lookup) and one endpoints lookup: at 10k Services every lookup in a big map is a random
  * memory access costing hundreds of ns, so lookups are what we count. A pick in
- * a group with passive health adds one bit test (eject_filter: was an endpoint of its set ever
- * ejected?), the lookup of the set's ejections only when it was, and, for TCP, 16 bytes written
+ * a group with passive health adds one read of a small array (eject_filter: was an endpoint of
+ * its set ever ejected?), the lookup of the set's ejections only when it was, and, for TCP, 16 bytes written
  * to the socket's storage for sockops. A later datagram of an unconnected UDP socket checks that its remembered endpoint is still usable (SEMANTICS
  * A16): one lookup of its group while the set revision is unchanged, a members lookup when it
  * moved (see still_usable). A connected UDP socket's connect() also writes its translation to
@@ -111,7 +111,8 @@ BPF_TABLE_PINNED("lru_hash", struct health_key, struct health_value, health, HEA
                  PIN_DIR "/health");
 BPF_TABLE_PINNED("lru_hash", __u64, struct set_ejections, ejections, EJECTIONS_MAX,
                  PIN_DIR "/ejections");
-BPF_TABLE_PINNED("array", __u32, __u64, eject_filter, EJECT_FILTER_WORDS, PIN_DIR "/eject_filter");
+BPF_TABLE_PINNED("array", __u32, __u64, eject_filter, 1 << EJECT_FILTER_SLOTS_LOG2,
+                 PIN_DIR "/eject_filter");
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, health_stats, HSTAT_COUNT, PIN_DIR "/health_stats");
 /* Connected UDP sockets we translated, by socket cookie: the agent finds the ones whose endpoint
  * went away and destroys them (SEMANTICS A16). Not the socket storage: a sock_diag dump returns
@@ -341,19 +342,19 @@ static __always_inline __u64 equal32(__u32 a, __u32 b) /* a == b, as 0 or 1 */
     return 1 - ((((__u64)(a ^ b)) + 0xffffffffULL) >> 32);
 }
 
-/* The ejected-sets filter's bit of a set (see eject_filter in meshlet.h). */
-static __always_inline __u32 eject_filter_bit(__u64 set_id)
+/* The ejected-sets filter's entry of a set (see eject_filter in meshlet.h). Mirrored by
+ * entries.eject_filter_slot (for the bench that fakes an ejection). */
+static __always_inline __u32 eject_filter_slot(__u64 set_id)
 {
-    return ((__u32)(set_id ^ (set_id >> 32)) * 0x9E3779B1U) >> 16;
+    return ((__u32)(set_id ^ (set_id >> 32)) * 0x9E3779B1U) >> (32 - EJECT_FILTER_SLOTS_LOG2);
 }
 
 /* May set `set_id` have an ejection entry? False means certainly not. */
 static __always_inline int maybe_ejected(__u64 set_id)
 {
-    __u32 bit = eject_filter_bit(set_id);
-    __u32 word = bit >> 6;
-    __u64 *bits = eject_filter.lookup(&word);
-    return bits && ((*bits >> (bit & 63)) & 1);
+    __u32 slot = eject_filter_slot(set_id);
+    __u64 *flag = eject_filter.lookup(&slot);
+    return flag && *flag;
 }
 
 /* Is index `i` of a set skipped now (passive health)? `ejected` may be NULL (nothing is). */
@@ -752,12 +753,11 @@ static __always_inline void eject_in_set(const struct sock_watch *w, __u64 until
             found |= take;
         }
     }
-    /* Connect looks for this entry only once the set's filter bit is set. */
-    __u32 bit = eject_filter_bit(set_id);
-    __u32 word = bit >> 6;
-    __u64 *bits = eject_filter.lookup(&word);
-    if (bits)
-        __sync_fetch_and_or(bits, 1ULL << (bit & 63));
+    /* Connect looks for this entry only once the set's filter flag is set. */
+    __u32 slot = eject_filter_slot(set_id);
+    __u64 *flag = eject_filter.lookup(&slot);
+    if (flag && !*flag)
+        *flag = 1;
     ejections.update(&set_id, &next);
 }
 

@@ -184,10 +184,10 @@ def fe_filter_words(frontend_keys: Iterable[bytes]) -> list[int]:
     return words
 
 
-def eject_filter_bit(set_id: int) -> int:
-    """The ejected-sets filter's bit of a set: the mirror of eject_filter_bit() in bpf/sock.c
-    (only the kernel sets these bits; the bench that fakes an ejection sets one too)."""
-    return ((((set_id ^ (set_id >> 32)) & 0xFFFFFFFF) * 0x9E3779B1) & 0xFFFFFFFF) >> 16
+def eject_filter_slot(set_id: int) -> int:
+    """The ejected-sets filter's entry of a set: the mirror of eject_filter_slot() in bpf/sock.c
+    (only the kernel sets these flags; the bench that fakes an ejection sets one too)."""
+    return ((((set_id ^ (set_id >> 32)) & 0xFFFFFFFF) * 0x9E3779B1) & 0xFFFFFFFF) >> (32 - L.EJECT_FILTER_SLOTS_LOG2)
 
 
 def frontend_key_scope_id(key: bytes) -> int:

@@ -32,7 +32,7 @@ TRACE_RING_BYTES = 262144
 EJECT_SLOTS = 8
 FE_FILTER_BITS_LOG2 = 20
 FE_FILTER_WORDS = 1 << (FE_FILTER_BITS_LOG2 - 6)
-EJECT_FILTER_WORDS = 1024
+EJECT_FILTER_SLOTS_LOG2 = 13
 
 VERDICT_FORWARD = 0
 VERDICT_REJECT = 1
@@ -449,7 +449,7 @@ MAP_SPECS: dict[str, MapSpec] = {
         MapSpec("trace_perf", _PERF, ct.c_int32, U32, 0, None, PER_POSSIBLE_CPU),
         MapSpec("health", _LRU_HASH, HealthKey, HealthValue, 0, "health"),
         MapSpec("ejections", _LRU_HASH, U64, SetEjections, 0, "ejections"),
-        MapSpec("eject_filter", _ARRAY, U32, ct.c_uint64, 0, None, EJECT_FILTER_WORDS),
+        MapSpec("eject_filter", _ARRAY, U32, ct.c_uint64, 0, None, 1 << EJECT_FILTER_SLOTS_LOG2),
         MapSpec("health_stats", _PERCPU_ARRAY, U32, ct.c_uint64, 0, None, HSTAT_COUNT),
         MapSpec("udp_flows", _LRU_HASH, U64, SockXlat, 0, "udp_flows"),
     )
