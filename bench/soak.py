@@ -197,7 +197,9 @@ def judge_connections(lines: list[dict], timeline: list[tuple[float, frozenset]]
 
 
 def planned_counts(cluster: list[dict]) -> dict[str, int]:
-    """Entries per planned map a fresh plan of `cluster` gives (no pods: no client entries)."""
+    """Entries per planned map a fresh plan of `cluster` gives (no pods: no client entries), and the
+    frontend filter's set bits."""
+    from agent.datapath.layout import PLANNED_MAPS
     from agent.datapath.plan import Planner
     from agent.resolve import Resolver
 
@@ -205,16 +207,26 @@ def planned_counts(cluster: list[dict]) -> dict[str, int]:
     resolver.upsert_many(cluster)
     resolver.commit()
     image = Planner().full(resolver.state, {}).expand()
-    return {name: len(entries) for name, entries in image.items()}
+    counts = {name: len(image[name]) for name in PLANNED_MAPS}
+    # The frontend filter is a fixed-size array: what can leak or go missing is its set bits.
+    counts[FILTER_BITS] = sum(int.from_bytes(word, "little").bit_count() for word in image["fe_filter"].values())
+    return counts
+
+
+#: map_counts/planned_counts entry for the set bits of the frontend filter (fe_filter)
+FILTER_BITS = "fe_filter set bits"
 
 
 def map_counts(bpffs: str, names) -> dict[str, int]:
+    """Entries per pinned map in `names`, and the frontend filter's set bits."""
     from agent.datapath import bpfsys, loader
 
     out = {}
     for name in names:
         with bpfsys.Map.open_pinned(loader.map_pin(bpffs, name)) as m:
             out[name] = sum(len(chunk) for chunk in m.chunks())
+    with bpfsys.Map.open_pinned(loader.map_pin(bpffs, "fe_filter")) as m:
+        out[FILTER_BITS] = sum(int.from_bytes(v, "little").bit_count() for chunk in m.chunks() for _, v in chunk)
     return out
 
 
