@@ -487,9 +487,7 @@ def parse_slice(key: ObjectKey, obj: dict) -> tuple[SliceRecord, list[str]]:
             addresses, traits = plain
         else:
             for i, raw in enumerate(raws):
-                endpoint = _plain_slice_endpoint(raw, family)
-                if endpoint is None:
-                    endpoint = _slice_endpoint(_dict(raw), family, notes, f"endpoints[{i}]")
+                endpoint = _slice_endpoint(_dict(raw), family, notes, f"endpoints[{i}]")
                 if endpoint is not None:
                     addresses.append(endpoint[0])
                     traits.append(endpoint[1])
@@ -507,55 +505,17 @@ def parse_slice(key: ObjectKey, obj: dict) -> tuple[SliceRecord, list[str]]:
     )
 
 
-def _plain_slice_endpoint(raw: Any, family: int) -> tuple[str, EndpointTraits] | None:
-    """The fast path of `_slice_endpoint` for the shape the API server sends: every field of the
-    right type, no topology hints. None when anything is unusual: the caller then takes the
-    checked path, which reads the same fields the same way and says what was wrong.
-
-    Why two paths: a cold sync reads every endpoint of the cluster (500k at 50k Services), and
-    the checked path's field-name strings and helper calls were half of resolve's time.
-    """
-    if type(raw) is not dict or "hints" in raw:
-        return None
-    addresses = raw.get("addresses")
-    conditions = raw.get("conditions", {})
-    node_name = raw.get("nodeName")
-    if type(addresses) is not list or not addresses or type(conditions) is not dict:
-        return None
-    if node_name is not None and type(node_name) is not str:
-        return None
-    ready = conditions.get("ready")
-    serving = conditions.get("serving")
-    terminating = conditions.get("terminating")
-    # `in` on a tuple compares with ==, so 1 and 0 would pass for True and False: check identity.
-    if not (ready is True or ready is False or ready is None) \
-            or not (serving is True or serving is False or serving is None) \
-            or not (terminating is True or terminating is False or terminating is None):
-        return None
-    address = addresses[0]
-    if family == 4 and type(address) is str and _CANONICAL_V4.fullmatch(address):
-        pass  # already canonical: the common case, no parse needed
-    else:
-        parsed = canonical_ip(address)
-        if parsed is None or parsed[1] != family:
-            return None
-        address = parsed[0]
-    # SEMANTICS A5, as in _slice_endpoint.
-    return address, endpoint_traits(ready is not False, serving is not False, terminating is True, node_name,
-                                    None, None)
-
-
 def _plain_slice_endpoints(raws: list, family: int) -> tuple[list[str], list[EndpointTraits]] | None:
-    """(addresses, traits) of a whole IPv4 slice whose every endpoint is in the plain shape
-    `_plain_slice_endpoint` accepts with an address already canonical, read the same way; None
-    as soon as one is not (the caller then reads endpoint by endpoint).
+    """(addresses, traits) of a whole slice whose every endpoint is in the shape the API server
+    sends (every field of the right type, no topology hints), read as `_slice_endpoint` reads it;
+    None as soon as one is not (the caller then takes the checked path, endpoint by endpoint,
+    which says what was wrong).
 
-    The per-endpoint fast path written out as one loop: the call per endpoint and the
-    traits lookup per endpoint (endpoints of a slice nearly always share their conditions and
-    node) were a third of reading a slice. test_resolve_fast_path compares the two.
+    Why a second path: a cold sync reads every endpoint of the cluster (500k at 50k Services);
+    the checked path's helper calls per field and the traits lookup per endpoint (endpoints of a
+    slice nearly always share their conditions and node) were half of resolve's time.
+    test_resolve_fast_path compares the two.
     """
-    if family != 4:
-        return None
     addresses: list[str] = []
     traits: list[EndpointTraits] = []
     seen: dict[tuple, EndpointTraits] = {}
@@ -573,14 +533,17 @@ def _plain_slice_endpoints(raws: list, family: int) -> tuple[list[str], list[End
         ready = conditions.get("ready")
         serving = conditions.get("serving")
         terminating = conditions.get("terminating")
-        # Identity, not ==: 1 and 0 must not pass for True and False (see _plain_slice_endpoint).
+        # `in` on a tuple compares with ==, so 1 and 0 would pass for True and False: identity.
         if not (ready is True or ready is False or ready is None) \
                 or not (serving is True or serving is False or serving is None) \
                 or not (terminating is True or terminating is False or terminating is None):
             return None
         address = address_list[0]
-        if type(address) is not str or not canonical(address):
-            return None
+        if not (family == 4 and type(address) is str and canonical(address)):
+            parsed = canonical_ip(address)  # the common case above needs no parse
+            if parsed is None or parsed[1] != family:
+                return None
+            address = parsed[0]
         # SEMANTICS A5, as in _slice_endpoint. The key holds only True, False, None and a str,
         # so equal keys are identical conditions.
         key = (ready is not False, serving is not False, terminating is True, node_name)
