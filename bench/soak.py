@@ -196,6 +196,10 @@ def judge_connections(lines: list[dict], timeline: list[tuple[float, frozenset]]
     return failed, wrong
 
 
+#: map_counts/planned_counts entry for the set bits of the frontend filter (fe_filter)
+FILTER_BITS = "fe_filter set bits"
+
+
 def planned_counts(cluster: list[dict]) -> dict[str, int]:
     """Entries per planned map a fresh plan of `cluster` gives (no pods: no client entries), and the
     frontend filter's set bits."""
@@ -211,10 +215,6 @@ def planned_counts(cluster: list[dict]) -> dict[str, int]:
     # The frontend filter is a fixed-size array: what can leak or go missing is its set bits.
     counts[FILTER_BITS] = sum(int.from_bytes(word, "little").bit_count() for word in image["fe_filter"].values())
     return counts
-
-
-#: map_counts/planned_counts entry for the set bits of the frontend filter (fe_filter)
-FILTER_BITS = "fe_filter set bits"
 
 
 def map_counts(bpffs: str, names) -> dict[str, int]:
